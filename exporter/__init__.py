@@ -1,0 +1,14 @@
+"""Rewrite a Hugging Face decoder so shared layers attend over their owner's K/V, and emit ONNX for it."""
+
+from .pipeline import ExportResult, export
+from .loading import ALIASES, DEFAULT_MODEL, LoadedModel, load_model, resolve_model
+from .models import DecoderDescription, UnsupportedModelError, describe
+from .onnx_graph import build_decoder, cache_layout
+from .reference import ReferenceDecoder
+from .validate import ValidationReport, validate_export
+
+__all__ = [
+    "ALIASES", "DEFAULT_MODEL", "DecoderDescription", "ExportResult", "LoadedModel", "ReferenceDecoder",
+    "UnsupportedModelError", "ValidationReport", "build_decoder", "cache_layout", "describe", "export",
+    "load_model", "resolve_model", "validate_export",
+]

@@ -1,0 +1,158 @@
+"""The kvexport command line. `kvexport --model M --share S` is the same as `kvexport export --model M --share S`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kvexport.strategies import SPEC_HELP, KvexportError, make_strategy
+from kvexport.strategies import contract as c
+
+from .loading import DEFAULT_MODEL
+
+DEFAULT_PROMPT = "In Python, a list"
+
+
+def default_output(model: str, share: str) -> Path:
+    strategy = Path(share).stem if share.endswith(".json") else share.replace(":", "")
+    return Path("exports") / f"{Path(model.rstrip('/')).name}.{strategy}"
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .pipeline import export
+
+    output = Path(args.output) if args.output else default_output(args.model, args.share)
+    result = export(args.model, args.share, output, dtype=args.dtype, validate=not args.no_validate)
+    cache = result.manifest["cache"]
+    print(f"wrote {result.directory} in {result.seconds:.1f} s: {len(cache['owners'])} of "
+          f"{result.manifest['model']['num_layers']} layers cache K/V, {cache['bytes_per_token']} bytes/token "
+          f"vs {cache['full_bytes_per_token']} full")
+    if args.max_new_tokens > 0:
+        args.directory = result.directory
+        return cmd_generate(args)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvexport.runtime import Generator, SamplingConfig
+
+    generator = Generator(args.directory, provider=args.provider)
+    prompts = args.prompt or [DEFAULT_PROMPT]
+    try:
+        config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed,
+                                stop_token_ids=generator.model.facts.eos_token_ids)
+    except ValueError as error:
+        raise KvexportError(str(error)) from None
+    if getattr(args, "stream", False) and len(prompts) == 1:
+        print(prompts[0], end="", flush=True)
+        for event in generator.stream(prompts, config):
+            print(event.text_deltas[0], end="", flush=True)
+        print()
+        stats = generator.last_stats
+    else:
+        result = generator.generate(prompts, config)
+        for prompt, text in zip(prompts, result.texts):
+            print(f"--- {prompt!r}\n{prompt}{text}")
+        stats = result.stats
+    print(stats.summary())
+    if getattr(args, "json", None):
+        Path(args.json).write_text(json.dumps(stats.to_dict(), indent=2))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from kvexport.runtime import ExportedModel
+
+    model = ExportedModel.load(args.directory)
+    facts, layout = model.facts, model.layout
+    print(f"model      {facts.source} ({facts.architecture}, {facts.num_layers} layers, "
+          f"{facts.num_heads} heads / {facts.num_kv_heads} KV heads, head dim {facts.head_dim})")
+    print(f"dtype      {model.dtype}")
+    print(f"strategy   {model.strategy.method}: {len(layout.owners)} owners, {len(model.strategy.shared)} shared")
+    print(model.strategy.describe())
+    print(f"KV bytes per token  {layout.bytes_per_token()} vs {layout.full_bytes_per_token} full "
+          f"({layout.bytes_per_token() / layout.full_bytes_per_token:.0%})")
+    print(f"past inputs         {len(layout.names())}: {', '.join(p for p, _ in layout.names()[:4])}"
+          + (" ..." if len(layout.names()) > 4 else ""))
+    validation = model.manifest.get("validation")
+    if validation:
+        print(f"validation          max relative logit error {validation['worst']:.2e} "
+              f"(tolerance {validation['tolerance']:.0e})")
+    return 0
+
+
+def cmd_strategy_make(args: argparse.Namespace) -> int:
+    from .loading import load_config
+
+    reference, config = load_config(args.model)
+    strategy = make_strategy(args.spec, config.num_hidden_layers, reference)
+    strategy.save(args.output)
+    print(f"wrote {args.output}: {len(strategy.owners)} owners of {strategy.num_layers} layers")
+    print(strategy.describe())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvexport", description="Share the KV cache across layers and export "
+                                     "decoder LLMs to ONNX Runtime and TensorRT.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    export = sub.add_parser("export", help="export a model with a KV-sharing strategy (the default command)")
+    export.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, alias or directory (default {DEFAULT_MODEL})")
+    export.add_argument("--share", default="none", help=SPEC_HELP)
+    export.add_argument("--output", help="export directory (default exports/MODEL.STRATEGY)")
+    export.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    export.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
+    add_sampling_args(export)
+    export.set_defaults(func=cmd_export)
+
+    generate = sub.add_parser("generate", help="generate text with an export")
+    generate.add_argument("directory", type=Path)
+    add_sampling_args(generate)
+    generate.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
+    generate.add_argument("--json", help="write the run's latency and memory report to this file")
+    generate.set_defaults(func=cmd_generate)
+
+    inspect = sub.add_parser("inspect", help="print an export's strategy, owners and KV bytes per token")
+    inspect.add_argument("directory", type=Path)
+    inspect.set_defaults(func=cmd_inspect)
+
+    strategy = sub.add_parser("strategy", help="make strategy files")
+    strategy_sub = strategy.add_subparsers(dest="strategy_command", required=True)
+    make = strategy_sub.add_parser("make", help="write a static strategy for a model")
+    make.add_argument("spec", help="none or every:K")
+    make.add_argument("--model", default=DEFAULT_MODEL)
+    make.add_argument("-o", "--output", type=Path, default=Path(c.STRATEGY_FILE))
+    make.set_defaults(func=cmd_strategy_make)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("--") and argv[0] not in ("--help",):
+        argv.insert(0, "export")  # the headline form: kvexport --model M --share S
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KvexportError as error:
+        print(f"kvexport: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Find a model (alias, hub id, or local directory) and load its config, weights and tokenizer."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvexport.strategies import KvexportError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = "tiny-neox"
+# Short names users type; a value that is a path is relative to the repository (models we ship).
+ALIASES = {
+    "tiny-neox": "samples/models/tiny-neox-pydoc",
+    **{f"pythia-{size}": f"EleutherAI/pythia-{size}" for size in
+       ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")},
+}
+# Files an export needs besides the weights; copied next to the ONNX model as optimum-cli does.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+class ModelNotFoundError(KvexportError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    reference: str  # what the user asked for, normalised (hub id or absolute path)
+    directory: Path
+    config: object
+    hf_model: torch.nn.Module  # float32, eval mode; the ground truth for the `none` strategy
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {name: tensor.detach() for name, tensor in self.hf_model.state_dict().items()}
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.directory)
+
+
+def resolve_model(reference: str) -> tuple[str, Path]:
+    """(canonical reference, local directory) for an alias, a hub id, or a directory.
+
+    Models shipped in the repository are named by their repository-relative path, so that strategies and
+    manifests that record them stay valid on another checkout.
+    """
+    target = ALIASES.get(reference, reference)
+    shipped = REPO_ROOT / target
+    if not Path(target).is_absolute() and shipped.is_dir() and (shipped / "config.json").is_file():
+        return target, shipped
+    local = Path(target).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelNotFoundError(f"{local} has no config.json: pass a Hugging Face model directory")
+        return str(local.resolve()), local.resolve()
+    if target.count("/") != 1 or target.startswith((".", "/", "~")):
+        raise ModelNotFoundError(
+            f"model '{reference}' is neither a directory nor a hub id (org/name) nor an alias "
+            f"({', '.join(sorted(ALIASES))})"
+        )
+    return target, _download(target)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "tokenizer.model"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not cached: fall through to the network
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if not offline:
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        except Exception as error:
+            reason = type(error).__name__
+        else:  # pragma: no cover - the loop above returns
+            reason = ""
+    else:
+        reason = "HF_HUB_OFFLINE is set"
+    raise ModelNotFoundError(
+        f"model '{repo_id}' is not in the local Hugging Face cache and the hub cannot be reached ({reason}): "
+        f"run 'huggingface-cli download {repo_id}' on a connected machine, or pass a local directory with --model DIR"
+    )
+
+
+def load_config(reference: str) -> tuple[str, object]:
+    """(canonical reference, Hugging Face config) of a supported model, without reading its weights."""
+    from transformers import AutoConfig
+
+    from .models import READERS, UnsupportedModelError
+
+    canonical, directory = resolve_model(reference)
+    config = AutoConfig.from_pretrained(directory)
+    if config.model_type not in READERS:
+        raise UnsupportedModelError(
+            f"architecture '{config.model_type}' of {reference} is not supported: "
+            f"kvexport exports {', '.join(sorted(READERS))}"
+        )
+    return canonical, config
+
+
+def load_model(reference: str) -> LoadedModel:
+    """Load config and float32 weights; an unsupported architecture is refused before the weights are read."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    canonical, config = load_config(reference)
+    directory = resolve_model(reference)[1]
+    # transformers 5 renamed torch_dtype to dtype.
+    dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    transformers.utils.logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(directory, **{dtype_arg: torch.float32}).eval()
+    return LoadedModel(canonical, directory, config, model)

@@ -1,0 +1,98 @@
+"""An architecture-neutral decoder: explicit weights and the few switches that tell architectures apart.
+
+Each architecture's reader (gpt_neox.py, llama.py) fills one of these from a Hugging Face config and state
+dict; the ONNX builder and the PyTorch reference both work from it, so they cannot drift apart.
+Linear weights are stored as [in_features, out_features] so that y = x @ W + b.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from kvexport.strategies import KvexportError
+
+
+class UnsupportedModelError(KvexportError):
+    """A model kvexport cannot export, with what to do instead."""
+
+
+@dataclass
+class Linear:
+    weight: torch.Tensor  # [in, out]
+    bias: torch.Tensor | None = None
+
+    @classmethod
+    def from_hf(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+        """nn.Linear stores [out, in]."""
+        return cls(weight.t().contiguous(), None if bias is None else bias.contiguous())
+
+
+@dataclass
+class Norm:
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None  # None for RMSNorm
+
+
+@dataclass
+class Layer:
+    input_norm: Norm
+    post_attention_norm: Norm
+    q: Linear
+    k: Linear  # kept for every layer; the exporter drops it for shared layers
+    v: Linear
+    o: Linear
+    up: Linear
+    down: Linear
+    gate: Linear | None = None  # SwiGLU: down(act(gate(x)) * up(x)); None: down(act(up(x)))
+
+
+@dataclass
+class DecoderDescription:
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    rotary_dim: int  # leading dims of each head that are rotated (GPT-NeoX rotates 25%)
+    rope_theta: float
+    norm: Literal["layernorm", "rmsnorm"]
+    norm_eps: float
+    activation: Literal["gelu", "silu"]
+    parallel_residual: bool  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+    embed: torch.Tensor  # [vocab, hidden]
+    layers: list[Layer]
+    final_norm: Norm
+    lm_head: Linear  # [hidden, vocab]
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per K/V head (1: multi-head attention, >1: grouped-query attention)."""
+        return self.num_heads // self.num_kv_heads
+
+    def parameter_bytes(self, bytes_per_element: int) -> int:
+        tensors = [self.embed, self.lm_head.weight]
+        for layer in self.layers:
+            tensors += [t for lin in (layer.q, layer.k, layer.v, layer.o, layer.up, layer.down, layer.gate)
+                        if lin is not None for t in (lin.weight, lin.bias) if t is not None]
+        return sum(t.numel() for t in tensors) * bytes_per_element
+
+
+def rope_settings(config, default_theta: float, default_fraction: float) -> tuple[float, float]:
+    """(theta, rotated fraction of each head) from a config of the transformers 4.x or 5.x line."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    scaling = getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise UnsupportedModelError(
+            f"RoPE scaling '{rope_type}' is not supported yet: export a model with plain RoPE"
+        )
+    theta = params.get("rope_theta", getattr(config, "rope_theta", getattr(config, "rotary_emb_base", default_theta)))
+    fraction = params.get("partial_rotary_factor",
+                          getattr(config, "partial_rotary_factor", getattr(config, "rotary_pct", default_fraction)))
+    return float(theta), float(fraction)

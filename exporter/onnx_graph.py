@@ -1,0 +1,242 @@
+"""Build the ONNX decoder graph with the compacted KV signature from a DecoderDescription.
+
+Inputs: input_ids, attention_mask, position_ids, past_key_values.{i}.key|value for owner layers i.
+Outputs: logits (float32), present.{i}.key|value for owner layers i. Shared layers project only their
+queries and attend over their owner's present K/V. Standard ONNX ops (opset 17) only, so that ONNX
+Runtime and TensorRT's parser both take it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from kvexport.strategies import Strategy
+from kvexport.strategies import contract as c
+
+from .models import DecoderDescription, Layer, Linear, Norm
+from .reference import MASKED
+
+OPSET = 17
+IR_VERSION = 9
+ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+NUMPY_TYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class GraphBuilder:
+    """Appends nodes and initializers with unique names; each op call returns its output name(s)."""
+
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._constants: dict[tuple, str] = {}
+        self._count = 0
+
+    def _unique(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def weight(self, name: str, tensor: torch.Tensor | np.ndarray, dtype: str | None = None) -> str:
+        array = tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else tensor
+        self.initializers.append(numpy_helper.from_array(array.astype(NUMPY_TYPES[dtype or self.dtype]), name))
+        return name
+
+    def const(self, values, dtype=np.int64) -> str:
+        array = np.asarray(values, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._constants:
+            name = self._unique("const")
+            self.initializers.append(numpy_helper.from_array(array, name))
+            self._constants[key] = name
+        return self._constants[key]
+
+    def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, **attrs) -> str | list[str]:
+        names = outputs if isinstance(outputs, list) else [self._unique(op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=self._unique(op_type), **attrs))
+        return names[0] if len(names) == 1 else names
+
+
+class DecoderGraph:
+    """Emits the nodes of one decoder under one strategy."""
+
+    def __init__(self, description: DecoderDescription, strategy: Strategy, dtype: str):
+        self.d, self.strategy, self.dtype = description, strategy, dtype
+        self.g = GraphBuilder(dtype)
+
+    # -- building blocks ---------------------------------------------------------------------------
+    def linear(self, x: str, lin: Linear, name: str) -> str:
+        y = self.g.op("MatMul", x, self.g.weight(f"{name}.weight", lin.weight))
+        return y if lin.bias is None else self.g.op("Add", y, self.g.weight(f"{name}.bias", lin.bias))
+
+    def norm(self, x: str, norm: Norm, name: str) -> str:
+        g, eps = self.g, self.d.norm_eps
+        if self.d.norm == "layernorm":
+            return g.op("LayerNormalization", x, g.weight(f"{name}.weight", norm.weight),
+                        g.weight(f"{name}.bias", norm.bias), axis=-1, epsilon=eps)
+        # RMSNorm in float32: squares of fp16 activations overflow.
+        x32 = g.op("Cast", x, to=TensorProto.FLOAT)
+        mean_square = g.op("ReduceMean", g.op("Mul", x32, x32), axes=[-1], keepdims=1)
+        rms = g.op("Sqrt", g.op("Add", mean_square, g.const(eps, np.float32)))
+        normed = g.op("Cast", g.op("Div", x32, rms), to=ONNX_TYPES[self.dtype])
+        return g.op("Mul", normed, g.weight(f"{name}.weight", norm.weight))
+
+    def activation(self, x: str) -> str:
+        g = self.g
+        if self.d.activation == "silu":
+            return g.op("Mul", x, g.op("Sigmoid", x))
+        # Exact GELU, 0.5 * x * (1 + erf(x / sqrt(2))), spelled in opset-17 ops.
+        erf = g.op("Erf", g.op("Mul", x, g.const(1 / np.sqrt(2), NUMPY_TYPES[self.dtype])))
+        one = g.const(1.0, NUMPY_TYPES[self.dtype])
+        half = g.const(0.5, NUMPY_TYPES[self.dtype])
+        return g.op("Mul", g.op("Mul", x, half), g.op("Add", erf, one))
+
+    def split_heads(self, x: str, heads: int) -> str:
+        """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]."""
+        shaped = self.g.op("Reshape", x, self.g.const([0, 0, heads, self.d.head_dim]))
+        return self.g.op("Transpose", shaped, perm=[0, 2, 1, 3])
+
+    def rotary(self, x: str, cos: str, sin: str) -> str:
+        g, rot, head_dim = self.g, self.d.rotary_dim, self.d.head_dim
+        if rot < head_dim:
+            rotated_part, rest = g.op("Split", x, g.const([rot, head_dim - rot]), axis=-1, outputs=2)
+        else:
+            rotated_part, rest = x, None
+        first, second = g.op("Split", rotated_part, g.const([rot // 2, rot // 2]), axis=-1, outputs=2)
+        half_turn = g.op("Concat", g.op("Neg", second), first, axis=-1)
+        out = g.op("Add", g.op("Mul", rotated_part, cos), g.op("Mul", half_turn, sin))
+        return out if rest is None else g.op("Concat", out, rest, axis=-1)
+
+    # -- the graph ---------------------------------------------------------------------------------
+    def rotary_tables(self) -> tuple[str, str]:
+        """cos/sin [batch, 1, seq, rotary_dim], gathered from tables computed in float64 at export time."""
+        d, g = self.d, self.g
+        inv_freq = 1.0 / (d.rope_theta ** (np.arange(0, d.rotary_dim, 2, dtype=np.float64) / d.rotary_dim))
+        angles = np.arange(d.max_positions, dtype=np.float64)[:, None] * inv_freq
+        angles = np.concatenate([angles, angles], axis=-1)
+        tables = []
+        for name, values in (("cos_cache", np.cos(angles)), ("sin_cache", np.sin(angles))):
+            gathered = g.op("Gather", g.weight(name, values), c.POSITION_IDS, axis=0)
+            tables.append(g.op("Unsqueeze", gathered, g.const([1])))
+        return tables[0], tables[1]
+
+    def attention_bias(self) -> str:
+        """[batch, 1, seq, total] float32: 0 where a query may attend a key, MASKED elsewhere."""
+        g = self.g
+        seq = g.op("Gather", g.op("Shape", c.INPUT_IDS), g.const(1), axis=0)
+        total = g.op("Gather", g.op("Shape", c.ATTENTION_MASK), g.const(1), axis=0)
+        query_pos = g.op("Range", g.op("Sub", total, seq), total, g.const(1))
+        key_pos = g.op("Range", g.const(0), total, g.const(1))
+        causal = g.op("LessOrEqual", g.op("Unsqueeze", key_pos, g.const([0])),
+                      g.op("Unsqueeze", query_pos, g.const([1])))
+        not_padding = g.op("Unsqueeze", g.op("Equal", c.ATTENTION_MASK, g.const(1)), g.const([1, 2]))
+        return g.op("Where", g.op("And", causal, not_padding), g.const(0.0, np.float32), g.const(MASKED, np.float32))
+
+    def attend(self, q: str, keys: str, values: str, bias: str) -> str:
+        """softmax(q k^T / sqrt(d) + bias) v with the softmax in float32; K/V heads repeated for GQA."""
+        g, d = self.g, self.d
+        if d.kv_groups > 1:
+            expand = g.const([1, 1, d.kv_groups, 1, 1])
+            merged = g.const([0, d.num_heads, -1, d.head_dim])
+            keys, values = (
+                g.op("Reshape", g.op("Expand", g.op("Unsqueeze", t, g.const([2])), expand), merged)
+                for t in (keys, values)
+            )
+        scaled_q = g.op("Mul", q, g.const(d.head_dim**-0.5, NUMPY_TYPES[self.dtype]))
+        scores = g.op("MatMul", scaled_q, g.op("Transpose", keys, perm=[0, 1, 3, 2]))
+        if self.dtype != "float32":
+            scores = g.op("Cast", scores, to=TensorProto.FLOAT)
+        probs = g.op("Softmax", g.op("Add", scores, bias), axis=-1)
+        if self.dtype != "float32":
+            probs = g.op("Cast", probs, to=ONNX_TYPES[self.dtype])
+        context = g.op("Transpose", g.op("MatMul", probs, values), perm=[0, 2, 1, 3])
+        return g.op("Reshape", context, g.const([0, 0, d.num_heads * d.head_dim]))
+
+    def project_qkv(self, h: str, layer: Layer, i: int) -> tuple[str, str | None, str | None]:
+        """Owners run one fused Q|K|V MatMul; shared layers only Q, so no K/V weights exist for them."""
+        d, g = self.d, self.g
+        if not self.strategy.is_owner(i):
+            return self.linear(h, layer.q, f"layers.{i}.attn.q_proj"), None, None
+        fused = Linear(
+            torch.cat([layer.q.weight, layer.k.weight, layer.v.weight], dim=1),
+            None if layer.q.bias is None else torch.cat([layer.q.bias, layer.k.bias, layer.v.bias]),
+        )
+        qkv = self.linear(h, fused, f"layers.{i}.attn.qkv_proj")
+        kv_width = d.num_kv_heads * d.head_dim
+        return g.op("Split", qkv, g.const([d.num_heads * d.head_dim, kv_width, kv_width]), axis=-1, outputs=3)
+
+    def mlp(self, h: str, layer: Layer, i: int) -> str:
+        up = self.linear(h, layer.up, f"layers.{i}.mlp.up_proj")
+        if layer.gate is None:
+            inner = self.activation(up)
+        else:
+            inner = self.g.op("Mul", self.activation(self.linear(h, layer.gate, f"layers.{i}.mlp.gate_proj")), up)
+        return self.linear(inner, layer.down, f"layers.{i}.mlp.down_proj")
+
+    def build(self) -> onnx.ModelProto:
+        d, g = self.d, self.g
+        cos, sin = self.rotary_tables()
+        bias = self.attention_bias()
+        x = g.op("Gather", g.weight("embed_tokens.weight", d.embed), c.INPUT_IDS, axis=0)
+        present: dict[int, tuple[str, str]] = {}
+        for i, layer in enumerate(d.layers):
+            h = self.norm(x, layer.input_norm, f"layers.{i}.input_norm")
+            q, k, v = self.project_qkv(h, layer, i)
+            q = self.rotary(self.split_heads(q, d.num_heads), cos, sin)
+            if k is not None:
+                k = self.rotary(self.split_heads(k, d.num_kv_heads), cos, sin)
+                v = self.split_heads(v, d.num_kv_heads)
+                present[i] = (
+                    g.op("Concat", c.past_name(i, "key"), k, axis=2, outputs=[c.present_name(i, "key")]),
+                    g.op("Concat", c.past_name(i, "value"), v, axis=2, outputs=[c.present_name(i, "value")]),
+                )
+            keys, values = present[self.strategy.kv_source[i]]
+            attn = self.linear(self.attend(q, keys, values, bias), layer.o, f"layers.{i}.attn.o_proj")
+            if d.parallel_residual:
+                mlp = self.mlp(self.norm(x, layer.post_attention_norm, f"layers.{i}.post_attention_norm"), layer, i)
+                x = g.op("Add", g.op("Add", x, attn), mlp)
+            else:
+                x = g.op("Add", x, attn)
+                x = g.op("Add", x, self.mlp(self.norm(x, layer.post_attention_norm,
+                                                      f"layers.{i}.post_attention_norm"), layer, i))
+        logits = self.linear(self.norm(x, d.final_norm, "final_norm"), d.lm_head, "lm_head")
+        g.op("Cast", logits, to=TensorProto.FLOAT, outputs=[c.LOGITS])
+        return self._model()
+
+    def _model(self) -> onnx.ModelProto:
+        d, kv_type = self.d, ONNX_TYPES[self.dtype]
+        kv_dims = {"past": [c.BATCH, d.num_kv_heads, c.PAST, d.head_dim],
+                   "present": [c.BATCH, d.num_kv_heads, c.TOTAL, d.head_dim]}
+        inputs = [
+            helper.make_tensor_value_info(c.INPUT_IDS, TensorProto.INT64, [c.BATCH, c.SEQUENCE]),
+            helper.make_tensor_value_info(c.ATTENTION_MASK, TensorProto.INT64, [c.BATCH, c.TOTAL]),
+            helper.make_tensor_value_info(c.POSITION_IDS, TensorProto.INT64, [c.BATCH, c.SEQUENCE]),
+        ]
+        outputs = [helper.make_tensor_value_info(c.LOGITS, TensorProto.FLOAT, [c.BATCH, c.SEQUENCE, d.vocab_size])]
+        for past, present in self.layout().names():
+            inputs.append(helper.make_tensor_value_info(past, kv_type, kv_dims["past"]))
+            outputs.append(helper.make_tensor_value_info(present, kv_type, kv_dims["present"]))
+        graph = helper.make_graph(self.g.nodes, "kvexport_decoder", inputs, outputs, self.g.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                  producer_name="kvexport", ir_version=IR_VERSION)
+        helper.set_model_props(model, {"kvexport.strategy": json.dumps(self.strategy.to_dict()),
+                                       "kvexport.dtype": self.dtype})
+        return model
+
+    def layout(self) -> c.CacheLayout:
+        return cache_layout(self.d, self.strategy, self.dtype)
+
+
+def cache_layout(description: DecoderDescription, strategy: Strategy, dtype: str) -> c.CacheLayout:
+    return c.CacheLayout(owners=strategy.owners, num_layers=description.num_layers,
+                         num_kv_heads=description.num_kv_heads, head_dim=description.head_dim, dtype=dtype)
+
+
+def build_decoder(description: DecoderDescription, strategy: Strategy, dtype: str = "float32") -> onnx.ModelProto:
+    if dtype not in ONNX_TYPES:
+        raise ValueError(f"dtype must be one of {sorted(ONNX_TYPES)}")
+    return DecoderGraph(description, strategy, dtype).build()

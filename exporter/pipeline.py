@@ -1,0 +1,129 @@
+"""Export a model under a strategy: build the graph, write the artifact directory, validate, publish.
+
+Everything is written into a hidden sibling directory first; only a complete, validated export is
+renamed to the requested name, so a failure never leaves a half-written artifact behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from kvexport.strategies import KvexportError, ModelFacts, Strategy, make_strategy
+from kvexport.strategies import contract as c
+
+from .loading import SIDE_FILES, LoadedModel, load_config, load_model
+from .models import DecoderDescription, describe
+from .onnx_graph import build_decoder, cache_layout
+from .validate import ValidationError, ValidationReport, validate_export
+
+EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a model at 2 GiB; keep weights outside well before that
+
+
+@dataclass
+class ExportResult:
+    directory: Path
+    manifest: dict
+    validation: ValidationReport | None
+    seconds: float
+
+
+def model_facts(loaded: LoadedModel, description: DecoderDescription) -> ModelFacts:
+    config = loaded.config
+    eos = config.eos_token_id
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    return ModelFacts(
+        architecture=description.architecture, source=loaded.reference, num_layers=description.num_layers,
+        hidden_size=description.hidden_size, num_heads=description.num_heads,
+        num_kv_heads=description.num_kv_heads, head_dim=description.head_dim,
+        vocab_size=description.vocab_size, max_positions=description.max_positions,
+        bos_token_id=config.bos_token_id, eos_token_ids=eos_ids,
+        pad_token_id=config.pad_token_id if config.pad_token_id is not None else (eos_ids or [0])[0],
+    )
+
+
+def write_onnx(model: onnx.ModelProto, directory: Path, weight_bytes: int) -> bool:
+    """Write model.onnx, with its weights in model.onnx.data when they are large. Returns that choice."""
+    external = weight_bytes >= EXTERNAL_DATA_BYTES
+    onnx.save_model(model, directory / c.MODEL_FILE, save_as_external_data=external,
+                    all_tensors_to_one_file=True, location=c.WEIGHTS_FILE, size_threshold=1024)
+    return external
+
+
+def export(
+    model: str | LoadedModel,
+    strategy: str | Strategy,
+    output: str | os.PathLike[str],
+    dtype: str = "float32",
+    validate: bool = True,
+    log=print,
+) -> ExportResult:
+    started = time.perf_counter()
+    # Check the strategy against the config first: a bad strategy fails before the weights are read.
+    reference, config = load_config(model) if isinstance(model, str) else (model.reference, model.config)
+    if isinstance(strategy, str):
+        strategy = make_strategy(strategy, config.num_hidden_layers, reference)
+    else:
+        strategy.check_model(config.num_hidden_layers, reference)
+    loaded = load_model(model) if isinstance(model, str) else model
+    description = describe(loaded.config, loaded.weights)
+    layout = cache_layout(description, strategy, dtype)
+    log(f"exporting {loaded.reference} ({description.architecture}, {description.num_layers} layers) with "
+        f"{len(strategy.owners)} cache owners, {dtype}")
+
+    target = Path(output)
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        graph = build_decoder(description, strategy, dtype)
+        external = write_onnx(graph, staging, description.parameter_bytes(layout.bytes_per_element))
+        del graph
+        for name in SIDE_FILES:
+            if (loaded.directory / name).is_file():
+                shutil.copy2(loaded.directory / name, staging / name)
+        strategy.save(staging / c.STRATEGY_FILE)
+        report = None
+        if validate:
+            report = validate_export(staging / c.MODEL_FILE, description, strategy, dtype,
+                                     hf_model=loaded.hf_model if not strategy.shared else None)
+            log(report.summary())
+            if not report.passed:
+                raise ValidationError(
+                    f"exported logits differ from the PyTorch reference beyond tolerance ({report.summary()}); "
+                    "nothing was written: report this with the model and strategy, or export with --dtype float32"
+                )
+        manifest = {
+            "format": c.FORMAT_NAME, "version": c.FORMAT_VERSION, "dtype": dtype,
+            "model": model_facts(loaded, description).to_dict(), "strategy": strategy.to_dict(),
+            "cache": {"owners": list(layout.owners), "num_kv_heads": layout.num_kv_heads,
+                      "head_dim": layout.head_dim, "bytes_per_token": layout.bytes_per_token(),
+                      "full_bytes_per_token": layout.full_bytes_per_token},
+            "files": {"onnx": c.MODEL_FILE, "external_data": c.WEIGHTS_FILE if external else None},
+            "validation": report.to_dict() if report else None,
+        }
+        (staging / c.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        publish(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(target, manifest, report, time.perf_counter() - started)
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Swap the finished directory into place; an existing export of the same name is replaced."""
+    if target.exists():
+        if not (target / c.MANIFEST_FILE).is_file():
+            raise KvexportError(f"{target} exists and is not a kvexport export: choose another --output")
+        retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(retired)
+        staging.rename(target)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(target)

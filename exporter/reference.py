@@ -1,0 +1,135 @@
+"""PyTorch reference of a decoder under a KV-sharing strategy: explicit tensors in, explicit tensors out.
+
+It computes what the exported graph computes, op for op, in any dtype (float64 for validation), and can
+also hand back every layer's K/V and the final hidden state for the strategy search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kvexport.strategies import Strategy
+
+from .models import DecoderDescription, Linear, Norm
+
+MASKED = -1e9  # additive bias for masked keys; finite so fully padded rows stay NaN-free
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class ReferenceOutput:
+    logits: torch.Tensor  # [batch, seq, vocab]
+    present: dict[int, KV]  # owner layer -> (keys, values), each [batch, kv_heads, past + seq, head_dim]
+    final_hidden: torch.Tensor  # [batch, seq, hidden], after the final norm
+    layer_kv: dict[int, KV] = field(default_factory=dict)  # every layer's own new K/V, when asked for
+
+
+def attention_bias(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """[batch, 1, seq, total] additive bias: causal over absolute positions, and padding from the mask."""
+    total = attention_mask.shape[1]
+    query_pos = torch.arange(total - seq_len, total).unsqueeze(1)
+    key_pos = torch.arange(total).unsqueeze(0)
+    allowed = (key_pos <= query_pos)[None, None] & (attention_mask[:, None, None, :] == 1)
+    return torch.where(allowed, 0.0, MASKED).to(dtype)
+
+
+def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype) -> KV:
+    """cos and sin, [batch, 1, seq, rotary_dim], in the rotate-half convention."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    freqs = position_ids.to(torch.float64).unsqueeze(-1) * inv_freq
+    angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rotary_dim = cos.shape[-1]
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+
+
+class ReferenceDecoder:
+    def __init__(self, description: DecoderDescription, strategy: Strategy, dtype: torch.dtype = torch.float64):
+        self.d = description
+        self.strategy = strategy
+        self.dtype = dtype
+        self._cast = {}  # id(tensor) -> tensor in self.dtype, made once
+
+    def _t(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        if tensor is None:
+            return None
+        key = id(tensor)
+        if key not in self._cast:
+            self._cast[key] = tensor.to(self.dtype)
+        return self._cast[key]
+
+    def _linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
+        y = x @ self._t(lin.weight)
+        return y if lin.bias is None else y + self._t(lin.bias)
+
+    def _norm(self, x: torch.Tensor, norm: Norm) -> torch.Tensor:
+        if self.d.norm == "layernorm":
+            return F.layer_norm(x, x.shape[-1:], self._t(norm.weight), self._t(norm.bias), self.d.norm_eps)
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return x * torch.rsqrt(variance + self.d.norm_eps) * self._t(norm.weight)
+
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x) if self.d.activation == "gelu" else F.silu(x)
+
+    def _heads(self, x: torch.Tensor, count: int) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        return x.view(batch, seq, count, self.d.head_dim).transpose(1, 2)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: dict[int, KV] | None = None,
+        collect_layer_kv: bool = False,
+    ) -> ReferenceOutput:
+        d, past = self.d, past or {}
+        batch, seq = input_ids.shape
+        x = self._t(d.embed)[input_ids]
+        bias = attention_bias(attention_mask, seq, self.dtype)
+        cos, sin = rotary_tables(position_ids, d.rotary_dim, d.rope_theta, self.dtype)
+        present: dict[int, KV] = {}
+        layer_kv: dict[int, KV] = {}
+        for i, layer in enumerate(d.layers):
+            h = self._norm(x, layer.input_norm)
+            q = apply_rotary(self._heads(self._linear(h, layer.q), d.num_heads), cos, sin)
+            if self.strategy.is_owner(i) or collect_layer_kv:
+                k = apply_rotary(self._heads(self._linear(h, layer.k), d.num_kv_heads), cos, sin)
+                v = self._heads(self._linear(h, layer.v), d.num_kv_heads)
+                if collect_layer_kv:
+                    layer_kv[i] = (k, v)
+                if self.strategy.is_owner(i):
+                    if i in past:
+                        k, v = torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
+                    present[i] = (k, v)
+            keys, values = present[self.strategy.kv_source[i]]
+            if d.kv_groups > 1:
+                keys = keys.repeat_interleave(d.kv_groups, dim=1)
+                values = values.repeat_interleave(d.kv_groups, dim=1)
+            scores = (q @ keys.transpose(-1, -2)) * d.head_dim**-0.5 + bias
+            attn = torch.softmax(scores, dim=-1) @ values
+            attn = self._linear(attn.transpose(1, 2).reshape(batch, seq, d.num_heads * d.head_dim), layer.o)
+            if d.parallel_residual:
+                x = x + attn + self._mlp(self._norm(x, layer.post_attention_norm), layer)
+            else:
+                x = x + attn
+                x = x + self._mlp(self._norm(x, layer.post_attention_norm), layer)
+        final = self._norm(x, d.final_norm)
+        return ReferenceOutput(self._linear(final, d.lm_head), present, final, layer_kv)
+
+    def _mlp(self, h: torch.Tensor, layer) -> torch.Tensor:
+        if layer.gate is None:
+            return self._linear(self._act(self._linear(h, layer.up)), layer.down)
+        return self._linear(self._act(self._linear(h, layer.gate)) * self._linear(h, layer.up), layer.down)
+

@@ -1,0 +1,146 @@
+"""Prefill + decode over an exported model: batches of prompts, sampling, streaming, per-run report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kvexport.strategies import KvexportError
+from kvexport.strategies.contract import positions_from_mask
+
+from .exported import ExportedModel
+from .ort_session import OrtDecoder
+from .sampling import SamplingConfig, choose_tokens
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class GenerationStats:
+    batch: int
+    prompt_tokens: int  # longest prompt, the prefill length
+    new_tokens: int  # decode steps taken (tokens per sequence, at most max_new_tokens)
+    prefill_ms: float
+    decode_ms_per_token: float  # mean over decode steps; 0 when only the prefill ran
+    kv_bytes: int  # cache held at the end, owners only
+    kv_bytes_full: int  # the same batch and length with every layer caching
+
+    def summary(self) -> str:
+        saved = 1 - self.kv_bytes / self.kv_bytes_full if self.kv_bytes_full else 0.0
+        return (f"batch {self.batch}, prompt {self.prompt_tokens} tokens, {self.new_tokens} new: prefill "
+                f"{self.prefill_ms:.1f} ms, decode {self.decode_ms_per_token:.2f} ms/token; KV cache "
+                f"{self.kv_bytes / 1024:.1f} KiB vs {self.kv_bytes_full / 1024:.1f} KiB full ({saved:.0%} saved)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StreamEvent:
+    step: int
+    token_ids: np.ndarray  # [batch], this step's token per sequence (pad for finished ones)
+    text_deltas: list[str]  # new text per sequence ("" for finished ones)
+    finished: list[bool]
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[list[int]]  # new tokens per prompt, a stop token included if one ended it
+    texts: list[str]
+    stats: GenerationStats
+
+
+class Generator:
+    def __init__(self, model: ExportedModel | str | Path, provider: str = "cpu", device_id: int = 0):
+        self.model = model if isinstance(model, ExportedModel) else ExportedModel.load(model)
+        self.decoder = OrtDecoder(self.model, provider, device_id)
+        self._tokenizer = None
+        self.last_stats: GenerationStats | None = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = self.model.tokenizer()
+        return self._tokenizer
+
+    def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        encoded = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+        if not encoded or any(len(ids) == 0 for ids in encoded):
+            raise KvexportError("every prompt needs at least one token")
+        return encoded
+
+    def _left_pad(self, encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        width = max(map(len, encoded))
+        pad = self.model.facts.pad_token_id or 0
+        ids = np.full((len(encoded), width), pad, dtype=np.int64)
+        mask = np.zeros((len(encoded), width), dtype=np.int64)
+        for row, tokens in enumerate(encoded):
+            ids[row, width - len(tokens):] = tokens
+            mask[row, width - len(tokens):] = 1
+        return ids, mask
+
+    def stream(self, prompts: Sequence[Prompt], config: SamplingConfig | None = None) -> Iterator[StreamEvent]:
+        config = config or SamplingConfig(stop_token_ids=self.model.facts.eos_token_ids)
+        encoded = self.encode(prompts)
+        ids, mask = self._left_pad(encoded)
+        limit = self.model.facts.max_positions
+        if ids.shape[1] + config.max_new_tokens > limit:
+            raise KvexportError(
+                f"prompt of {ids.shape[1]} tokens plus {config.max_new_tokens} new tokens exceeds the model's "
+                f"{limit} positions: shorten the prompt or lower max_new_tokens"
+            )
+        batch = len(encoded)
+        rng = np.random.default_rng(config.seed)
+        stops = np.array(sorted(set(config.stop_token_ids)), dtype=np.int64)
+        pad = self.model.facts.pad_token_id or 0
+        cache = self.decoder.new_cache(batch)
+        finished = np.zeros(batch, dtype=bool)
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        shown = [""] * batch
+
+        started = time.perf_counter()
+        logits = self.decoder.step(ids, mask, positions_from_mask(mask), cache)
+        prefill_ms = (time.perf_counter() - started) * 1e3
+        decode_ms = 0.0  # time inside decode steps only, not sampling or the consumer of the stream
+        steps = 0
+        while True:
+            tokens = np.where(finished, pad, choose_tokens(logits, config, rng))
+            for row in np.flatnonzero(~finished):
+                generated[row].append(int(tokens[row]))
+            deltas = []
+            for row in range(batch):
+                text = self.tokenizer.decode(generated[row], skip_special_tokens=True) if not finished[row] else ""
+                deltas.append(text[len(shown[row]):] if not finished[row] else "")
+                if not finished[row]:
+                    shown[row] = text
+            finished |= np.isin(tokens, stops)
+            steps += 1
+            yield StreamEvent(steps, tokens, deltas, finished.tolist())
+            if finished.all() or steps == config.max_new_tokens:
+                break
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            step_started = time.perf_counter()
+            logits = self.decoder.step(tokens[:, None].astype(np.int64), mask,
+                                       positions_from_mask(mask)[:, -1:], cache)
+            decode_ms += (time.perf_counter() - step_started) * 1e3
+        decode_steps = steps - 1  # the first token came from the prefill
+        self.last_stats = GenerationStats(
+            batch=batch, prompt_tokens=ids.shape[1], new_tokens=steps, prefill_ms=prefill_ms,
+            decode_ms_per_token=decode_ms / decode_steps if decode_steps else 0.0,
+            kv_bytes=cache.bytes_in_use, kv_bytes_full=cache.full_cache_bytes,
+        )
+
+    def generate(self, prompts: Sequence[Prompt], config: SamplingConfig | None = None) -> GenerationResult:
+        generated: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        for event in self.stream(prompts, config):
+            for row, token in enumerate(event.token_ids):
+                if not done[row]:
+                    generated[row].append(int(token))
+            done = event.finished
+        texts = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in generated]
+        return GenerationResult(generated, texts, self.last_stats)

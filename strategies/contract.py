@@ -1,0 +1,106 @@
+"""The contract shared by exporter and runtime: ONNX I/O names, cache layout, artifact file names.
+
+docs/design.md explains it; this module is its single implementation. Anything that names a graph
+input or output, or lays out a cache buffer, goes through here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+FORMAT_NAME = "kvexport"
+FORMAT_VERSION = 1
+
+MODEL_FILE = "model.onnx"
+WEIGHTS_FILE = "model.onnx.data"  # external data, written when the weights are large
+MANIFEST_FILE = "kvexport.json"
+STRATEGY_FILE = "strategy.json"
+
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+
+# Symbolic dimension names used in the graph and in docs/design.md.
+BATCH, SEQUENCE, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+
+
+def positions_from_mask(attention_mask):
+    """position_ids for a (left-padded) attention mask: count of real tokens before each one, pads at 0.
+
+    Works on numpy arrays and torch tensors alike.
+    """
+    return (attention_mask.cumsum(-1) - 1).clip(min=0)
+
+
+class KvexportError(Exception):
+    """An error kvexport reports as one line: what is wrong and how to fix it."""
+
+
+def past_name(layer: int, kind: str) -> str:
+    """Graph input holding owner `layer`'s cached keys or values (kind: 'key' | 'value')."""
+    return f"past_key_values.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    """Graph output holding owner `layer`'s keys or values after this step (past + new)."""
+    return f"present.{layer}.{kind}"
+
+
+KV_KINDS = ("key", "value")
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Shape and size of the cache that one export needs: one K and one V buffer per owner layer.
+
+    Each buffer is [batch, num_kv_heads, sequence, head_dim] in the export's dtype, as in Optimum.
+    """
+
+    owners: tuple[int, ...]
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # "float32" | "float16"
+
+    @property
+    def bytes_per_element(self) -> int:
+        return 2 if self.dtype == "float16" else 4
+
+    def bytes_per_token(self, layers: int | None = None) -> int:
+        """Cache bytes one token occupies across `layers` cached layers (default: the owners)."""
+        count = len(self.owners) if layers is None else layers
+        return 2 * count * self.num_kv_heads * self.head_dim * self.bytes_per_element
+
+    @property
+    def full_bytes_per_token(self) -> int:
+        """What the same model would need with every layer caching its own K/V."""
+        return self.bytes_per_token(self.num_layers)
+
+    def buffer_shape(self, batch: int, sequence: int) -> tuple[int, int, int, int]:
+        return (batch, self.num_kv_heads, sequence, self.head_dim)
+
+    def names(self) -> list[tuple[str, str]]:
+        """(past input, present output) name pairs, in graph order."""
+        return [(past_name(i, k), present_name(i, k)) for i in self.owners for k in KV_KINDS]
+
+
+@dataclass
+class ModelFacts:
+    """What the runtime needs to know about an exported model, recorded in kvexport.json."""
+
+    architecture: str
+    source: str  # hub id or local directory the export was made from
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,59 @@
+"""Tiny random-weight models built from configs (no downloads), saved with the shipped model's real tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvexport.exporter.loading import ALIASES, REPO_ROOT
+
+DEFAULT_MODEL_DIR = REPO_ROOT / ALIASES["tiny-neox"]
+
+
+def _save_tiny(path: Path, config, model_class) -> Path:
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_neox(tmp_path_factory) -> Path:
+    """4 layers, hidden 64, 4 heads, 25% rotary, parallel residual."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(vocab_size=8192, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                           intermediate_size=256, max_position_embeddings=128, rotary_pct=0.25,
+                           bos_token_id=0, eos_token_id=0)
+    return _save_tiny(tmp_path_factory.mktemp("models") / "tiny-neox-random", config, GPTNeoXForCausalLM)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """4 layers, hidden 64, 4 query heads over 2 KV heads (GQA), SwiGLU, RMSNorm."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=8192, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
+                         bos_token_id=0, eos_token_id=0)
+    return _save_tiny(tmp_path_factory.mktemp("models") / "tiny-llama-random", config, LlamaForCausalLM)
+
+
+@pytest.fixture(scope="session")
+def export_cache(tmp_path_factory):
+    """Exports shared across tests: (model dir, strategy spec or Strategy, dtype) -> export dir."""
+    from kvexport.exporter import export
+
+    root, made = tmp_path_factory.mktemp("exports"), {}
+
+    def get(model: Path, strategy, dtype: str = "float32") -> Path:
+        key = (str(model), str(strategy), dtype)
+        if key not in made:
+            made[key] = export(str(model), strategy, root / f"e{len(made)}", dtype=dtype, log=lambda _: None).directory
+        return made[key]
+
+    return get

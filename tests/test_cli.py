@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from kvexport.exporter.cli import main
+
+
+def test_headline_command_exports_validates_and_generates(tiny_neox, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert main(["--model", str(tiny_neox), "--share", "every:2", "--output", str(out), "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "validation (float32)" in printed and "2 of 4 layers cache K/V" in printed
+    assert "50% saved" in printed
+    assert json.loads((out / "kvexport.json").read_text())["cache"]["owners"] == [0, 2]
+    assert main(["inspect", str(out)]) == 0
+    inspect = capsys.readouterr().out
+    assert "layer   0 owns, shared by 1" in inspect and "KV bytes per token  1024 vs 2048 full" in inspect
+
+
+def test_strategy_make_then_export(tiny_neox, tmp_path, capsys):
+    strategy = tmp_path / "s.json"
+    assert main(["strategy", "make", "every:4", "--model", str(tiny_neox), "-o", str(strategy)]) == 0
+    assert json.loads(strategy.read_text())["kv_source"] == [0, 0, 0, 0]
+    out = tmp_path / "e"
+    assert main(["export", "--model", str(tiny_neox), "--share", str(strategy), "--output", str(out),
+                 "--max-new-tokens", "0"]) == 0
+
+
+@pytest.mark.parametrize("kv_source, message", [
+    ([0, 0, 1, 3], "itself reuses layer 0"),
+    ([0, 2, 2, 3], "from later layer 2"),
+    ([0, 1, 2], "has 3 layers but the model has 4"),
+])
+def test_bad_strategy_exits_non_zero_with_one_line_and_no_output(tiny_neox, tmp_path, capsys, kv_source, message):
+    strategy = tmp_path / "bad.json"
+    strategy.write_text(json.dumps({"version": 1, "num_layers": len(kv_source), "kv_source": kv_source}))
+    out = tmp_path / "out"
+    assert main(["--model", str(tiny_neox), "--share", str(strategy), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kvexport: error:") and message in err and "\n" not in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
+
+
+def test_hub_model_offline_says_how_to_fix(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert main(["--model", "pythia-160m", "--share", "every:2", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "'EleutherAI/pythia-160m' is not in the local Hugging Face cache" in err and "--model DIR" in err
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=64, n_head=2).save_pretrained(tmp_path / "gpt2")
+    assert main(["--model", str(tmp_path / "gpt2"), "--share", "none", "--output", str(tmp_path / "o")]) == 2
+    assert "architecture 'gpt2' of" in capsys.readouterr().err
+
+
+def test_generate_rejects_bad_sampling_and_long_prompts(tiny_neox, export_cache, capsys):
+    directory = str(export_cache(tiny_neox, "none"))
+    assert main(["generate", directory, "--top-p", "0"]) == 2
+    assert "top_p" in capsys.readouterr().err
+    assert main(["generate", directory, "--prompt", "word " * 200]) == 2
+    assert "shorten the prompt" in capsys.readouterr().err

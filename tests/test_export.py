@@ -1,0 +1,107 @@
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from kvexport.exporter import ReferenceDecoder, describe, export, load_model
+from kvexport.exporter import pipeline as export_module
+from kvexport.exporter import validate as validate_module
+from kvexport.strategies import Strategy
+from kvexport.strategies import contract as c
+
+IRREGULAR = Strategy((0, 0, 2, 0), method="explicit")  # layer 3 reuses layer 0, skipping an owner in between
+
+
+@pytest.mark.parametrize("strategy", ["none", "every:2", IRREGULAR], ids=["none", "every2", "irregular"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_exported_logits_match_the_reference(tiny_neox, export_cache, strategy, dtype):
+    manifest = json.loads((export_cache(tiny_neox, strategy, dtype) / c.MANIFEST_FILE).read_text())
+    validation = manifest["validation"]
+    assert validation["passed"]
+    assert [s["kind"] for s in validation["steps"]] == ["prefill", "decode", "decode", "decode"]
+    assert validation["worst"] <= (1e-5 if dtype == "float32" else 5e-3)
+    if strategy == "none":  # the reference itself reproduces Hugging Face
+        assert validation["hf_relative"] <= 1e-5
+
+
+def test_gqa_llama_exports_and_validates(tiny_llama, export_cache):
+    manifest = json.loads((export_cache(tiny_llama, "every:2") / c.MANIFEST_FILE).read_text())
+    assert manifest["model"]["num_kv_heads"] == 2 and manifest["model"]["num_heads"] == 4
+    assert manifest["validation"]["worst"] <= 1e-5
+    none = json.loads((export_cache(tiny_llama, "none") / c.MANIFEST_FILE).read_text())
+    assert none["validation"]["hf_relative"] <= 1e-5
+
+
+def test_graph_has_kv_io_and_projections_for_owners_only(tiny_neox, export_cache):
+    directory = export_cache(tiny_neox, IRREGULAR)
+    model = onnx.load(directory / c.MODEL_FILE)
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    owners = IRREGULAR.owners
+    assert inputs == ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{k}" for i in owners for k in ("key", "value")]
+    assert outputs == ["logits"] + [f"present.{i}.{k}" for i in owners for k in ("key", "value")]
+    weights = {init.name: init for init in model.graph.initializer}
+    hidden, q_width = 64, 64
+    for layer in range(4):
+        if layer in owners:
+            assert onnx.numpy_helper.to_array(weights[f"layers.{layer}.attn.qkv_proj.weight"]).shape == (hidden, 3 * q_width)
+            assert f"layers.{layer}.attn.q_proj.weight" not in weights
+        else:  # a shared layer projects its queries and nothing else
+            assert onnx.numpy_helper.to_array(weights[f"layers.{layer}.attn.q_proj.weight"]).shape == (hidden, q_width)
+            assert not any(name.startswith(f"layers.{layer}.attn.qkv") for name in weights)
+    matmul_weights = [n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert len(matmul_weights) == 4 * 4 + 1  # per layer: q(kv), o, up, down; plus the LM head
+
+
+def test_onnx_matches_a_longer_independent_decode(tiny_neox, export_cache):
+    """Ten decode steps at batch 3 from ORT directly, against the float64 reference."""
+    directory = export_cache(tiny_neox, "every:2")
+    loaded = load_model(str(tiny_neox))
+    strategy = Strategy.from_dict(json.loads((directory / c.STRATEGY_FILE).read_text()))
+    reference = ReferenceDecoder(describe(loaded.config, loaded.weights), strategy, torch.float64)
+    session = ort.InferenceSession(str(directory / c.MODEL_FILE), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 8192, (3, 6))
+    mask = np.ones_like(ids)
+    past = {p: np.zeros((3, 4, 0, 16), np.float32) for p, _ in ((f"past_key_values.{i}.{k}", 0) for i in (0, 2)
+                                                              for k in ("key", "value"))}
+    ref_past = None
+    for _ in range(10):
+        pos = c.positions_from_mask(mask)[:, -ids.shape[1]:]
+        out = session.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past})
+        ref = reference.forward(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos), ref_past)
+        np.testing.assert_allclose(out[0], ref.logits.numpy(), atol=1e-4, rtol=1e-4)
+        names = [o.name for o in session.get_outputs()]
+        past = {n.replace("present", "past_key_values"): v for n, v in zip(names[1:], out[1:])}
+        ref_past = ref.present
+        ids = rng.integers(0, 8192, (3, 1))
+        mask = np.concatenate([mask, np.ones((3, 1), np.int64)], axis=1)
+
+
+def test_failed_validation_leaves_nothing_behind(tiny_neox, tmp_path, monkeypatch):
+    monkeypatch.setitem(validate_module.TOLERANCE, "float32", 0.0)
+    target = tmp_path / "out"
+    with pytest.raises(validate_module.ValidationError, match="nothing was written"):
+        export(str(tiny_neox), "every:2", target, log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_large_weights_go_to_external_data(tiny_neox, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "EXTERNAL_DATA_BYTES", 0)
+    result = export(str(tiny_neox), "every:2", tmp_path / "out", log=lambda _: None)
+    assert (result.directory / c.WEIGHTS_FILE).stat().st_size > 1_000_000
+    assert (result.directory / c.MODEL_FILE).stat().st_size < 200_000
+    assert result.validation.passed  # validated through the external file
+
+
+def test_export_dir_is_like_optimum(tiny_neox, export_cache):
+    directory = export_cache(tiny_neox, "none")
+    for name in ("model.onnx", "kvexport.json", "strategy.json", "config.json", "tokenizer.json",
+                 "tokenizer_config.json", "generation_config.json"):
+        assert (directory / name).is_file(), name
+    props = {p.key: p.value for p in onnx.load(directory / c.MODEL_FILE, load_external_data=False).metadata_props}
+    assert json.loads(props["kvexport.strategy"])["kv_source"] == [0, 1, 2, 3]
