@@ -105,6 +105,41 @@ def cmd_strategy_make(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from .calibration import read_text
+    from .loading import load_model
+    from .search import SearchSettings, run_search, shared_count
+
+    loaded = load_model(args.model)
+    count = shared_count(loaded.config.num_hidden_layers, args.shared_layers, args.ratio)
+    settings = SearchSettings(shared_layers=count, criterion=args.criterion, threshold=args.threshold,
+                              samples=args.samples, length=args.length, order=args.order)
+    strategy = run_search(loaded, read_text(args.calib), settings)
+    strategy.save(args.output)
+    reached = "" if strategy.provenance["reached_target"] else f" (target {count} not reached at this threshold)"
+    print(f"wrote {args.output}: {len(strategy.shared)} of {strategy.num_layers} layers shared{reached}")
+    print(strategy.describe())
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .calibration import read_text, token_windows
+    from .evaluate import evaluate, table, write_report
+    from .loading import load_model
+
+    loaded = load_model(args.model)
+    layers = loaded.config.num_hidden_layers
+    strategies = {(Path(spec).stem if spec.endswith(".json") else spec): make_strategy(spec, layers, loaded.reference)
+                  for spec in args.share}
+    windows = token_windows(loaded.tokenizer(), read_text(args.text), args.windows, args.length, from_end=True)
+    rows = evaluate(loaded, strategies, windows, with_torch=args.torch)
+    print(table(rows))
+    paths = write_report(rows, Path(args.output), {"model": loaded.reference, "windows": args.windows,
+                                                    "length": args.length, "text": str(args.text or "default")})
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvexport", description="Share the KV cache across layers and export "
                                      "decoder LLMs to ONNX Runtime and TensorRT.")
@@ -129,6 +164,33 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="print an export's strategy, owners and KV bytes per token")
     inspect.add_argument("directory", type=Path)
     inspect.set_defaults(func=cmd_inspect)
+
+    search = sub.add_parser("search", help="KVSharer search: find layers that can share a cache")
+    search.add_argument("--model", default=DEFAULT_MODEL)
+    search.add_argument("--calib", help="calibration text file (default: the default model's held-out text)")
+    count = search.add_mutually_exclusive_group(required=True)
+    count.add_argument("--shared-layers", type=int, help="number of layers to share")
+    count.add_argument("--ratio", type=float, help="fraction of layers to share")
+    search.add_argument("--criterion", choices=["cosine", "ppl"], default="cosine",
+                        help="cosine: final hidden-state similarity (KVSharer); ppl: perplexity retention")
+    search.add_argument("--threshold", type=float, help="accept a pair while the score exceeds this "
+                        "(default 0.5 for cosine, 0.8 for ppl)")
+    search.add_argument("--samples", type=int, default=30)
+    search.add_argument("--length", type=int, default=64)
+    search.add_argument("--order", choices=["dissimilar", "similar"], default="dissimilar",
+                        help="walk the most dissimilar pairs first (KVSharer) or the most similar (for comparison)")
+    search.add_argument("-o", "--output", type=Path, default=Path(c.STRATEGY_FILE))
+    search.set_defaults(func=cmd_search)
+
+    evaluation = sub.add_parser("eval", help="perplexity and accuracy of strategies on held-out text")
+    evaluation.add_argument("--model", default=DEFAULT_MODEL)
+    evaluation.add_argument("--share", nargs="+", required=True, help="strategies to compare with the full model")
+    evaluation.add_argument("--text", help="held-out text file (default: the default model's held-out text)")
+    evaluation.add_argument("--windows", type=int, default=16)
+    evaluation.add_argument("--length", type=int, default=256)
+    evaluation.add_argument("--torch", action="store_true", help="also evaluate the PyTorch reference")
+    evaluation.add_argument("--output", default="eval-results")
+    evaluation.set_defaults(func=cmd_eval)
 
     strategy = sub.add_parser("strategy", help="make strategy files")
     strategy_sub = strategy.add_subparsers(dest="strategy_command", required=True)

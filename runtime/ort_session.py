@@ -46,6 +46,11 @@ class OrtDecoder:
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              cache: KVCache) -> np.ndarray:
         """Run one forward pass, advance the cache, and return the last position's logits [batch, vocab]."""
+        return self.forward(input_ids, attention_mask, position_ids, cache)[:, -1, :]
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                cache: KVCache) -> np.ndarray:
+        """Run one forward pass, advance the cache, and return all positions' logits [batch, seq, vocab]."""
         if self.provider == "cpu":
             feeds = {c.INPUT_IDS: input_ids, c.ATTENTION_MASK: attention_mask, c.POSITION_IDS: position_ids,
                      **cache.values}
@@ -54,7 +59,7 @@ class OrtDecoder:
         else:
             outputs = self._step_bound(input_ids, attention_mask, position_ids, cache)
         cache.update(outputs, input_ids.shape[1])
-        return outputs[c.LOGITS][:, -1, :]
+        return outputs[c.LOGITS]
 
     def _step_bound(self, input_ids, attention_mask, position_ids, cache: KVCache) -> dict:
         binding = self.session.io_binding()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text_atomic
 from .contract import KvexportError
 
 STRATEGY_VERSION = 1
@@ -79,13 +80,7 @@ class Strategy:
         return data
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write atomically: a reader never sees half a file."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        partial.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        partial.replace(target)
-        return target
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Strategy:

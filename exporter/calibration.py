@@ -1,0 +1,76 @@
+"""Calibration text through the PyTorch reference: per-layer K/V and the scores a strategy search needs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kvexport.strategies import KvexportError, Strategy, no_sharing
+
+from .loading import ALIASES, REPO_ROOT, LoadedModel
+from .models import describe
+from .reference import ReferenceDecoder
+
+DEFAULT_TEXT = REPO_ROOT / ALIASES["tiny-neox"] / "heldout.txt"
+
+
+def read_text(path: str | Path | None) -> str:
+    file = Path(path) if path else DEFAULT_TEXT
+    if not file.is_file():
+        raise KvexportError(f"text file {file} does not exist: pass --calib/--text with a UTF-8 text file")
+    return file.read_text(encoding="utf-8")
+
+
+def token_windows(tokenizer, text: str, count: int, length: int, from_end: bool = False) -> torch.Tensor:
+    """`count` consecutive windows of `length` tokens: all the same length, so no padding is involved.
+
+    Calibration takes them from the start of the text and evaluation from the end, so the two never overlap
+    on the shipped held-out text.
+    """
+    ids = tokenizer(text)["input_ids"]
+    needed = count * length
+    if len(ids) < needed:
+        raise KvexportError(f"the text has {len(ids)} tokens but {count} windows of {length} need {needed}: "
+                            "give a longer text or fewer/shorter windows")
+    chosen = ids[len(ids) - needed:] if from_end else ids[:needed]
+    return torch.tensor(chosen, dtype=torch.long).view(count, length)
+
+
+def next_token_stats(logits: torch.Tensor, windows: torch.Tensor) -> tuple[float, float]:
+    """(mean negative log-likelihood, next-token accuracy) of logits [n, s, vocab] for windows [n, s]."""
+    predicted, targets = logits[:, :-1].double(), windows[:, 1:]
+    nll = F.cross_entropy(predicted.flatten(0, 1), targets.flatten()).item()
+    accuracy = (predicted.argmax(-1) == targets).double().mean().item()
+    return nll, accuracy
+
+
+class Calibration:
+    """Runs windows through the reference once without sharing, then scores candidate strategies."""
+
+    def __init__(self, loaded: LoadedModel, windows: torch.Tensor, dtype: torch.dtype = torch.float32):
+        self.description = describe(loaded.config, loaded.weights)
+        self.windows, self.dtype = windows, dtype
+        self.mask = torch.ones_like(windows)
+        self.positions = torch.arange(windows.shape[1]).expand_as(windows)
+        full = self._run(no_sharing(self.description.num_layers), collect_layer_kv=True)
+        self.layer_kv = [full.layer_kv[i] for i in range(self.description.num_layers)]
+        self.full_hidden = full.final_hidden.flatten(1)
+        self.full_nll = next_token_stats(full.logits, windows)[0]
+
+    def _run(self, strategy: Strategy, collect_layer_kv: bool = False):
+        reference = ReferenceDecoder(self.description, strategy, self.dtype)
+        return reference.forward(self.windows, self.mask, self.positions, collect_layer_kv=collect_layer_kv)
+
+    def cosine(self, strategy: Strategy) -> float:
+        """KVSharer's criterion: cosine similarity of the final hidden states (flattened per sample) with
+        and without sharing, averaged over samples."""
+        hidden = self._run(strategy).final_hidden.flatten(1)
+        return F.cosine_similarity(hidden.double(), self.full_hidden.double(), dim=-1).mean().item()
+
+    def perplexity_retention(self, strategy: Strategy) -> float:
+        """full perplexity / candidate perplexity: 1.0 means no loss, 0.8 means 25% higher perplexity."""
+        nll = next_token_stats(self._run(strategy).logits, self.windows)[0]
+        return math.exp(self.full_nll - nll)

@@ -1,0 +1,123 @@
+"""`kvexport eval`: what a strategy costs in quality, measured on the exported ONNX that users deploy.
+
+Perplexity and next-token accuracy on held-out windows for the full model and each strategy, retention
+relative to the full model, and KV bytes per token. With torch=True the PyTorch reference computes the
+same numbers, as a cross-check of the exported graphs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvexport.runtime import ExportedModel, OrtDecoder
+from kvexport.strategies import Strategy, no_sharing
+from kvexport.strategies.atomic import atomic_path, write_text_atomic
+from kvexport.strategies.contract import positions_from_mask
+
+from .calibration import next_token_stats
+from .loading import LoadedModel
+from .models import describe
+from .pipeline import export
+from .reference import ReferenceDecoder
+
+BATCH = 4  # windows per forward pass: bounds the logits held in memory
+
+
+@dataclass
+class EvalRow:
+    name: str
+    kv_source: list[int]
+    shared_layers: int
+    kv_bytes_per_token: int
+    perplexity: float
+    accuracy: float
+    perplexity_ratio: float  # strategy / full (1.0 = no loss)
+    accuracy_retention: float  # strategy / full, in percent
+    torch_perplexity: float | None = None
+    torch_accuracy: float | None = None
+
+
+def onnx_logits(directory: Path, windows: torch.Tensor) -> torch.Tensor:
+    model = ExportedModel.load(directory)
+    decoder = OrtDecoder(model)
+    chunks = []
+    for start in range(0, len(windows), BATCH):
+        ids = windows[start:start + BATCH].numpy()
+        mask = np.ones_like(ids)
+        chunks.append(torch.from_numpy(decoder.forward(ids, mask, positions_from_mask(mask), decoder.new_cache(len(ids)))))
+    return torch.cat(chunks)
+
+
+def evaluate(loaded: LoadedModel, strategies: dict[str, Strategy], windows: torch.Tensor,
+             with_torch: bool = False, log=print) -> list[EvalRow]:
+    """Rows for the full model ('none') followed by each named strategy."""
+    description = describe(loaded.config, loaded.weights)
+    named = {"none": no_sharing(description.num_layers), **strategies}
+    rows: list[EvalRow] = []
+    with tempfile.TemporaryDirectory(prefix="kvexport-eval-") as tmp:
+        for index, (name, strategy) in enumerate(named.items()):
+            directory = export(loaded, strategy, Path(tmp) / f"s{index}", log=lambda _: None).directory
+            nll, accuracy = next_token_stats(onnx_logits(directory, windows), windows)
+            torch_ppl = torch_accuracy = None
+            if with_torch:
+                reference = ReferenceDecoder(description, strategy, torch.float32)
+                ones = torch.ones_like(windows)
+                torch_nll, torch_accuracy = next_token_stats(
+                    reference.forward(windows, ones, positions_from_mask(ones)).logits, windows)
+                torch_ppl = math.exp(torch_nll)
+            layout = ExportedModel.load(directory).layout
+            full = rows[0] if rows else None
+            ppl = math.exp(nll)
+            rows.append(EvalRow(
+                name=name, kv_source=list(strategy.kv_source), shared_layers=len(strategy.shared),
+                kv_bytes_per_token=layout.bytes_per_token(), perplexity=ppl, accuracy=accuracy,
+                perplexity_ratio=ppl / full.perplexity if full else 1.0,
+                accuracy_retention=(100 * accuracy / full.accuracy if full.accuracy else math.nan) if full else 100.0,
+                torch_perplexity=torch_ppl, torch_accuracy=torch_accuracy,
+            ))
+            log(f"{name}: perplexity {ppl:.2f}, accuracy {accuracy:.2%}")
+    return rows
+
+
+def table(rows: list[EvalRow]) -> str:
+    has_torch = rows[0].torch_perplexity is not None
+    head = "| strategy | shared | KV bytes/token | perplexity | ppl ratio | accuracy | acc retention |"
+    head += " torch ppl |" if has_torch else ""
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        line = (f"| {r.name} | {r.shared_layers} | {r.kv_bytes_per_token} | {r.perplexity:.2f} | "
+                f"{r.perplexity_ratio:.3f} | {r.accuracy:.2%} | {r.accuracy_retention:.1f}% |")
+        lines.append(line + (f" {r.torch_perplexity:.2f} |" if has_torch else ""))
+    return "\n".join(lines)
+
+
+def write_report(rows: list[EvalRow], output: Path, meta: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output.mkdir(parents=True, exist_ok=True)
+    paths = [write_text_atomic(output / "eval.json", json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=2)),
+             write_text_atomic(output / "eval.md", table(rows) + "\n")]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    names = [r.name for r in rows]
+    left.bar(names, [r.perplexity for r in rows], color="tab:blue")
+    left.set_ylabel("held-out perplexity (lower is better)")
+    right.bar(names, [r.kv_bytes_per_token / 1024 for r in rows], color="tab:orange")
+    right.set_ylabel("KV cache KiB per token")
+    for axis in (left, right):
+        axis.tick_params(axis="x", rotation=30)
+    fig.suptitle(f"{meta.get('model', '')}: quality vs KV cache")
+    fig.tight_layout()
+    with atomic_path(output / "eval.png") as partial:
+        fig.savefig(partial, format="png", dpi=100)
+    plt.close(fig)
+    return [*paths, output / "eval.png"]
