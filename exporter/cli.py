@@ -48,7 +48,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvexport.runtime import Generator, SamplingConfig
 
-    generator = Generator(args.directory, provider=args.provider)
+    generator = Generator(args.directory, provider=args.provider, backend=getattr(args, "backend", "ort"))
     prompts = args.prompt or [DEFAULT_PROMPT]
     try:
         config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -140,6 +140,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from .tensorrt_build import BuildOptions, build_engine
+
+    options = BuildOptions(precision=args.precision, max_batch=args.max_batch, max_length=args.max_length,
+                           profiles=tuple(p for p in args.profiles.split(",") if p),
+                           workspace_gib=args.workspace_gib)
+    build_engine(args.directory, options)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from kvexport.runtime import ExportedModel
+    from kvexport.runtime.compare import compare_decoders
+    from kvexport.runtime.generator import make_decoder
+
+    model = ExportedModel.load(args.directory)
+    first = make_decoder(model, "ort", args.provider)
+    second = make_decoder(model, "tensorrt")
+    result = compare_decoders(first, second, batch=args.batch, prompt=args.prompt_tokens, decode_steps=args.steps)
+    print(result.summary((f"onnxruntime-{args.provider}", "tensorrt")))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvexport", description="Share the KV cache across layers and export "
                                      "decoder LLMs to ONNX Runtime and TensorRT.")
@@ -159,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(generate)
     generate.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
     generate.add_argument("--json", help="write the run's latency and memory report to this file")
+    generate.add_argument("--backend", choices=["ort", "tensorrt"], default="ort")
     generate.set_defaults(func=cmd_generate)
 
     inspect = sub.add_parser("inspect", help="print an export's strategy, owners and KV bytes per token")
@@ -191,6 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--torch", action="store_true", help="also evaluate the PyTorch reference")
     evaluation.add_argument("--output", default="eval-results")
     evaluation.set_defaults(func=cmd_eval)
+
+    engine = sub.add_parser("build-engine", help="build a TensorRT engine from an export")
+    engine.add_argument("directory", type=Path)
+    engine.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    engine.add_argument("--max-batch", type=int, default=8)
+    engine.add_argument("--max-length", type=int, default=512)
+    engine.add_argument("--profiles", default="prefill,decode", help="comma-separated: prefill, decode")
+    engine.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT workspace memory-pool limit")
+    engine.set_defaults(func=cmd_build_engine)
+
+    compare = sub.add_parser("compare", help="run the same inputs through ONNX Runtime and TensorRT")
+    compare.add_argument("directory", type=Path)
+    compare.add_argument("--provider", choices=["cpu", "cuda"], default="cuda")
+    compare.add_argument("--batch", type=int, default=2)
+    compare.add_argument("--prompt-tokens", type=int, default=8)
+    compare.add_argument("--steps", type=int, default=8)
+    compare.set_defaults(func=cmd_compare)
 
     strategy = sub.add_parser("strategy", help="make strategy files")
     strategy_sub = strategy.add_subparsers(dest="strategy_command", required=True)

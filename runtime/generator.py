@@ -13,6 +13,7 @@ from kvexport.strategies import KvexportError
 from kvexport.strategies.contract import positions_from_mask
 
 from .exported import ExportedModel
+from .decoder import Decoder
 from .ort_session import OrtDecoder
 from .sampling import SamplingConfig, choose_tokens
 
@@ -54,10 +55,24 @@ class GenerationResult:
     stats: GenerationStats
 
 
+BACKENDS = ("ort", "tensorrt")
+
+
+def make_decoder(model: ExportedModel, backend: str = "ort", provider: str = "cpu", device_id: int = 0) -> Decoder:
+    if backend == "ort":
+        return OrtDecoder(model, provider, device_id)
+    if backend == "tensorrt":
+        from .tensorrt_backend import TensorRTDecoder
+
+        return TensorRTDecoder(model, device_id)
+    raise KvexportError(f"backend '{backend}' is not supported: use {' or '.join(BACKENDS)}")
+
+
 class Generator:
-    def __init__(self, model: ExportedModel | str | Path, provider: str = "cpu", device_id: int = 0):
+    def __init__(self, model: ExportedModel | str | Path, provider: str = "cpu", device_id: int = 0,
+                 backend: str = "ort"):
         self.model = model if isinstance(model, ExportedModel) else ExportedModel.load(model)
-        self.decoder = OrtDecoder(self.model, provider, device_id)
+        self.decoder = make_decoder(self.model, backend, provider, device_id)
         self._tokenizer = None
         self.last_stats: GenerationStats | None = None
 

@@ -8,13 +8,14 @@ import onnxruntime as ort
 from kvexport.strategies import KvexportError
 from kvexport.strategies import contract as c
 
+from .decoder import Decoder
 from .exported import ExportedModel
 from .kv_cache import KVCache
 
 NUMPY_KV = {"float32": np.float32, "float16": np.float16}
 
 
-class OrtDecoder:
+class OrtDecoder(Decoder):
     def __init__(self, model: ExportedModel, provider: str = "cpu", device_id: int = 0, threads: int = 0):
         if provider not in ("cpu", "cuda"):
             raise KvexportError(f"provider '{provider}' is not supported: use cpu or cuda")
@@ -43,14 +44,8 @@ class OrtDecoder:
         cache.reset(batch, empty)
         return cache
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             cache: KVCache) -> np.ndarray:
-        """Run one forward pass, advance the cache, and return the last position's logits [batch, vocab]."""
-        return self.forward(input_ids, attention_mask, position_ids, cache)[:, -1, :]
-
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 cache: KVCache) -> np.ndarray:
-        """Run one forward pass, advance the cache, and return all positions' logits [batch, seq, vocab]."""
         if self.provider == "cpu":
             feeds = {c.INPUT_IDS: input_ids, c.ATTENTION_MASK: attention_mask, c.POSITION_IDS: position_ids,
                      **cache.values}

@@ -15,6 +15,8 @@ MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"  # external data, written when the weights are large
 MANIFEST_FILE = "kvexport.json"
 STRATEGY_FILE = "strategy.json"
+ENGINE_FILE = "model.engine"  # TensorRT engine, built next to the ONNX
+ENGINE_INFO_FILE = "model.engine.json"  # what the engine was built for (cache key, profiles)
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
