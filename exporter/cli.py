@@ -34,7 +34,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .pipeline import export
 
     output = Path(args.output) if args.output else default_output(args.model, args.share)
-    result = export(args.model, args.share, output, dtype=args.dtype, validate=not args.no_validate)
+    result = export(args.model, args.share, output, dtype=args.dtype, validate=not args.no_validate,
+                    static=args.static)
     cache = result.manifest["cache"]
     print(f"wrote {result.directory} in {result.seconds:.1f} s: {len(cache['owners'])} of "
           f"{result.manifest['model']['num_layers']} layers cache K/V, {cache['bytes_per_token']} bytes/token "
@@ -48,7 +49,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvexport.runtime import Generator, SamplingConfig
 
-    generator = Generator(args.directory, provider=args.provider, backend=getattr(args, "backend", "ort"))
+    generator = Generator(args.directory, provider=args.provider, backend=getattr(args, "backend", "ort"),
+                          max_batch=len(args.prompt or [DEFAULT_PROMPT]), cuda_graph=getattr(args, "cuda_graph", False))
     prompts = args.prompt or [DEFAULT_PROMPT]
     try:
         config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -140,6 +142,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from kvexport.runtime.bench import BenchSettings, run_bench, table, write_report
+
+    from .loading import load_model
+    from .pipeline import export
+
+    output = Path(args.output)
+    loaded = load_model(args.model)
+    exports = {}
+    for spec in args.share:
+        name = Path(spec).stem if spec.endswith(".json") else spec.replace(":", "")
+        exports[name] = export(loaded, make_strategy(spec, loaded.config.num_hidden_layers, loaded.reference),
+                               output / "exports" / name, dtype=args.dtype, static="ort-static" in args.backends,
+                               log=lambda line: print(line, file=sys.stderr)).directory
+    settings = BenchSettings(backends=tuple(args.backends), batches=tuple(args.batch), contexts=tuple(args.context),
+                             provider=args.provider, steps=args.steps, warmup=args.warmup,
+                             cuda_graph=args.cuda_graph, memory_budget_gib=args.memory_budget_gib)
+    total = len(exports) * len(args.batch) * len(args.context) * len(args.backends)
+    with tqdm(total=total, desc="bench", unit="point") as bar:
+        def progress(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update(1)
+        report = run_bench(exports, loaded.directory, settings, progress)
+    report["model"] = loaded.reference
+    paths = write_report(report, output)
+    print(table(report))
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
 def cmd_build_engine(args: argparse.Namespace) -> int:
     from .tensorrt_build import BuildOptions, build_engine
 
@@ -174,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", help="export directory (default exports/MODEL.STRATEGY)")
     export.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     export.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
+    export.add_argument("--static", action="store_true",
+                        help="also write the decode graph over preallocated cache buffers (backend ort-static)")
     add_sampling_args(export)
     export.set_defaults(func=cmd_export)
 
@@ -182,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(generate)
     generate.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
     generate.add_argument("--json", help="write the run's latency and memory report to this file")
-    generate.add_argument("--backend", choices=["ort", "tensorrt"], default="ort")
+    generate.add_argument("--backend", choices=["ort", "ort-static", "tensorrt"], default="ort")
+    generate.add_argument("--cuda-graph", action="store_true", help="ort-static on CUDA: replay each step as a CUDA graph")
     generate.set_defaults(func=cmd_generate)
 
     inspect = sub.add_parser("inspect", help="print an export's strategy, owners and KV bytes per token")
@@ -215,6 +252,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--torch", action="store_true", help="also evaluate the PyTorch reference")
     evaluation.add_argument("--output", default="eval-results")
     evaluation.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser("bench", help="decode latency and memory per backend, strategy, batch and context")
+    bench.add_argument("--model", default=DEFAULT_MODEL)
+    bench.add_argument("--share", nargs="+", default=["none", "every:2"], help="strategies to compare")
+    bench.add_argument("--backends", nargs="+", default=["ort", "ort-static"],
+                       choices=["hf", "ort", "ort-static", "tensorrt"])
+    bench.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
+    bench.add_argument("--context", type=int, nargs="+", default=[128, 512, 2048],
+                       help="cache length at the end of each point's decode steps")
+    bench.add_argument("--provider", choices=["cpu", "cuda"], default="cuda")
+    bench.add_argument("--dtype", choices=["float32", "float16"], default="float16")
+    bench.add_argument("--steps", type=int, default=16, help="timed decode steps per point")
+    bench.add_argument("--warmup", type=int, default=4)
+    bench.add_argument("--cuda-graph", action="store_true", help="ort-static: replay decode steps as CUDA graphs")
+    bench.add_argument("--memory-budget-gib", type=float, default=16.0)
+    bench.add_argument("--output", default="bench-results")
+    bench.set_defaults(func=cmd_bench)
 
     engine = sub.add_parser("build-engine", help="build a TensorRT engine from an export")
     engine.add_argument("directory", type=Path)

@@ -62,10 +62,14 @@ class GraphBuilder:
 
 
 class DecoderGraph:
-    """Emits the nodes of one decoder under one strategy."""
+    """Emits the nodes of one decoder under one strategy.
 
-    def __init__(self, description: DecoderDescription, strategy: Strategy, dtype: str):
-        self.d, self.strategy, self.dtype = description, strategy, dtype
+    static=False: the dynamic graph (prefill and decode, past grows by concatenation).
+    static=True: the decode-only graph over preallocated cache buffers (see docs/design.md).
+    """
+
+    def __init__(self, description: DecoderDescription, strategy: Strategy, dtype: str, static: bool = False):
+        self.d, self.strategy, self.dtype, self.static = description, strategy, dtype, static
         self.g = GraphBuilder(dtype)
 
     # -- building blocks ---------------------------------------------------------------------------
@@ -127,6 +131,9 @@ class DecoderGraph:
     def attention_bias(self) -> str:
         """[batch, 1, seq, total] float32: 0 where a query may attend a key, MASKED elsewhere."""
         g = self.g
+        if self.static:  # one query: the slot mask alone says which cached keys are valid
+            valid = g.op("Unsqueeze", g.op("Equal", c.ATTENTION_MASK, g.const(1)), g.const([1, 2]))
+            return g.op("Where", valid, g.const(0.0, np.float32), g.const(MASKED, np.float32))
         seq = g.op("Gather", g.op("Shape", c.INPUT_IDS), g.const(1), axis=0)
         total = g.op("Gather", g.op("Shape", c.ATTENTION_MASK), g.const(1), axis=0)
         query_pos = g.op("Range", g.op("Sub", total, seq), total, g.const(1))
@@ -147,14 +154,41 @@ class DecoderGraph:
                 for t in (keys, values)
             )
         scaled_q = g.op("Mul", q, g.const(d.head_dim**-0.5, NUMPY_TYPES[self.dtype]))
-        scores = g.op("MatMul", scaled_q, g.op("Transpose", keys, perm=[0, 1, 3, 2]))
+        probs = self.softmax(g.op("MatMul", scaled_q, g.op("Transpose", keys, perm=[0, 1, 3, 2])), bias)
+        context = g.op("Transpose", g.op("MatMul", probs, values), perm=[0, 2, 1, 3])
+        return g.op("Reshape", context, g.const([0, 0, d.num_heads * d.head_dim]))
+
+    def softmax(self, scores: str, bias: str) -> str:
+        """softmax(scores + bias) over the last axis, computed in float32."""
+        g = self.g
         if self.dtype != "float32":
             scores = g.op("Cast", scores, to=TensorProto.FLOAT)
         probs = g.op("Softmax", g.op("Add", scores, bias), axis=-1)
-        if self.dtype != "float32":
-            probs = g.op("Cast", probs, to=ONNX_TYPES[self.dtype])
-        context = g.op("Transpose", g.op("MatMul", probs, values), perm=[0, 2, 1, 3])
-        return g.op("Reshape", context, g.const([0, 0, d.num_heads * d.head_dim]))
+        return probs if self.dtype == "float32" else g.op("Cast", probs, to=ONNX_TYPES[self.dtype])
+
+    def attend_static(self, q: str, past_keys: str, past_values: str, new_key: str, new_value: str, bias: str) -> str:
+        """One query over the cache buffers plus the new token, without concatenating (copying) the cache.
+
+        The softmax over [past, new] is computed piecewise in float32 (shared max, exponentials, one sum), so
+        the graph needs no Split or Concat at the cache length and no shape arithmetic: the buffer length stays
+        symbolic and every node can run inside a CUDA graph. Query heads are grouped per K/V head
+        ([batch, kv_heads, groups, head_dim]), so GQA never expands K/V.
+        """
+        g, d = self.g, self.d
+        f32 = TensorProto.FLOAT
+        grouped = g.op("Reshape", g.op("Mul", q, g.const(d.head_dim**-0.5, NUMPY_TYPES[self.dtype])),
+                       g.const([0, d.num_kv_heads, -1, d.head_dim]))
+        past_scores = g.op("Add", g.op("Cast", g.op("MatMul", grouped, g.op("Transpose", past_keys, perm=[0, 1, 3, 2])),
+                                       to=f32), bias)
+        new_scores = g.op("Cast", g.op("ReduceSum", g.op("Mul", grouped, new_key), g.const([-1]), keepdims=1), to=f32)
+        peak = g.op("Max", g.op("ReduceMax", past_scores, axes=[-1], keepdims=1), new_scores)
+        past_weights = g.op("Exp", g.op("Sub", past_scores, peak))
+        new_weights = g.op("Exp", g.op("Sub", new_scores, peak))
+        total = g.op("Add", g.op("ReduceSum", past_weights, g.const([-1]), keepdims=1), new_weights)
+        past_probs, new_probs = (g.op("Cast", g.op("Div", w, total), to=ONNX_TYPES[self.dtype])
+                                 for w in (past_weights, new_weights))
+        context = g.op("Add", g.op("MatMul", past_probs, past_values), g.op("Mul", new_probs, new_value))
+        return g.op("Reshape", context, g.const([0, 1, d.num_heads * d.head_dim]))
 
     def project_qkv(self, h: str, layer: Layer, i: int) -> tuple[str, str | None, str | None]:
         """Owners run one fused Q|K|V MatMul; shared layers only Q, so no K/V weights exist for them."""
@@ -182,7 +216,8 @@ class DecoderGraph:
         cos, sin = self.rotary_tables()
         bias = self.attention_bias()
         x = g.op("Gather", g.weight("embed_tokens.weight", d.embed), c.INPUT_IDS, axis=0)
-        present: dict[int, tuple[str, str]] = {}
+        new_kv: dict[int, tuple[str, str]] = {}  # owner -> this step's (k, v)
+        present: dict[int, tuple[str, str]] = {}  # owner -> past + new (dynamic graph)
         for i, layer in enumerate(d.layers):
             h = self.norm(x, layer.input_norm, f"layers.{i}.input_norm")
             q, k, v = self.project_qkv(h, layer, i)
@@ -190,12 +225,19 @@ class DecoderGraph:
             if k is not None:
                 k = self.rotary(self.split_heads(k, d.num_kv_heads), cos, sin)
                 v = self.split_heads(v, d.num_kv_heads)
-                present[i] = (
-                    g.op("Concat", c.past_name(i, "key"), k, axis=2, outputs=[c.present_name(i, "key")]),
-                    g.op("Concat", c.past_name(i, "value"), v, axis=2, outputs=[c.present_name(i, "value")]),
-                )
-            keys, values = present[self.strategy.kv_source[i]]
-            attn = self.linear(self.attend(q, keys, values, bias), layer.o, f"layers.{i}.attn.o_proj")
+                if not self.static:
+                    present[i] = tuple(g.op("Concat", c.past_name(i, kind), new, axis=2,
+                                            outputs=[c.present_name(i, kind)]) for kind, new in zip(c.KV_KINDS, (k, v)))
+                else:
+                    new_kv[i] = tuple(g.op("Identity", new, outputs=[c.new_name(i, kind)])
+                                      for kind, new in zip(c.KV_KINDS, (k, v)))
+            owner = self.strategy.kv_source[i]
+            if not self.static:
+                context = self.attend(q, *present[owner], bias)
+            else:
+                context = self.attend_static(q, c.past_name(owner, "key"), c.past_name(owner, "value"),
+                                             *new_kv[owner], bias)
+            attn = self.linear(context, layer.o, f"layers.{i}.attn.o_proj")
             if d.parallel_residual:
                 mlp = self.mlp(self.norm(x, layer.post_attention_norm, f"layers.{i}.post_attention_norm"), layer, i)
                 x = g.op("Add", g.op("Add", x, attn), mlp)
@@ -208,23 +250,26 @@ class DecoderGraph:
         return self._model()
 
     def _model(self) -> onnx.ModelProto:
-        d, kv_type = self.d, ONNX_TYPES[self.dtype]
-        kv_dims = {"past": [c.BATCH, d.num_kv_heads, c.PAST, d.head_dim],
-                   "present": [c.BATCH, d.num_kv_heads, c.TOTAL, d.head_dim]}
+        d, kv_type, static = self.d, ONNX_TYPES[self.dtype], self.static
+        seq = 1 if static else c.SEQUENCE
+        past_dims = [c.BATCH, d.num_kv_heads, c.CACHE if static else c.PAST, d.head_dim]
+        out_dims = [c.BATCH, d.num_kv_heads, 1 if static else c.TOTAL, d.head_dim]
         inputs = [
-            helper.make_tensor_value_info(c.INPUT_IDS, TensorProto.INT64, [c.BATCH, c.SEQUENCE]),
-            helper.make_tensor_value_info(c.ATTENTION_MASK, TensorProto.INT64, [c.BATCH, c.TOTAL]),
-            helper.make_tensor_value_info(c.POSITION_IDS, TensorProto.INT64, [c.BATCH, c.SEQUENCE]),
+            helper.make_tensor_value_info(c.INPUT_IDS, TensorProto.INT64, [c.BATCH, seq]),
+            helper.make_tensor_value_info(c.ATTENTION_MASK, TensorProto.INT64, [c.BATCH, c.CACHE if static else c.TOTAL]),
+            helper.make_tensor_value_info(c.POSITION_IDS, TensorProto.INT64, [c.BATCH, seq]),
         ]
-        outputs = [helper.make_tensor_value_info(c.LOGITS, TensorProto.FLOAT, [c.BATCH, c.SEQUENCE, d.vocab_size])]
+        outputs = [helper.make_tensor_value_info(c.LOGITS, TensorProto.FLOAT, [c.BATCH, seq, d.vocab_size])]
         for past, present in self.layout().names():
-            inputs.append(helper.make_tensor_value_info(past, kv_type, kv_dims["past"]))
-            outputs.append(helper.make_tensor_value_info(present, kv_type, kv_dims["present"]))
+            layer, kind = int(past.split(".")[1]), past.split(".")[2]
+            inputs.append(helper.make_tensor_value_info(past, kv_type, past_dims))
+            outputs.append(helper.make_tensor_value_info(c.new_name(layer, kind) if static else present, kv_type, out_dims))
         graph = helper.make_graph(self.g.nodes, "kvexport_decoder", inputs, outputs, self.g.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                                   producer_name="kvexport", ir_version=IR_VERSION)
         helper.set_model_props(model, {"kvexport.strategy": json.dumps(self.strategy.to_dict()),
-                                       "kvexport.dtype": self.dtype})
+                                       "kvexport.dtype": self.dtype,
+                                       "kvexport.variant": "static_decode" if static else "dynamic"})
         return model
 
     def layout(self) -> c.CacheLayout:
@@ -236,7 +281,9 @@ def cache_layout(description: DecoderDescription, strategy: Strategy, dtype: str
                          num_kv_heads=description.num_kv_heads, head_dim=description.head_dim, dtype=dtype)
 
 
-def build_decoder(description: DecoderDescription, strategy: Strategy, dtype: str = "float32") -> onnx.ModelProto:
+def build_decoder(description: DecoderDescription, strategy: Strategy, dtype: str = "float32",
+                  static: bool = False) -> onnx.ModelProto:
+    """The dynamic graph, or with static=True the decode-only graph over preallocated cache buffers."""
     if dtype not in ONNX_TYPES:
         raise ValueError(f"dtype must be one of {sorted(ONNX_TYPES)}")
-    return DecoderGraph(description, strategy, dtype).build()
+    return DecoderGraph(description, strategy, dtype, static).build()

@@ -21,7 +21,7 @@ from kvexport.strategies import contract as c
 from .loading import SIDE_FILES, LoadedModel, load_config, load_model
 from .models import DecoderDescription, describe
 from .onnx_graph import build_decoder, cache_layout
-from .validate import ValidationError, ValidationReport, validate_export
+from .validate import ValidationError, ValidationReport, validate_export, validate_static
 
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a model at 2 GiB; keep weights outside well before that
 
@@ -48,11 +48,11 @@ def model_facts(loaded: LoadedModel, description: DecoderDescription) -> ModelFa
     )
 
 
-def write_onnx(model: onnx.ModelProto, directory: Path, weight_bytes: int) -> bool:
-    """Write model.onnx, with its weights in model.onnx.data when they are large. Returns that choice."""
+def write_onnx(model: onnx.ModelProto, directory: Path, name: str, weight_bytes: int) -> bool:
+    """Write NAME, with its weights in NAME.data when they are large. Returns that choice."""
     external = weight_bytes >= EXTERNAL_DATA_BYTES
-    onnx.save_model(model, directory / c.MODEL_FILE, save_as_external_data=external,
-                    all_tensors_to_one_file=True, location=c.WEIGHTS_FILE, size_threshold=1024)
+    onnx.save_model(model, directory / name, save_as_external_data=external,
+                    all_tensors_to_one_file=True, location=f"{name}.data", size_threshold=1024)
     return external
 
 
@@ -62,8 +62,10 @@ def export(
     output: str | os.PathLike[str],
     dtype: str = "float32",
     validate: bool = True,
+    static: bool = False,
     log=print,
 ) -> ExportResult:
+    """Export, validate and publish. static=True also writes the decode graph over preallocated cache buffers."""
     started = time.perf_counter()
     # Check the strategy against the config first: a bad strategy fails before the weights are read.
     reference, config = load_config(model) if isinstance(model, str) else (model.reference, model.config)
@@ -83,8 +85,12 @@ def export(
     staging.mkdir(parents=True)
     try:
         graph = build_decoder(description, strategy, dtype)
-        external = write_onnx(graph, staging, description.parameter_bytes(layout.bytes_per_element))
+        weight_bytes = description.parameter_bytes(layout.bytes_per_element)
+        external = write_onnx(graph, staging, c.MODEL_FILE, weight_bytes)
         del graph
+        if static:
+            write_onnx(build_decoder(description, strategy, dtype, static=True), staging, c.STATIC_MODEL_FILE,
+                       weight_bytes)
         for name in SIDE_FILES:
             if (loaded.directory / name).is_file():
                 shutil.copy2(loaded.directory / name, staging / name)
@@ -93,6 +99,9 @@ def export(
         if validate:
             report = validate_export(staging / c.MODEL_FILE, description, strategy, dtype,
                                      hf_model=loaded.hf_model if not strategy.shared else None)
+            if static:
+                static_report = validate_static(staging / c.STATIC_MODEL_FILE, description, strategy, dtype)
+                report.steps += static_report.steps
             log(report.summary())
             if not report.passed:
                 raise ValidationError(
@@ -100,12 +109,13 @@ def export(
                     "nothing was written: report this with the model and strategy, or export with --dtype float32"
                 )
         manifest = {
-            "format": c.FORMAT_NAME, "version": c.FORMAT_VERSION, "dtype": dtype,
+            "format": c.FORMAT_NAME, "version": c.FORMAT_VERSION, "dtype": dtype, "weight_bytes": weight_bytes,
             "model": model_facts(loaded, description).to_dict(), "strategy": strategy.to_dict(),
             "cache": {"owners": list(layout.owners), "num_kv_heads": layout.num_kv_heads,
                       "head_dim": layout.head_dim, "bytes_per_token": layout.bytes_per_token(),
                       "full_bytes_per_token": layout.full_bytes_per_token},
-            "files": {"onnx": c.MODEL_FILE, "external_data": c.WEIGHTS_FILE if external else None},
+            "files": {"onnx": c.MODEL_FILE, "external_data": c.WEIGHTS_FILE if external else None,
+                      "static_decode": c.STATIC_MODEL_FILE if static else None},
             "validation": report.to_dict() if report else None,
         }
         (staging / c.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import numpy as np
+import torch
 
 from .exported import ExportedModel
 from .kv_cache import KVCache
@@ -21,6 +22,21 @@ class Decoder(ABC):
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 cache: KVCache) -> np.ndarray:
         """One forward pass: advance the cache and return all positions' logits [batch, seq, vocab]."""
+
+    @abstractmethod
+    def wrap_past(self, tensor: torch.Tensor):
+        """A past K/V tensor as this backend binds it."""
+
+    def random_cache(self, batch: int, length: int, generator: torch.Generator) -> KVCache:
+        """A cache holding `length` tokens of random K/V: for timing decode steps without a prefill."""
+        layout = self.model.layout
+        dtype = torch.float16 if layout.dtype == "float16" else torch.float32
+        cache = self.new_cache(batch)
+        values = {past: self.wrap_past(torch.randn(layout.buffer_shape(batch, length), generator=generator,
+                                                   device=generator.device).to(dtype))
+                  for past, _ in layout.names()}
+        cache.values, cache.length = values, length
+        return cache
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              cache: KVCache) -> np.ndarray:

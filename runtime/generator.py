@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from kvexport.strategies import KvexportError
 from kvexport.strategies.contract import positions_from_mask
@@ -55,12 +56,19 @@ class GenerationResult:
     stats: GenerationStats
 
 
-BACKENDS = ("ort", "tensorrt")
+BACKENDS = ("ort", "ort-static", "tensorrt")
 
 
-def make_decoder(model: ExportedModel, backend: str = "ort", provider: str = "cpu", device_id: int = 0) -> Decoder:
+def make_decoder(model: ExportedModel, backend: str = "ort", provider: str = "cpu", device_id: int = 0,
+                 max_batch: int = 8, cuda_graph: bool = False, max_length: int | None = None) -> Decoder:
+    """ort: the dynamic graph, cache growing per step; ort-static: preallocated buffers updated in place
+    (CUDA graphs optional); tensorrt: an engine built by kvexport build-engine."""
     if backend == "ort":
         return OrtDecoder(model, provider, device_id)
+    if backend == "ort-static":
+        from .static_cache import StaticCacheDecoder
+
+        return StaticCacheDecoder(model, provider, device_id, max_batch, cuda_graph, max_length)
     if backend == "tensorrt":
         from .tensorrt_backend import TensorRTDecoder
 
@@ -70,9 +78,9 @@ def make_decoder(model: ExportedModel, backend: str = "ort", provider: str = "cp
 
 class Generator:
     def __init__(self, model: ExportedModel | str | Path, provider: str = "cpu", device_id: int = 0,
-                 backend: str = "ort"):
+                 backend: str = "ort", max_batch: int = 8, cuda_graph: bool = False, max_length: int | None = None):
         self.model = model if isinstance(model, ExportedModel) else ExportedModel.load(model)
-        self.decoder = make_decoder(self.model, backend, provider, device_id)
+        self.decoder = make_decoder(self.model, backend, provider, device_id, max_batch, cuda_graph, max_length)
         self._tokenizer = None
         self.last_stats: GenerationStats | None = None
 
@@ -109,7 +117,7 @@ class Generator:
                 f"{limit} positions: shorten the prompt or lower max_new_tokens"
             )
         batch = len(encoded)
-        rng = np.random.default_rng(config.seed)
+        rng = None
         stops = np.array(sorted(set(config.stop_token_ids)), dtype=np.int64)
         pad = self.model.facts.pad_token_id or 0
         cache = self.decoder.new_cache(batch)
@@ -123,7 +131,10 @@ class Generator:
         decode_ms = 0.0  # time inside decode steps only, not sampling or the consumer of the stream
         steps = 0
         while True:
-            tokens = np.where(finished, pad, choose_tokens(logits, config, rng))
+            logits = torch.as_tensor(logits)
+            if rng is None and not config.greedy:
+                rng = config.generator(logits.device)
+            tokens = np.where(finished, pad, choose_tokens(logits, config, rng).cpu().numpy())
             for row in np.flatnonzero(~finished):
                 generated[row].append(int(tokens[row]))
             deltas = []

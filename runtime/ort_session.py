@@ -15,23 +15,37 @@ from .kv_cache import KVCache
 NUMPY_KV = {"float32": np.float32, "float16": np.float16}
 
 
+def make_session(path, provider: str = "cpu", device_id: int = 0, cuda_graph: bool = False) -> ort.InferenceSession:
+    """An ONNX Runtime session on the CPU or on CUDA. On CUDA it runs on torch's current stream, so that work
+    queued by torch (cache writes, sampling) and by ORT is ordered without host synchronisation."""
+    if provider not in ("cpu", "cuda"):
+        raise KvexportError(f"provider '{provider}' is not supported: use cpu or cuda")
+    if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise KvexportError("ONNX Runtime has no CUDA provider here: pip install 'kvexport[gpu]' "
+                            "(onnxruntime-gpu, replacing onnxruntime) on a machine with an NVIDIA GPU")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if provider == "cpu":
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    import torch
+
+    cuda_options = {"device_id": str(device_id),
+                    "user_compute_stream": str(torch.cuda.current_stream(device_id).cuda_stream)}
+    if cuda_graph:
+        cuda_options["enable_cuda_graph"] = "1"
+    return ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", cuda_options)])
+
+
 class OrtDecoder(Decoder):
-    def __init__(self, model: ExportedModel, provider: str = "cpu", device_id: int = 0, threads: int = 0):
-        if provider not in ("cpu", "cuda"):
-            raise KvexportError(f"provider '{provider}' is not supported: use cpu or cuda")
-        if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise KvexportError("ONNX Runtime has no CUDA provider here: pip install 'kvexport[gpu]' "
-                                "(onnxruntime-gpu, replacing onnxruntime) on a machine with an NVIDIA GPU")
+    def __init__(self, model: ExportedModel, provider: str = "cpu", device_id: int = 0):
         self.model, self.provider, self.device_id = model, provider, device_id
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        providers = (["CPUExecutionProvider"] if provider == "cpu"
-                     else [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"])
-        self.session = ort.InferenceSession(str(model.onnx_path), options, providers=providers)
+        self.session = make_session(model.onnx_path, provider, device_id)
         self.kv_dtype = NUMPY_KV[model.dtype]
+
+    def wrap_past(self, tensor):
+        array = tensor.cpu().numpy()
+        return array if self.provider == "cpu" else ort.OrtValue.ortvalue_from_numpy(array, "cuda", self.device_id)
 
     def new_cache(self, batch: int) -> KVCache:
         cache = KVCache(self.model.layout)

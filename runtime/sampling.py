@@ -1,10 +1,13 @@
-"""Next-token choice from logits: greedy, temperature, top-k, top-p, with a seeded generator."""
+"""Next-token choice from logits: greedy, temperature, top-k, top-p, seeded.
+
+Written in torch so that it runs where the logits are: on the GPU, only the chosen token ids leave the device.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
+import torch
 
 
 @dataclass
@@ -26,26 +29,28 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def generator(self, device: torch.device) -> torch.Generator:
+        generator = torch.Generator(device=device)
+        if self.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(self.seed)
+        return generator
 
-def choose_tokens(logits: np.ndarray, config: SamplingConfig, rng: np.random.Generator) -> np.ndarray:
-    """logits [batch, vocab] (float32) -> token ids [batch]."""
+
+def choose_tokens(logits, config: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [batch, vocab] (numpy or torch, any device) -> token ids [batch] on the same device."""
+    logits = torch.as_tensor(logits)
     if config.greedy:
         return logits.argmax(-1)
-    scaled = logits.astype(np.float64) / config.temperature
+    scaled = logits.float() / config.temperature
     if config.top_k and config.top_k < scaled.shape[-1]:
-        kth = np.partition(scaled, -config.top_k, axis=-1)[:, -config.top_k][:, None]
-        scaled = np.where(scaled < kth, -np.inf, scaled)
-    probs = np.exp(scaled - scaled.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+        kth = torch.topk(scaled, config.top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
     if config.top_p < 1.0:
-        order = np.argsort(-probs, axis=-1)
-        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= config.top_p
-        drop = np.zeros_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, axis=-1)
-        probs = np.where(drop, 0.0, probs)
-        probs /= probs.sum(-1, keepdims=True)
-    cumulative = probs.cumsum(-1)
-    draws = rng.random((probs.shape[0], 1))
-    return np.minimum((cumulative < draws).sum(-1), probs.shape[-1] - 1)
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= config.top_p
+        probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), 0.0)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

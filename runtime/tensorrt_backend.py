@@ -39,6 +39,9 @@ class TensorRTDecoder(Decoder):
         self.kv_dtype = TORCH_KV[model.dtype]
         self._placeholder = torch.empty(1, device=self.device)  # an address for zero-size tensors
 
+    def wrap_past(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device, self.kv_dtype).contiguous()
+
     def new_cache(self, batch: int) -> KVCache:
         cache = KVCache(self.model.layout)
         shape = self.model.layout.buffer_shape(batch, 0)

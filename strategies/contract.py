@@ -12,6 +12,7 @@ FORMAT_NAME = "kvexport"
 FORMAT_VERSION = 1
 
 MODEL_FILE = "model.onnx"
+STATIC_MODEL_FILE = "model_static.onnx"  # optional decode-only graph over fixed-size cache buffers
 WEIGHTS_FILE = "model.onnx.data"  # external data, written when the weights are large
 MANIFEST_FILE = "kvexport.json"
 STRATEGY_FILE = "strategy.json"
@@ -25,6 +26,7 @@ LOGITS = "logits"
 
 # Symbolic dimension names used in the graph and in docs/design.md.
 BATCH, SEQUENCE, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+CACHE = "cache_length"  # static decode graph: length of the preallocated buffers; its attention_mask marks valid slots
 
 
 def positions_from_mask(attention_mask):
@@ -47,6 +49,12 @@ def past_name(layer: int, kind: str) -> str:
 def present_name(layer: int, kind: str) -> str:
     """Graph output holding owner `layer`'s keys or values after this step (past + new)."""
     return f"present.{layer}.{kind}"
+
+
+def new_name(layer: int, kind: str) -> str:
+    """Static decode graph output: only this step's keys or values of owner `layer`, [batch, kv_heads, 1, head_dim],
+    which the runtime writes into its cache buffer in place."""
+    return f"new_key_values.{layer}.{kind}"
 
 
 KV_KINDS = ("key", "value")

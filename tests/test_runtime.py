@@ -81,14 +81,20 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_neox, export_cache):
 
 def test_choose_tokens_follows_the_distribution():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], dtype=np.float32)).repeat(20000, axis=0)
-    rng = np.random.default_rng(0)
-    counts = np.bincount(choose_tokens(logits, SamplingConfig(temperature=1.0), rng), minlength=4) / 20000
-    np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.015)
-    nucleus = np.bincount(choose_tokens(logits, SamplingConfig(temperature=1.0, top_p=0.7), rng), minlength=4)
+    rng = torch.Generator().manual_seed(0)
+
+    def counts(config):
+        return np.bincount(choose_tokens(logits, config, rng).numpy(), minlength=4)
+
+    np.testing.assert_allclose(counts(SamplingConfig(temperature=1.0)) / 20000, [0.5, 0.3, 0.15, 0.05], atol=0.015)
+    nucleus = counts(SamplingConfig(temperature=1.0, top_p=0.7))
     assert nucleus[2] == nucleus[3] == 0  # 0.5 + 0.3 reaches 0.7: the tail is cut
     np.testing.assert_allclose(nucleus[:2] / 20000, [0.625, 0.375], atol=0.015)
-    top2 = np.bincount(choose_tokens(logits, SamplingConfig(temperature=1.0, top_k=2), rng), minlength=4)
+    top2 = counts(SamplingConfig(temperature=1.0, top_k=2))
     assert top2[2] == top2[3] == 0
+    hot = counts(SamplingConfig(temperature=2.0)) / 20000  # flatter: p ** (1/2), renormalised
+    expected = np.sqrt([0.5, 0.3, 0.15, 0.05])
+    np.testing.assert_allclose(hot, expected / expected.sum(), atol=0.015)
 
 
 def test_stop_token_ends_a_sequence(tiny_neox, export_cache):

@@ -1,0 +1,262 @@
+"""`kvexport bench`: decode latency and memory per backend x strategy x batch x context.
+
+Each point fills the cache to `context - steps` tokens, then times decode steps (device events on CUDA, after
+warm-up; median and p90). Decode timing does not depend on cache contents, so large points fill the cache
+with random values instead of running a prefill; prefill is timed where batch x context is small enough to
+run it. The floor of a decode step is (weight bytes + cache bytes read) over the measured read bandwidth.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvexport.strategies.atomic import atomic_path, write_text_atomic
+from kvexport.strategies.contract import positions_from_mask
+
+from .exported import ExportedModel
+from .generator import make_decoder
+from .static_cache import StaticCacheDecoder
+
+PREFILL_TOKEN_LIMIT = 32768  # batch x context above which prefill is not timed (attention scores grow as S^2)
+
+
+@dataclass
+class BenchPoint:
+    backend: str
+    strategy: str
+    batch: int
+    context: int
+    prefill_ms: float | None
+    decode_ms_median: float
+    decode_ms_p90: float
+    tokens_per_s: float
+    kv_bytes: int
+    weight_bytes: int
+    peak_device_mib: float | None
+    floor_ms: float | None
+    ratio_to_floor: float | None
+
+
+class Clock:
+    """Milliseconds of device work between two points: CUDA events on the GPU, the host clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def time(self, work: Callable[[], object]) -> float:
+        if not self.cuda:
+            started = time.perf_counter()
+            work()
+            return (time.perf_counter() - started) * 1e3
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        work()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+
+def read_bandwidth(device: torch.device) -> float | None:
+    """Bytes/s one can read: half the rate of a large device-to-device copy (which reads and writes)."""
+    if device.type != "cuda":
+        return None
+    source = torch.empty(1 << 28, dtype=torch.float32, device=device).normal_()
+    target = torch.empty_like(source)
+    clock = Clock(device)
+    for _ in range(3):
+        target.copy_(source)
+    ms = statistics.median(clock.time(lambda: target.copy_(source)) for _ in range(20))
+    return source.nbytes * 2 / (ms / 1e3) / 2
+
+
+def peak_mib(device: torch.device) -> float | None:
+    """Peak device memory of this point: torch's allocations (cache buffers, inputs) plus what ONNX Runtime's
+    arena holds, read as device memory in use; the torch peak counter is reset for the next point."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    free, total = torch.cuda.mem_get_info(device)
+    in_use = (total - free) - torch.cuda.memory_reserved(device) + torch.cuda.max_memory_reserved(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return in_use / 2**20
+
+
+def time_decoder(decoder, batch: int, context: int, steps: int, warmup: int, device: torch.device,
+                 vocab: int) -> tuple[float | None, list[float]]:
+    rng = torch.Generator(device=device).manual_seed(0)
+    clock = Clock(device)
+    prefill_ms = None
+    start = context - steps - warmup
+    if batch * start <= PREFILL_TOKEN_LIMIT:
+        ids = np.random.default_rng(0).integers(0, vocab, (batch, start), dtype=np.int64)
+        mask = np.ones_like(ids)
+        prefill_cache = decoder.new_cache(batch)
+        prefill_ms = clock.time(lambda: decoder.forward(ids, mask, positions_from_mask(mask), prefill_cache))
+    cache = decoder.random_cache(batch, start, rng)
+    token = np.zeros((batch, 1), dtype=np.int64)
+    times = []
+    for step in range(warmup + steps):
+        length = cache.length + 1
+        mask = np.ones((batch, length), dtype=np.int64)
+        positions = np.full((batch, 1), length - 1, dtype=np.int64)
+        ms = clock.time(lambda: decoder.step(token, mask, positions, cache))
+        if step >= warmup:
+            times.append(ms)
+    return prefill_ms, times
+
+
+def time_hf(model_dir: Path, batch: int, context: int, steps: int, warmup: int, device: torch.device,
+            dtype: torch.dtype) -> tuple[float | None, list[float]]:
+    """The baseline: Hugging Face transformers, eager attention, a manual decode loop with its cache."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").to(device, dtype).eval()
+    clock = Clock(device)
+    start = context - steps - warmup
+    ids = torch.randint(0, model.config.vocab_size, (batch, start), device=device)
+    with torch.no_grad():
+        out = {}
+        prefill_ms = clock.time(lambda: out.setdefault("o", model(input_ids=ids, use_cache=True)))
+        past = out["o"].past_key_values
+        token = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        times = []
+        for step in range(warmup + steps):
+            result = {}
+            ms = clock.time(lambda: result.setdefault("o", model(input_ids=token, past_key_values=past, use_cache=True)))
+            past = result["o"].past_key_values
+            if step >= warmup:
+                times.append(ms)
+    return (prefill_ms if batch * start <= PREFILL_TOKEN_LIMIT else None), times
+
+
+@dataclass
+class BenchSettings:
+    backends: tuple[str, ...]
+    batches: tuple[int, ...]
+    contexts: tuple[int, ...]
+    provider: str = "cpu"
+    steps: int = 16
+    warmup: int = 4
+    cuda_graph: bool = False
+    memory_budget_gib: float = 16.0
+
+
+def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchSettings,
+              progress: Callable[[str], None] = lambda _: None) -> dict:
+    device = torch.device("cuda", 0) if settings.provider == "cuda" else torch.device("cpu")
+    bandwidth = read_bandwidth(device)
+    points: list[BenchPoint] = []
+    for strategy, directory in exports.items():
+        model = ExportedModel.load(directory)
+        weight_bytes = model.manifest["weight_bytes"]
+        for backend in settings.backends:
+            if backend == "hf" and (strategy != "none" or model_dir is None):
+                continue  # transformers cannot share a cache: it is the baseline for `none` only
+            for context in settings.contexts:
+                # One decoder per context: the static cache buffers are sized to it, read whole every step.
+                decoder = None if backend == "hf" else make_decoder(
+                    model, backend, settings.provider, 0, max(settings.batches), settings.cuda_graph, context)
+                for batch in settings.batches:
+                    progress(f"{backend} {strategy} batch {batch} context {context}")
+                    if backend == "hf":
+                        dtype = torch.float16 if model.dtype == "float16" else torch.float32
+                        prefill, times = time_hf(model_dir, batch, context, settings.steps, settings.warmup,
+                                                 device, dtype)
+                    else:
+                        prefill, times = time_decoder(decoder, batch, context, settings.steps, settings.warmup,
+                                                      device, model.facts.vocab_size)
+                    median = statistics.median(times)
+                    kv_bytes = model.layout.bytes_per_token() * batch * context
+                    floor = (weight_bytes + kv_bytes) / bandwidth * 1e3 if bandwidth else None
+                    points.append(BenchPoint(
+                        backend=backend, strategy=strategy, batch=batch, context=context, prefill_ms=prefill,
+                        decode_ms_median=median, decode_ms_p90=float(np.percentile(times, 90)),
+                        tokens_per_s=batch / (median / 1e3), kv_bytes=kv_bytes, weight_bytes=weight_bytes,
+                        peak_device_mib=peak_mib(device), floor_ms=floor,
+                        ratio_to_floor=median / floor if floor else None))
+                del decoder
+                gc.collect()  # releases the sessions' device arenas before the next point
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    budget = settings.memory_budget_gib * 2**30
+    capacity = {}
+    for strategy, directory in exports.items():
+        model = ExportedModel.load(directory)
+        per_sequence = {ctx: model.layout.bytes_per_token() * ctx for ctx in settings.contexts}
+        capacity[strategy] = {ctx: int((budget - model.manifest["weight_bytes"]) // per_sequence[ctx])
+                              for ctx in settings.contexts}
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "read_bandwidth_gb_s": bandwidth / 1e9 if bandwidth else None,
+            "settings": asdict(settings), "points": [asdict(p) for p in points],
+            "max_batch_in_budget": capacity}
+
+
+def table(report: dict) -> str:
+    lines = ["| backend | strategy | batch | context | prefill ms | decode ms (median) | p90 | tokens/s | KV MiB | "
+             "floor ms | measured/floor |", "|" + "---|" * 11]
+    for p in report["points"]:
+        fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
+        lines.append(f"| {p['backend']} | {p['strategy']} | {p['batch']} | {p['context']} | {fmt(p['prefill_ms'])} | "
+                     f"{p['decode_ms_median']:.3f} | {p['decode_ms_p90']:.3f} | {p['tokens_per_s']:.0f} | "
+                     f"{p['kv_bytes'] / 2**20:.1f} | {fmt(p['floor_ms'], '{:.3f}')} | {fmt(p['ratio_to_floor'])} |")
+    lines += ["", f"Max batch in a {report['settings']['memory_budget_gib']} GiB budget (weights + owner-only KV cache, "
+              "computed from the cache layout):", "", "| strategy | " + " | ".join(
+                  f"context {c}" for c in report["settings"]["contexts"]) + " |",
+              "|---|" + "---|" * len(report["settings"]["contexts"])]
+    for strategy, by_context in report["max_batch_in_budget"].items():
+        lines.append(f"| {strategy} | " + " | ".join(str(v) for v in by_context.values()) + " |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, output: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points, paths = report["points"], []
+    largest = max(p["batch"] for p in points)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in sorted({(p["backend"], p["strategy"]) for p in points}):
+        line = sorted((p["context"], p["decode_ms_median"]) for p in points
+                      if (p["backend"], p["strategy"]) == key and p["batch"] == largest)
+        ax.plot(*zip(*line), marker="o", label=f"{key[0]} / {key[1]}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)"), ax.set_ylabel("decode ms / step (median)")
+    ax.set_title(f"decode latency vs context, batch {largest} ({report['device']})"), ax.legend(), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(output / "bench_latency.png") as partial:
+        fig.savefig(partial, format="png", dpi=100)
+    paths.append(output / "bench_latency.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    context = max(report["settings"]["contexts"])
+    for strategy in sorted({p["strategy"] for p in points}):
+        sample = next(p for p in points if p["strategy"] == strategy)
+        batches = sorted({p["batch"] for p in points})
+        per_token = sample["kv_bytes"] / (sample["batch"] * sample["context"])
+        ax.plot(batches, [(sample["weight_bytes"] + per_token * b * context) / 2**30 for b in batches], marker="o",
+                label=f"{strategy}: weights + KV")
+    ax.set_xlabel("batch"), ax.set_ylabel(f"GiB at context {context}"), ax.legend(), ax.grid(alpha=0.3)
+    ax.set_title("memory vs batch per strategy")
+    fig.tight_layout()
+    with atomic_path(output / "bench_memory.png") as partial:
+        fig.savefig(partial, format="png", dpi=100)
+    plt.close(fig)
+    return [*paths, output / "bench_memory.png"]
+
+
+def write_report(report: dict, output: Path) -> list[Path]:
+    output.mkdir(parents=True, exist_ok=True)
+    return [write_text_atomic(output / "bench.json", json.dumps(report, indent=2)),
+            write_text_atomic(output / "bench.md", table(report) + "\n"), *plot(report, output)]

@@ -1,0 +1,144 @@
+"""Decoding over preallocated owner-only cache buffers, updated in place: no per-step allocation or cache copy.
+
+All owners' K and V live in one tensor [2 * owners, max_batch, kv_heads, max_length, head_dim], allocated once.
+Prefill runs the dynamic graph and writes the prompt's K/V into the buffers once. Each decode step runs the
+static decode graph (model_static.onnx) over the whole buffers, with every input and output bound to a fixed
+address, so ONNX Runtime can capture the step as a CUDA graph and replay it; the step's new K/V come out
+separately and one small copy writes them into the buffers at the current slot. Logits stay on the device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from kvexport.strategies import KvexportError
+from kvexport.strategies import contract as c
+
+from .decoder import Decoder
+from .exported import ExportedModel
+from .kv_cache import KVCache
+from .ort_session import make_session
+
+TORCH_KV = {"float32": torch.float32, "float16": torch.float16}
+
+
+def bind(binding: ort.IOBinding, name: str, tensor: torch.Tensor, output: bool = False) -> None:
+    """Bind a contiguous torch tensor by address (no copy)."""
+    assert tensor.is_contiguous(), name
+    device = "cuda" if tensor.is_cuda else "cpu"
+    method = binding.bind_output if output else binding.bind_input
+    method(name, device, tensor.device.index or 0, _numpy_dtype(tensor.dtype), tuple(tensor.shape), tensor.data_ptr())
+
+
+def _numpy_dtype(dtype: torch.dtype):
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[dtype]
+
+
+class StaticKVCache(KVCache):
+    """A view of `batch` rows of the decoder's buffers; `values` name the views the graphs read."""
+
+    def __init__(self, decoder: StaticCacheDecoder, batch: int):
+        super().__init__(decoder.model.layout)
+        self.storage = decoder.storage[:, :batch]  # [2 * owners, batch, kv_heads, max_length, head_dim]
+        views = {past: self.storage[j] for j, (past, _) in enumerate(decoder.model.layout.names())}
+        self.reset(batch, views)
+
+
+class StaticCacheDecoder(Decoder):
+    def __init__(self, model: ExportedModel, provider: str = "cpu", device_id: int = 0, max_batch: int = 8,
+                 cuda_graph: bool = False, max_length: int | None = None):
+        static = model.manifest["files"].get("static_decode")
+        if not static:
+            raise KvexportError(f"{model.directory} has no static decode graph: export with --static")
+        if cuda_graph and provider != "cuda":
+            raise KvexportError("CUDA graphs need the cuda provider")
+        self.model, self.max_batch = model, max_batch
+        self.max_length = max_length or model.facts.max_positions
+        self.device = torch.device("cuda", device_id) if provider == "cuda" else torch.device("cpu")
+        self.prefill_session = make_session(model.onnx_path, provider, device_id)
+        self.decode_session = make_session(model.directory / static, provider, device_id, cuda_graph)
+        layout, owners_kv = model.layout, len(model.layout.names())
+        self.kv_dtype = TORCH_KV[model.dtype]
+        self.storage = torch.zeros((owners_kv, max_batch, layout.num_kv_heads, self.max_length, layout.head_dim),
+                                   dtype=self.kv_dtype, device=self.device)
+        self.new_kv = torch.zeros((owners_kv, max_batch, layout.num_kv_heads, 1, layout.head_dim),
+                                  dtype=self.kv_dtype, device=self.device)
+        # Decode inputs and outputs at fixed addresses; the mask marks written slots (the new token always counts).
+        self.input_ids = torch.zeros((max_batch, 1), dtype=torch.int64, device=self.device)
+        self.position_ids = torch.zeros((max_batch, 1), dtype=torch.int64, device=self.device)
+        self.mask = torch.zeros((max_batch, self.max_length), dtype=torch.int64, device=self.device)
+        self.logits = torch.zeros((max_batch, 1, model.facts.vocab_size), dtype=torch.float32, device=self.device)
+        self._bindings: dict[int, ort.IOBinding] = {}
+
+    def new_cache(self, batch: int) -> StaticKVCache:
+        if batch > self.max_batch:
+            raise KvexportError(f"batch {batch} exceeds the decoder's max_batch {self.max_batch}")
+        self.mask[:batch].zero_()
+        return StaticKVCache(self, batch)
+
+    def wrap_past(self, tensor: torch.Tensor):
+        raise NotImplementedError("the static cache is filled in place, see random_cache")
+
+    def random_cache(self, batch: int, length: int, generator: torch.Generator) -> StaticKVCache:
+        cache = self.new_cache(batch)
+        cache.storage[:, :, :, :length].normal_(generator=generator)
+        self.mask[:batch, :length] = 1
+        cache.length = length
+        return cache
+
+    def _decode_binding(self, batch: int) -> ort.IOBinding:
+        """One binding per batch size, made once: the addresses never change, as CUDA graph replay needs."""
+        if batch not in self._bindings:
+            binding = self.decode_session.io_binding()
+            for name, tensor in ((c.INPUT_IDS, self.input_ids), (c.POSITION_IDS, self.position_ids),
+                                 (c.ATTENTION_MASK, self.mask)):
+                bind(binding, name, tensor[:batch])
+            for j, (past, _) in enumerate(self.model.layout.names()):
+                layer, kind = int(past.split(".")[1]), past.split(".")[2]
+                bind(binding, past, self.storage[j, :batch])
+                bind(binding, c.new_name(layer, kind), self.new_kv[j, :batch], output=True)
+            bind(binding, c.LOGITS, self.logits[:batch], output=True)
+            self._bindings[batch] = binding
+        return self._bindings[batch]
+
+    def forward(self, input_ids, attention_mask, position_ids, cache: StaticKVCache) -> torch.Tensor:
+        batch, seq = input_ids.shape
+        if cache.length + seq > self.max_length:
+            raise KvexportError(f"the static cache holds {self.max_length} tokens; this step needs "
+                                f"{cache.length + seq}: create the decoder with a larger max_length")
+        if cache.length == 0:
+            return self._prefill(input_ids, attention_mask, position_ids, cache)
+        if seq != 1:
+            raise KvexportError("the static decode graph takes one token per step")
+        self.input_ids[:batch].copy_(torch.as_tensor(input_ids))
+        self.position_ids[:batch].copy_(torch.as_tensor(position_ids))
+        self.decode_session.run_with_iobinding(self._decode_binding(batch))
+        slot = cache.length
+        cache.storage[:, :, :, slot].copy_(self.new_kv[:, :batch, :, 0])  # the one write per step
+        self.mask[:batch, slot] = 1
+        cache.length += 1
+        return self.logits[:batch]
+
+    def _prefill(self, input_ids, attention_mask, position_ids, cache: StaticKVCache) -> torch.Tensor:
+        batch, seq = input_ids.shape
+        layout = self.model.layout
+        binding = self.prefill_session.io_binding()
+        inputs = {c.INPUT_IDS: input_ids, c.ATTENTION_MASK: attention_mask, c.POSITION_IDS: position_ids}
+        inputs = {name: torch.as_tensor(array).to(self.device).contiguous() for name, array in inputs.items()}
+        empty = torch.zeros(layout.buffer_shape(batch, 0), dtype=self.kv_dtype, device=self.device)
+        presents = torch.empty((len(layout.names()), *layout.buffer_shape(batch, seq)), dtype=self.kv_dtype,
+                               device=self.device)
+        logits = torch.empty((batch, seq, self.model.facts.vocab_size), dtype=torch.float32, device=self.device)
+        for name, tensor in inputs.items():
+            bind(binding, name, tensor)
+        for j, (past, present) in enumerate(layout.names()):
+            bind(binding, past, empty)
+            bind(binding, present, presents[j], output=True)
+        bind(binding, c.LOGITS, logits, output=True)
+        self.prefill_session.run_with_iobinding(binding)
+        cache.storage[:, :, :, :seq].copy_(presents)
+        self.mask[:batch, :seq].copy_(inputs[c.ATTENTION_MASK])
+        cache.length = seq
+        return logits

@@ -1,0 +1,84 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kvexport.exporter import export
+from kvexport.runtime import ExportedModel, Generator, OrtDecoder, SamplingConfig
+from kvexport.runtime.static_cache import StaticCacheDecoder
+from kvexport.strategies import KvexportError
+from kvexport.strategies.contract import positions_from_mask
+
+PROMPTS = [[417, 1203, 33, 998, 4000, 12], [7, 8, 9]]
+
+
+@pytest.fixture(scope="module", params=["tiny_neox", "tiny_llama"])
+def static_export(request, tmp_path_factory):
+    model_dir = request.getfixturevalue(request.param)
+    out = tmp_path_factory.mktemp("static") / "export"
+    return export(str(model_dir), "every:2", out, static=True, log=lambda _: None).directory
+
+
+def test_static_graph_is_validated_at_export(static_export):
+    manifest = json.loads((static_export / "kvexport.json").read_text())
+    assert manifest["files"]["static_decode"] == "model_static.onnx"
+    static_steps = [s for s in manifest["validation"]["steps"] if s["kind"] == "static decode"]
+    assert len(static_steps) == 3 and max(s["relative"] for s in static_steps) < 1e-5
+
+
+def test_static_decode_gives_the_dynamic_graphs_logits(static_export):
+    model = ExportedModel.load(static_export)
+    dynamic, static = OrtDecoder(model), StaticCacheDecoder(model, max_batch=4, max_length=32)
+    ids = np.array([[0, 0, 0] + PROMPTS[1], PROMPTS[0]], dtype=np.int64)
+    mask = (np.arange(6)[None] >= np.array([[3], [0]])).astype(np.int64)
+    caches = dynamic.new_cache(2), static.new_cache(2)
+    for _ in range(6):
+        positions = positions_from_mask(mask)[:, -ids.shape[1]:]
+        expected = dynamic.step(ids, mask, positions, caches[0])
+        actual = static.step(ids, mask, positions, caches[1]).numpy()
+        np.testing.assert_allclose(actual, expected, atol=2e-5, rtol=1e-4)
+        ids = expected.argmax(-1)[:, None]
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+
+
+def test_buffers_are_allocated_once_and_updated_in_place(static_export):
+    model = ExportedModel.load(static_export)
+    decoder = StaticCacheDecoder(model, max_batch=2, max_length=32)
+    addresses = (decoder.storage.data_ptr(), decoder.logits.data_ptr(), decoder.new_kv.data_ptr())
+    cache = decoder.new_cache(2)
+    views = {name: view.data_ptr() for name, view in cache.values.items()}
+    generator = Generator(model, backend="ort-static", max_batch=2)
+    generator.decoder = decoder
+    before = decoder.storage.clone()
+    result = generator.generate(PROMPTS, SamplingConfig(max_new_tokens=6))
+    assert (decoder.storage.data_ptr(), decoder.logits.data_ptr(), decoder.new_kv.data_ptr()) == addresses
+    second = decoder.new_cache(2)
+    assert {name: view.data_ptr() for name, view in second.values.items()} == views
+    assert len(decoder._bindings) == 1  # one persistent binding for batch 2, reused by every step
+    written = (decoder.storage != before).any(dim=(0, 1, 2, 4))  # which slots were written
+    assert written[: 6 + 5].all() and not written[6 + 5:].any()  # prompt + 5 decode steps, nothing else
+    assert result.token_ids == Generator(model).generate(PROMPTS, SamplingConfig(max_new_tokens=6)).token_ids
+
+
+def test_static_cache_limits_are_clear_errors(static_export, tiny_neox, tmp_path):
+    model = ExportedModel.load(static_export)
+    decoder = StaticCacheDecoder(model, max_batch=2, max_length=32)
+    with pytest.raises(KvexportError, match="exceeds the decoder's max_batch 2"):
+        decoder.new_cache(3)
+    cache = decoder.new_cache(1)
+    too_long = np.ones((1, 33), dtype=np.int64)
+    with pytest.raises(KvexportError, match="holds 32 tokens"):
+        decoder.step(too_long, too_long, positions_from_mask(too_long), cache)
+    with pytest.raises(KvexportError, match="CUDA graphs need the cuda provider"):
+        StaticCacheDecoder(model, cuda_graph=True)
+    plain = export(str(tiny_neox), "none", tmp_path / "plain", log=lambda _: None).directory
+    with pytest.raises(KvexportError, match="export with --static"):
+        StaticCacheDecoder(ExportedModel.load(plain))
+
+
+def test_on_device_sampling_returns_a_tensor(static_export):
+    decoder = StaticCacheDecoder(ExportedModel.load(static_export), max_batch=1, max_length=32)
+    ids = np.array([PROMPTS[0]])
+    logits = decoder.step(ids, np.ones_like(ids), positions_from_mask(np.ones_like(ids)), decoder.new_cache(1))
+    assert isinstance(logits, torch.Tensor) and logits.shape == (1, 8192)
