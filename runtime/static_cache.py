@@ -71,6 +71,8 @@ class StaticCacheDecoder(Decoder):
         self.mask = torch.zeros((max_batch, self.max_length), dtype=torch.int64, device=self.device)
         self.logits = torch.zeros((max_batch, 1, model.facts.vocab_size), dtype=torch.float32, device=self.device)
         self._bindings: dict[int, ort.IOBinding] = {}
+        self._run_options: dict[int, ort.RunOptions] = {}
+        self.cuda_graph = cuda_graph
 
     def new_cache(self, batch: int) -> StaticKVCache:
         if batch > self.max_batch:
@@ -101,6 +103,10 @@ class StaticCacheDecoder(Decoder):
                 bind(binding, c.new_name(layer, kind), self.new_kv[j, :batch], output=True)
             bind(binding, c.LOGITS, self.logits[:batch], output=True)
             self._bindings[batch] = binding
+            options = ort.RunOptions()
+            if self.cuda_graph:  # ORT keeps one captured graph per id: one per batch size (shapes differ)
+                options.add_run_config_entry("gpu_graph_id", str(batch))
+            self._run_options[batch] = options
         return self._bindings[batch]
 
     def forward(self, input_ids, attention_mask, position_ids, cache: StaticKVCache) -> torch.Tensor:
@@ -114,7 +120,7 @@ class StaticCacheDecoder(Decoder):
             raise KvexportError("the static decode graph takes one token per step")
         self.input_ids[:batch].copy_(torch.as_tensor(input_ids))
         self.position_ids[:batch].copy_(torch.as_tensor(position_ids))
-        self.decode_session.run_with_iobinding(self._decode_binding(batch))
+        self.decode_session.run_with_iobinding(self._decode_binding(batch), self._run_options[batch])
         slot = cache.length
         cache.storage[:, :, :, slot].copy_(self.new_kv[:, :batch, :, 0])  # the one write per step
         self.mask[:batch, slot] = 1
