@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kvexport.runtime import ExportedModel
-from kvexport.runtime.tensorrt_support import import_tensorrt, logger
+from kvexport.runtime.tensorrt_support import import_tensorrt, logger, version
 from kvexport.strategies import CacheLayout, KvexportError
 from kvexport.strategies import contract as c
 from kvexport.strategies.atomic import atomic_path, write_text_atomic
@@ -158,8 +158,8 @@ def build_engine(directory: str | Path, options: BuildOptions, log=print) -> Bui
     model = ExportedModel.load(directory)
     options.check(model)
     trt = import_tensorrt()
-    flavour = f"{trt.__name__} {trt.__version__}"
-    wanted = engine_key(model, options, trt.__version__, compute_capability())
+    flavour = f"{trt.__name__} {version(trt)}"
+    wanted = engine_key(model, options, version(trt), compute_capability())
     engine_path, info_path = model.directory / c.ENGINE_FILE, model.directory / c.ENGINE_INFO_FILE
     existing = json.loads(info_path.read_text()) if info_path.is_file() and engine_path.is_file() else None
     reason = rebuild_reason(existing, wanted)

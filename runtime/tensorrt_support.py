@@ -29,3 +29,17 @@ def import_tensorrt(preferred: tuple[str, ...] = MODULES) -> ModuleType:
 
 def logger(trt: ModuleType):
     return trt.Logger(trt.Logger.WARNING)
+
+
+def version(trt: ModuleType) -> str:
+    """TensorRT's version; tensorrt_rtx's bindings carry none, so its distribution's version, else 'unknown'."""
+    if getattr(trt, "__version__", None):
+        return trt.__version__
+    from importlib import metadata
+
+    for distribution in ("tensorrt-rtx-cu13-bindings", "tensorrt-rtx-cu12-bindings", "tensorrt-rtx"):
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"

@@ -1,0 +1,55 @@
+"""Where a decode step's time goes on the GPU (docs/results.md): kernels per step, their summed device time
+against the step's wall time, and the heaviest kernels, for the ort-static backend.
+
+    python samples/profile_decode.py EXPORT_DIR [EXPORT_DIR ...]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from kvexport.runtime import ExportedModel
+from kvexport.runtime.static_cache import StaticCacheDecoder
+
+STEPS = 5
+
+
+def profile_point(directory: str, batch: int, context: int) -> None:
+    decoder = StaticCacheDecoder(ExportedModel.load(directory), "cuda", max_batch=batch, max_length=context)
+    cache = decoder.random_cache(batch, context - STEPS - 3, torch.Generator("cuda").manual_seed(0))
+    token = np.zeros((batch, 1), dtype=np.int64)
+    mask = np.ones((batch, 1), dtype=np.int64)
+
+    def step():
+        decoder.step(token, mask, np.full((batch, 1), cache.length, dtype=np.int64), cache)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
+        for _ in range(STEPS):
+            step()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - started) * 1e3 / STEPS
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_ms = sum(e.device_time for e in kernels) / 1e3 / STEPS
+    by_name = Counter()
+    for e in kernels:
+        by_name[e.name[:70]] += e.device_time / STEPS
+    print(f"{directory} batch {batch} context {context}: {len(kernels) / STEPS:.0f} kernels/step, "
+          f"device busy {busy_ms:.3f} ms of {wall_ms:.3f} ms wall per step")
+    for name, us in by_name.most_common(6):
+        print(f"    {us / 1e3:7.3f} ms  {name}")
+
+
+if __name__ == "__main__":
+    for export_dir in sys.argv[1:]:
+        for batch, context in ((1, 128), (64, 2048)):
+            profile_point(export_dir, batch, context)
