@@ -169,24 +169,24 @@ class DecoderGraph:
     def attend_static(self, q: str, past_keys: str, past_values: str, new_key: str, new_value: str, bias: str) -> str:
         """One query over the cache buffers plus the new token, without concatenating (copying) the cache.
 
-        The softmax over [past, new] is computed piecewise in float32 (shared max, exponentials, one sum), so
-        the graph needs no Split or Concat at the cache length and no shape arithmetic: the buffer length stays
-        symbolic and every node can run inside a CUDA graph. Query heads are grouped per K/V head
-        ([batch, kv_heads, groups, head_dim]), so GQA never expands K/V.
+        Only the scores, [batch, kv_heads, groups, cache + 1], are concatenated; after the softmax they are cut
+        apart with constant negative-index slices. No shape arithmetic is needed, so the buffer length stays
+        symbolic and every node can run inside a CUDA graph. Query heads are grouped per K/V head, so GQA
+        never expands K/V.
         """
         g, d = self.g, self.d
-        f32 = TensorProto.FLOAT
         grouped = g.op("Reshape", g.op("Mul", q, g.const(d.head_dim**-0.5, NUMPY_TYPES[self.dtype])),
                        g.const([0, d.num_kv_heads, -1, d.head_dim]))
-        past_scores = g.op("Add", g.op("Cast", g.op("MatMul", grouped, g.op("Transpose", past_keys, perm=[0, 1, 3, 2])),
-                                       to=f32), bias)
-        new_scores = g.op("Cast", g.op("ReduceSum", g.op("Mul", grouped, new_key), g.const([-1]), keepdims=1), to=f32)
-        peak = g.op("Max", g.op("ReduceMax", past_scores, axes=[-1], keepdims=1), new_scores)
-        past_weights = g.op("Exp", g.op("Sub", past_scores, peak))
-        new_weights = g.op("Exp", g.op("Sub", new_scores, peak))
-        total = g.op("Add", g.op("ReduceSum", past_weights, g.const([-1]), keepdims=1), new_weights)
-        past_probs, new_probs = (g.op("Cast", g.op("Div", w, total), to=ONNX_TYPES[self.dtype])
-                                 for w in (past_weights, new_weights))
+        past_scores = g.op("MatMul", grouped, g.op("Transpose", past_keys, perm=[0, 1, 3, 2]))
+        new_scores = g.op("ReduceSum", g.op("Mul", grouped, new_key), g.const([-1]), keepdims=1)
+        if self.dtype != "float32":
+            past_scores, new_scores = (g.op("Cast", t, to=TensorProto.FLOAT) for t in (past_scores, new_scores))
+        probs = g.op("Softmax", g.op("Concat", g.op("Add", past_scores, bias), new_scores, axis=-1), axis=-1)
+        if self.dtype != "float32":
+            probs = g.op("Cast", probs, to=ONNX_TYPES[self.dtype])
+        last = g.const([-1])
+        past_probs = g.op("Slice", probs, g.const([0]), last, last)
+        new_probs = g.op("Slice", probs, last, g.const([np.iinfo(np.int64).max]), last)
         context = g.op("Add", g.op("MatMul", past_probs, past_values), g.op("Mul", new_probs, new_value))
         return g.op("Reshape", context, g.const([0, 1, d.num_heads * d.head_dim]))
 

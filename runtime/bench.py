@@ -4,6 +4,8 @@ Each point fills the cache to `context - steps` tokens, then times decode steps 
 warm-up; median and p90). Decode timing does not depend on cache contents, so large points fill the cache
 with random values instead of running a prefill; prefill is timed where batch x context is small enough to
 run it. The floor of a decode step is (weight bytes + cache bytes read) over the measured read bandwidth.
+Every layer reads one cache per step, its own or its owner's, so sharing halves the cache held but not the
+cache read: the floor counts a full cache read whatever the strategy.
 """
 
 from __future__ import annotations
@@ -176,7 +178,8 @@ def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchS
                                                       device, model.facts.vocab_size)
                     median = statistics.median(times)
                     kv_bytes = model.layout.bytes_per_token() * batch * context
-                    floor = (weight_bytes + kv_bytes) / bandwidth * 1e3 if bandwidth else None
+                    read_bytes = weight_bytes + model.layout.full_bytes_per_token * batch * context
+                    floor = read_bytes / bandwidth * 1e3 if bandwidth else None
                     points.append(BenchPoint(
                         backend=backend, strategy=strategy, batch=batch, context=context, prefill_ms=prefill,
                         decode_ms_median=median, decode_ms_p90=float(np.percentile(times, 90)),
