@@ -1,9 +1,9 @@
 """Rewrite a Hugging Face decoder so shared layers attend over their owner's K/V, and emit ONNX for it."""
 
-from .pipeline import ExportResult, export
 from .loading import ALIASES, DEFAULT_MODEL, LoadedModel, load_model, resolve_model
 from .models import DecoderDescription, UnsupportedModelError, describe
 from .onnx_graph import build_decoder, cache_layout
+from .pipeline import ExportResult, export
 from .reference import ReferenceDecoder
 from .validate import ValidationReport, validate_export
 

@@ -7,18 +7,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from kvexport.strategies import KvexportError, Strategy, no_sharing
 
-from .loading import ALIASES, REPO_ROOT, LoadedModel
+from .loading import DEFAULT_MODEL, LoadedModel, resolve_model
 from .models import describe
 from .reference import ReferenceDecoder
 
-DEFAULT_TEXT = REPO_ROOT / ALIASES["tiny-neox"] / "heldout.txt"
-
 
 def read_text(path: str | Path | None) -> str:
-    file = Path(path) if path else DEFAULT_TEXT
+    """A text file, or by default the held-out text shipped with the default model."""
+    file = Path(path) if path else resolve_model(DEFAULT_MODEL)[1] / "heldout.txt"
     if not file.is_file():
         raise KvexportError(f"text file {file} does not exist: pass --calib/--text with a UTF-8 text file")
     return file.read_text(encoding="utf-8")

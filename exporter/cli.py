@@ -143,9 +143,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from kvexport.runtime.bench import BenchSettings, run_bench, table, write_report
+    from tqdm import tqdm
 
     from .loading import load_model
     from .pipeline import export
@@ -158,6 +157,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         exports[name] = export(loaded, make_strategy(spec, loaded.config.num_hidden_layers, loaded.reference),
                                output / "exports" / name, dtype=args.dtype, static="ort-static" in args.backends,
                                log=lambda line: print(line, file=sys.stderr)).directory
+    if "tensorrt" in args.backends:
+        from .tensorrt_build import BuildOptions, build_engine
+
+        if args.provider != "cuda":
+            raise KvexportError("the tensorrt backend needs --provider cuda")
+        precision = {"float16": "fp16", "float32": "fp32"}[args.dtype]
+        for directory in exports.values():
+            build_engine(directory, BuildOptions(precision, max(args.batch), max(args.context)),
+                         log=lambda line: print(line, file=sys.stderr))
     settings = BenchSettings(backends=tuple(args.backends), batches=tuple(args.batch), contexts=tuple(args.context),
                              provider=args.provider, steps=args.steps, warmup=args.warmup,
                              cuda_graph=args.cuda_graph, memory_budget_gib=args.memory_budget_gib)

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-
 from kvexport.strategies import KvexportError, Strategy
 from kvexport.strategies import contract as c
 

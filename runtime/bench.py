@@ -20,13 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from kvexport.strategies.atomic import atomic_path, write_text_atomic
 from kvexport.strategies.contract import positions_from_mask
 
 from .exported import ExportedModel
 from .generator import make_decoder
-from .static_cache import StaticCacheDecoder
 
 PREFILL_TOKEN_LIMIT = 32768  # batch x context above which prefill is not timed (attention scores grow as S^2)
 
@@ -43,7 +41,7 @@ class BenchPoint:
     tokens_per_s: float
     kv_bytes: int
     weight_bytes: int
-    peak_device_mib: float | None
+    peak_device_mib: float | None  # device memory this point added (decoder, buffers, arenas) over the baseline
     floor_ms: float | None
     ratio_to_floor: float | None
 
@@ -54,17 +52,18 @@ class Clock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
 
-    def time(self, work: Callable[[], object]) -> float:
+    def time(self, work: Callable, *args) -> tuple[float, object]:
+        """(milliseconds, result) of work(*args)."""
         if not self.cuda:
             started = time.perf_counter()
-            work()
-            return (time.perf_counter() - started) * 1e3
+            result = work(*args)
+            return (time.perf_counter() - started) * 1e3, result
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        work()
+        result = work(*args)
         end.record()
         end.synchronize()
-        return start.elapsed_time(end)
+        return start.elapsed_time(end), result
 
 
 def read_bandwidth(device: torch.device) -> float | None:
@@ -76,13 +75,15 @@ def read_bandwidth(device: torch.device) -> float | None:
     clock = Clock(device)
     for _ in range(3):
         target.copy_(source)
-    ms = statistics.median(clock.time(lambda: target.copy_(source)) for _ in range(20))
+    ms = statistics.median(clock.time(target.copy_, source)[0] for _ in range(20))
     return source.nbytes * 2 / (ms / 1e3) / 2
 
 
-def peak_mib(device: torch.device) -> float | None:
-    """Peak device memory of this point: torch's allocations (cache buffers, inputs) plus what ONNX Runtime's
-    arena holds, read as device memory in use; the torch peak counter is reset for the next point."""
+def device_in_use_mib(device: torch.device) -> float | None:
+    """Device memory in use by everything (torch's peak reservation, ONNX Runtime's arenas, the CUDA context).
+
+    The torch peak counter is reset, so the next reading covers the next point only.
+    """
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
@@ -102,7 +103,7 @@ def time_decoder(decoder, batch: int, context: int, steps: int, warmup: int, dev
         ids = np.random.default_rng(0).integers(0, vocab, (batch, start), dtype=np.int64)
         mask = np.ones_like(ids)
         prefill_cache = decoder.new_cache(batch)
-        prefill_ms = clock.time(lambda: decoder.forward(ids, mask, positions_from_mask(mask), prefill_cache))
+        prefill_ms, _ = clock.time(decoder.forward, ids, mask, positions_from_mask(mask), prefill_cache)
     cache = decoder.random_cache(batch, start, rng)
     token = np.zeros((batch, 1), dtype=np.int64)
     times = []
@@ -110,10 +111,14 @@ def time_decoder(decoder, batch: int, context: int, steps: int, warmup: int, dev
         length = cache.length + 1
         mask = np.ones((batch, length), dtype=np.int64)
         positions = np.full((batch, 1), length - 1, dtype=np.int64)
-        ms = clock.time(lambda: decoder.step(token, mask, positions, cache))
+        ms, _ = clock.time(decoder.step, token, mask, positions, cache)
         if step >= warmup:
             times.append(ms)
     return prefill_ms, times
+
+
+def hf_step(model, token: torch.Tensor, past):
+    return model(input_ids=token, past_key_values=past, use_cache=True)
 
 
 def time_hf(model_dir: Path, batch: int, context: int, steps: int, warmup: int, device: torch.device,
@@ -126,15 +131,13 @@ def time_hf(model_dir: Path, batch: int, context: int, steps: int, warmup: int, 
     start = context - steps - warmup
     ids = torch.randint(0, model.config.vocab_size, (batch, start), device=device)
     with torch.no_grad():
-        out = {}
-        prefill_ms = clock.time(lambda: out.setdefault("o", model(input_ids=ids, use_cache=True)))
-        past = out["o"].past_key_values
+        prefill_ms, output = clock.time(model, ids)
+        past = output.past_key_values
         token = torch.zeros((batch, 1), dtype=torch.long, device=device)
         times = []
         for step in range(warmup + steps):
-            result = {}
-            ms = clock.time(lambda: result.setdefault("o", model(input_ids=token, past_key_values=past, use_cache=True)))
-            past = result["o"].past_key_values
+            ms, output = clock.time(hf_step, model, token, past)
+            past = output.past_key_values
             if step >= warmup:
                 times.append(ms)
     return (prefill_ms if batch * start <= PREFILL_TOKEN_LIMIT else None), times
@@ -164,6 +167,7 @@ def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchS
             if backend == "hf" and (strategy != "none" or model_dir is None):
                 continue  # transformers cannot share a cache: it is the baseline for `none` only
             for context in settings.contexts:
+                baseline = device_in_use_mib(device)  # before this context's decoder and its buffers exist
                 # One decoder per context: the static cache buffers are sized to it, read whole every step.
                 decoder = None if backend == "hf" else make_decoder(
                     model, backend, settings.provider, 0, max(settings.batches), settings.cuda_graph, context)
@@ -184,7 +188,8 @@ def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchS
                         backend=backend, strategy=strategy, batch=batch, context=context, prefill_ms=prefill,
                         decode_ms_median=median, decode_ms_p90=float(np.percentile(times, 90)),
                         tokens_per_s=batch / (median / 1e3), kv_bytes=kv_bytes, weight_bytes=weight_bytes,
-                        peak_device_mib=peak_mib(device), floor_ms=floor,
+                        peak_device_mib=None if baseline is None else device_in_use_mib(device) - baseline,
+                        floor_ms=floor,
                         ratio_to_floor=median / floor if floor else None))
                 del decoder
                 gc.collect()  # releases the sessions' device arenas before the next point
@@ -203,18 +208,24 @@ def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchS
             "max_batch_in_budget": capacity}
 
 
+def _fmt(value: float | None, spec: str = "{:.2f}") -> str:
+    return "-" if value is None else spec.format(value)
+
+
 def table(report: dict) -> str:
-    lines = ["| backend | strategy | batch | context | prefill ms | decode ms (median) | p90 | tokens/s | KV MiB | "
-             "floor ms | measured/floor |", "|" + "---|" * 11]
+    header = ("| backend | strategy | batch | context | prefill ms | decode ms (median) | p90 | tokens/s | KV MiB | "
+              "floor ms | measured/floor |")
+    lines = [header, "|" + "---|" * 11]
+    fmt = _fmt
     for p in report["points"]:
-        fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
         lines.append(f"| {p['backend']} | {p['strategy']} | {p['batch']} | {p['context']} | {fmt(p['prefill_ms'])} | "
                      f"{p['decode_ms_median']:.3f} | {p['decode_ms_p90']:.3f} | {p['tokens_per_s']:.0f} | "
                      f"{p['kv_bytes'] / 2**20:.1f} | {fmt(p['floor_ms'], '{:.3f}')} | {fmt(p['ratio_to_floor'])} |")
-    lines += ["", f"Max batch in a {report['settings']['memory_budget_gib']} GiB budget (weights + owner-only KV cache, "
-              "computed from the cache layout):", "", "| strategy | " + " | ".join(
-                  f"context {c}" for c in report["settings"]["contexts"]) + " |",
-              "|---|" + "---|" * len(report["settings"]["contexts"])]
+    budget = (f"Max batch in a {report['settings']['memory_budget_gib']} GiB budget "
+              "(weights + owner-only KV cache, computed from the cache layout):")
+    contexts = report["settings"]["contexts"]
+    lines += ["", budget, "", "| strategy | " + " | ".join(f"context {c}" for c in contexts) + " |",
+              "|---|" + "---|" * len(contexts)]
     for strategy, by_context in report["max_batch_in_budget"].items():
         lines.append(f"| {strategy} | " + " | ".join(str(v) for v in by_context.values()) + " |")
     return "\n".join(lines)

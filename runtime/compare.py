@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from kvexport.strategies.contract import positions_from_mask
 
 from .decoder import Decoder

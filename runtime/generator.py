@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from kvexport.strategies import KvexportError
 from kvexport.strategies.contract import positions_from_mask
 
-from .exported import ExportedModel
 from .decoder import Decoder
+from .exported import ExportedModel
 from .ort_session import OrtDecoder
 from .sampling import SamplingConfig, choose_tokens
 

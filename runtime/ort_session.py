@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
-
 from kvexport.strategies import KvexportError
 from kvexport.strategies import contract as c
 

@@ -10,7 +10,6 @@ import json
 
 import numpy as np
 import torch
-
 from kvexport.strategies import KvexportError
 from kvexport.strategies import contract as c
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import onnxruntime as ort
 import torch
-
 from kvexport.exporter import export
 from kvexport.runtime import ExportedModel, Generator, OrtDecoder, SamplingConfig
 from kvexport.runtime.compare import compare_decoders

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from kvexport.exporter.loading import ALIASES, REPO_ROOT
 
 DEFAULT_MODEL_DIR = REPO_ROOT / ALIASES["tiny-neox"]

@@ -22,3 +22,9 @@ def test_bench_runs_end_to_end_on_cpu(tiny_neox, tmp_path, capsys):
     for plot in ("bench_latency.png", "bench_memory.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     assert not list(out.glob("*.partial"))
+
+
+def test_bench_tensorrt_needs_cuda(tiny_neox, tmp_path, capsys):
+    assert main(["bench", "--model", str(tiny_neox), "--share", "none", "--backends", "tensorrt", "--batch", "1",
+                 "--context", "16", "--provider", "cpu", "--dtype", "float32", "--output", str(tmp_path)]) == 2
+    assert "needs --provider cuda" in capsys.readouterr().err

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-
 from kvexport.exporter.cli import main
 
 

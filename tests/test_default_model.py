@@ -4,7 +4,6 @@ import json
 import math
 
 import torch
-
 from conftest import DEFAULT_MODEL_DIR
 from kvexport.exporter import load_model
 

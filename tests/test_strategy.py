@@ -1,7 +1,6 @@
 import json
 
 import pytest
-
 from kvexport.strategies import Strategy, StrategyError, every, load_strategy, make_strategy, no_sharing
 
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-
 from kvexport.strategies import KvexportError
 
 
