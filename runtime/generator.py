@@ -95,10 +95,21 @@ class Generator:
             raise KvexportError("every prompt needs at least one token")
         return encoded
 
+    @property
+    def pad_token_id(self) -> int:
+        return self.model.facts.pad_token_id or 0
+
+    def _timed_step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache) -> tuple[torch.Tensor, float]:
+        """(logits, milliseconds); device logits are waited for, so the time is the step's, not its launch."""
+        started = time.perf_counter()
+        logits = torch.as_tensor(self.decoder.step(ids, mask, positions, cache))
+        if logits.is_cuda:
+            torch.cuda.synchronize(logits.device)
+        return logits, (time.perf_counter() - started) * 1e3
+
     def _left_pad(self, encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         width = max(map(len, encoded))
-        pad = self.model.facts.pad_token_id or 0
-        ids = np.full((len(encoded), width), pad, dtype=np.int64)
+        ids = np.full((len(encoded), width), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(encoded), width), dtype=np.int64)
         for row, tokens in enumerate(encoded):
             ids[row, width - len(tokens):] = tokens
@@ -118,22 +129,18 @@ class Generator:
         batch = len(encoded)
         rng = None
         stops = np.array(sorted(set(config.stop_token_ids)), dtype=np.int64)
-        pad = self.model.facts.pad_token_id or 0
         cache = self.decoder.new_cache(batch)
         finished = np.zeros(batch, dtype=bool)
         generated: list[list[int]] = [[] for _ in range(batch)]
         shown = [""] * batch
 
-        started = time.perf_counter()
-        logits = self.decoder.step(ids, mask, positions_from_mask(mask), cache)
-        prefill_ms = (time.perf_counter() - started) * 1e3
+        logits, prefill_ms = self._timed_step(ids, mask, positions_from_mask(mask), cache)
         decode_ms = 0.0  # time inside decode steps only, not sampling or the consumer of the stream
         steps = 0
         while True:
-            logits = torch.as_tensor(logits)
             if rng is None and not config.greedy:
                 rng = config.generator(logits.device)
-            tokens = np.where(finished, pad, choose_tokens(logits, config, rng).cpu().numpy())
+            tokens = np.where(finished, self.pad_token_id, choose_tokens(logits, config, rng).cpu().numpy())
             for row in np.flatnonzero(~finished):
                 generated[row].append(int(tokens[row]))
             deltas = []
@@ -148,10 +155,9 @@ class Generator:
             if finished.all() or steps == config.max_new_tokens:
                 break
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            step_started = time.perf_counter()
-            logits = self.decoder.step(tokens[:, None].astype(np.int64), mask,
-                                       positions_from_mask(mask)[:, -1:], cache)
-            decode_ms += (time.perf_counter() - step_started) * 1e3
+            logits, step_ms = self._timed_step(tokens[:, None].astype(np.int64), mask,
+                                               positions_from_mask(mask)[:, -1:], cache)
+            decode_ms += step_ms
         decode_steps = steps - 1  # the first token came from the prefill
         self.last_stats = GenerationStats(
             batch=batch, prompt_tokens=ids.shape[1], new_tokens=steps, prefill_ms=prefill_ms,
