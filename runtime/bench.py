@@ -25,6 +25,7 @@ from kvexport.strategies.contract import positions_from_mask
 
 from .exported import ExportedModel
 from .generator import make_decoder
+from .kv_cache import TORCH_DTYPES
 
 PREFILL_TOKEN_LIMIT = 32768  # batch x context above which prefill is not timed (attention scores grow as S^2)
 
@@ -174,7 +175,7 @@ def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchS
                 for batch in settings.batches:
                     progress(f"{backend} {strategy} batch {batch} context {context}")
                     if backend == "hf":
-                        dtype = torch.float16 if model.dtype == "float16" else torch.float32
+                        dtype = TORCH_DTYPES[model.dtype]
                         prefill, times = time_hf(model_dir, batch, context, settings.steps, settings.warmup,
                                                  device, dtype)
                     else:

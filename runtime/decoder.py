@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .exported import ExportedModel
-from .kv_cache import KVCache
+from .kv_cache import TORCH_DTYPES, KVCache
 
 
 class Decoder(ABC):
@@ -30,7 +30,7 @@ class Decoder(ABC):
     def random_cache(self, batch: int, length: int, generator: torch.Generator) -> KVCache:
         """A cache holding `length` tokens of random K/V: for timing decode steps without a prefill."""
         layout = self.model.layout
-        dtype = torch.float16 if layout.dtype == "float16" else torch.float32
+        dtype = TORCH_DTYPES[layout.dtype]
         cache = self.new_cache(batch)
         values = {past: self.wrap_past(torch.randn(layout.buffer_shape(batch, length), generator=generator,
                                                    device=generator.device).to(dtype))

@@ -17,10 +17,8 @@ from kvexport.strategies import contract as c
 
 from .decoder import Decoder
 from .exported import ExportedModel
-from .kv_cache import KVCache
+from .kv_cache import TORCH_DTYPES, KVCache
 from .ort_session import make_session
-
-TORCH_KV = {"float32": torch.float32, "float16": torch.float16}
 
 
 def bind(binding: ort.IOBinding, name: str, tensor: torch.Tensor, output: bool = False) -> None:
@@ -59,7 +57,7 @@ class StaticCacheDecoder(Decoder):
         self.prefill_session = make_session(model.onnx_path, provider, device_id)
         self.decode_session = make_session(model.directory / static, provider, device_id, cuda_graph)
         layout, owners_kv = model.layout, len(model.layout.names())
-        self.kv_dtype = TORCH_KV[model.dtype]
+        self.kv_dtype = TORCH_DTYPES[model.dtype]
         self.storage = torch.zeros((owners_kv, max_batch, layout.num_kv_heads, self.max_length, layout.head_dim),
                                    dtype=self.kv_dtype, device=self.device)
         self.new_kv = torch.zeros((owners_kv, max_batch, layout.num_kv_heads, 1, layout.head_dim),

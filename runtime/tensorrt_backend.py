@@ -15,10 +15,8 @@ from kvexport.strategies import contract as c
 
 from .decoder import Decoder
 from .exported import ExportedModel
-from .kv_cache import KVCache
+from .kv_cache import TORCH_DTYPES, KVCache
 from .tensorrt_support import import_tensorrt, logger
-
-TORCH_KV = {"float32": torch.float32, "float16": torch.float16}
 
 
 class TensorRTDecoder(Decoder):
@@ -35,7 +33,7 @@ class TensorRTDecoder(Decoder):
                                 "another GPU or version; TensorRT-RTX needs an RTX GPU): rebuild it here")
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream(self.device)
-        self.kv_dtype = TORCH_KV[model.dtype]
+        self.kv_dtype = TORCH_DTYPES[model.dtype]
         self._placeholder = torch.empty(1, device=self.device)  # an address for zero-size tensors
 
     def wrap_past(self, tensor: torch.Tensor) -> torch.Tensor:
