@@ -92,19 +92,24 @@ class DecoderGraph:
         g = self.g
         if self.d.activation == "silu":
             return g.op("Mul", x, g.op("Sigmoid", x))
-        # Exact GELU, 0.5 * x * (1 + erf(x / sqrt(2))), spelled in opset-17 ops.
-        erf = g.op("Erf", g.op("Mul", x, g.const(1 / np.sqrt(2), NUMPY_TYPES[self.dtype])))
-        one = g.const(1.0, NUMPY_TYPES[self.dtype])
-        half = g.const(0.5, NUMPY_TYPES[self.dtype])
-        return g.op("Mul", g.op("Mul", x, half), g.op("Add", erf, one))
+        # Exact GELU, x * (1 + erf(x / sqrt(2))) * 0.5, in the op order ONNX Runtime fuses into one (Bias)Gelu.
+        dtype = NUMPY_TYPES[self.dtype]
+        erf = g.op("Erf", g.op("Div", x, g.const(np.sqrt(2.0), dtype)))
+        return g.op("Mul", g.op("Mul", x, g.op("Add", erf, g.const(1.0, dtype))), g.const(0.5, dtype))
 
     def split_heads(self, x: str, heads: int) -> str:
         """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]."""
+        if self.static:  # one token: the transpose moves no data, so a (free) reshape does it
+            return self.g.op("Reshape", x, self.g.const([0, heads, 1, self.d.head_dim]))
         shaped = self.g.op("Reshape", x, self.g.const([0, 0, heads, self.d.head_dim]))
         return self.g.op("Transpose", shaped, perm=[0, 2, 1, 3])
 
-    def rotary(self, x: str, cos: str, sin: str) -> str:
+    def rotary(self, x: str, cos: str, sin: str, heads: int) -> str:
+        """Rotate the leading rotary_dim of each head of x [batch, heads, seq, head_dim] (rotate-half form)."""
         g, rot, head_dim = self.g, self.d.rotary_dim, self.d.head_dim
+        if self.static:  # ONNX Runtime's fused kernel: one launch instead of about eight (ORT-only graph)
+            return g.op("RotaryEmbedding", x, c.POSITION_IDS, cos, sin, domain="com.microsoft", interleaved=0,
+                        num_heads=heads, rotary_embedding_dim=rot if rot < head_dim else 0)
         if rot < head_dim:
             rotated_part, rest = g.op("Split", x, g.const([rot, head_dim - rot]), axis=-1, outputs=2)
         else:
@@ -116,10 +121,14 @@ class DecoderGraph:
 
     # -- the graph ---------------------------------------------------------------------------------
     def rotary_tables(self) -> tuple[str, str]:
-        """cos/sin [batch, 1, seq, rotary_dim], gathered from tables computed in float64 at export time."""
+        """cos/sin tables computed in float64 at export time: for the static graph, [max_positions,
+        rotary_dim / 2] as ONNX Runtime's RotaryEmbedding takes them; otherwise gathered by position_ids into
+        [batch, 1, seq, rotary_dim]."""
         d, g = self.d, self.g
         inv_freq = 1.0 / (d.rope_theta ** (np.arange(0, d.rotary_dim, 2, dtype=np.float64) / d.rotary_dim))
         angles = np.arange(d.max_positions, dtype=np.float64)[:, None] * inv_freq
+        if self.static:
+            return g.weight("cos_cache", np.cos(angles)), g.weight("sin_cache", np.sin(angles))
         angles = np.concatenate([angles, angles], axis=-1)
         tables = []
         for name, values in (("cos_cache", np.cos(angles)), ("sin_cache", np.sin(angles))):
@@ -143,7 +152,7 @@ class DecoderGraph:
         return g.op("Where", g.op("And", causal, not_padding), g.const(0.0, np.float32), g.const(MASKED, np.float32))
 
     def attend(self, q: str, keys: str, values: str, bias: str) -> str:
-        """softmax(q k^T / sqrt(d) + bias) v with the softmax in float32; K/V heads repeated for GQA."""
+        """softmax(q k^T + bias) v (q is pre-scaled) with the softmax in float32; K/V heads repeated for GQA."""
         g, d = self.g, self.d
         if d.kv_groups > 1:
             expand = g.const([1, 1, d.kv_groups, 1, 1])
@@ -152,8 +161,7 @@ class DecoderGraph:
                 g.op("Reshape", g.op("Expand", g.op("Unsqueeze", t, g.const([2])), expand), merged)
                 for t in (keys, values)
             )
-        scaled_q = g.op("Mul", q, g.const(d.head_dim**-0.5, NUMPY_TYPES[self.dtype]))
-        probs = self.softmax(g.op("MatMul", scaled_q, g.op("Transpose", keys, perm=[0, 1, 3, 2])), bias)
+        probs = self.softmax(g.op("MatMul", q, g.op("Transpose", keys, perm=[0, 1, 3, 2])), bias)
         context = g.op("Transpose", g.op("MatMul", probs, values), perm=[0, 2, 1, 3])
         return g.op("Reshape", context, g.const([0, 0, d.num_heads * d.head_dim]))
 
@@ -174,10 +182,10 @@ class DecoderGraph:
         never expands K/V.
         """
         g, d = self.g, self.d
-        grouped = g.op("Reshape", g.op("Mul", q, g.const(d.head_dim**-0.5, NUMPY_TYPES[self.dtype])),
-                       g.const([0, d.num_kv_heads, -1, d.head_dim]))
+        grouped = g.op("Reshape", q, g.const([0, d.num_kv_heads, -1, d.head_dim]))
         past_scores = g.op("MatMul", grouped, g.op("Transpose", past_keys, perm=[0, 1, 3, 2]))
-        new_scores = g.op("ReduceSum", g.op("Mul", grouped, new_key), g.const([-1]), keepdims=1)
+        # new_key is [batch, kv_heads, 1, head_dim]: its transpose is a reshape
+        new_scores = g.op("MatMul", grouped, g.op("Reshape", new_key, g.const([0, d.num_kv_heads, d.head_dim, 1])))
         if self.dtype != "float32":
             past_scores, new_scores = (g.op("Cast", t, to=TensorProto.FLOAT) for t in (past_scores, new_scores))
         probs = g.op("Softmax", g.op("Concat", g.op("Add", past_scores, bias), new_scores, axis=-1), axis=-1)
@@ -190,13 +198,19 @@ class DecoderGraph:
         return g.op("Reshape", context, g.const([0, 1, d.num_heads * d.head_dim]))
 
     def project_qkv(self, h: str, layer: Layer, i: int) -> tuple[str, str | None, str | None]:
-        """Owners run one fused Q|K|V MatMul; shared layers only Q, so no K/V weights exist for them."""
+        """Owners run one fused Q|K|V MatMul; shared layers only Q, so no K/V weights exist for them.
+
+        The attention scale 1/sqrt(head_dim) is folded into the Q weights (rotary is linear, so it commutes):
+        one multiplication less per layer and step.
+        """
         d, g = self.d, self.g
+        scale = d.head_dim**-0.5
+        q = Linear(layer.q.weight * scale, None if layer.q.bias is None else layer.q.bias * scale)
         if not self.strategy.is_owner(i):
-            return self.linear(h, layer.q, f"layers.{i}.attn.q_proj"), None, None
+            return self.linear(h, q, f"layers.{i}.attn.q_proj"), None, None
         fused = Linear(
-            torch.cat([layer.q.weight, layer.k.weight, layer.v.weight], dim=1),
-            None if layer.q.bias is None else torch.cat([layer.q.bias, layer.k.bias, layer.v.bias]),
+            torch.cat([q.weight, layer.k.weight, layer.v.weight], dim=1),
+            None if q.bias is None else torch.cat([q.bias, layer.k.bias, layer.v.bias]),
         )
         qkv = self.linear(h, fused, f"layers.{i}.attn.qkv_proj")
         kv_width = d.num_kv_heads * d.head_dim
@@ -220,9 +234,9 @@ class DecoderGraph:
         for i, layer in enumerate(d.layers):
             h = self.norm(x, layer.input_norm, f"layers.{i}.input_norm")
             q, k, v = self.project_qkv(h, layer, i)
-            q = self.rotary(self.split_heads(q, d.num_heads), cos, sin)
+            q = self.rotary(self.split_heads(q, d.num_heads), cos, sin, d.num_heads)
             if k is not None:
-                k = self.rotary(self.split_heads(k, d.num_kv_heads), cos, sin)
+                k = self.rotary(self.split_heads(k, d.num_kv_heads), cos, sin, d.num_kv_heads)
                 v = self.split_heads(v, d.num_kv_heads)
                 if not self.static:
                     present[i] = tuple(g.op("Concat", c.past_name(i, kind), new, axis=2,
@@ -264,8 +278,8 @@ class DecoderGraph:
             inputs.append(helper.make_tensor_value_info(past, kv_type, past_dims))
             outputs.append(helper.make_tensor_value_info(c.new_name(layer, kind) if static else present, kv_type, out_dims))
         graph = helper.make_graph(self.g.nodes, "kvexport_decoder", inputs, outputs, self.g.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name="kvexport", ir_version=IR_VERSION)
+        opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if static else [])
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="kvexport", ir_version=IR_VERSION)
         helper.set_model_props(model, {"kvexport.strategy": json.dumps(self.strategy.to_dict()),
                                        "kvexport.dtype": self.dtype,
                                        "kvexport.variant": "static_decode" if static else "dynamic"})
