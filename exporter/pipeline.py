@@ -66,6 +66,9 @@ def export(
 ) -> ExportResult:
     """Export, validate and publish. static=True also writes the decode graph over preallocated cache buffers."""
     started = time.perf_counter()
+    target = Path(output)
+    if target.exists() and not (target / c.MANIFEST_FILE).is_file():
+        raise KvexportError(f"{target} exists and is not a kvexport export: choose another --output")
     # Check the strategy against the config first: a bad strategy fails before the weights are read.
     reference, config = load_config(model) if isinstance(model, str) else (model.reference, model.config)
     if isinstance(strategy, str):
@@ -78,7 +81,6 @@ def export(
     log(f"exporting {loaded.reference} ({description.architecture}, {description.num_layers} layers) with "
         f"{len(strategy.owners)} cache owners, {dtype}")
 
-    target = Path(output)
     staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -128,8 +130,6 @@ def export(
 def publish(staging: Path, target: Path) -> None:
     """Swap the finished directory into place; an existing export of the same name is replaced."""
     if target.exists():
-        if not (target / c.MANIFEST_FILE).is_file():
-            raise KvexportError(f"{target} exists and is not a kvexport export: choose another --output")
         retired = target.with_name(f".{target.name}.old-{os.getpid()}")
         target.rename(retired)
         staging.rename(target)

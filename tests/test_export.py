@@ -104,3 +104,23 @@ def test_export_dir_is_like_optimum(tiny_neox, export_cache):
         assert (directory / name).is_file(), name
     props = {p.key: p.value for p in onnx.load(directory / c.MODEL_FILE, load_external_data=False).metadata_props}
     assert json.loads(props["kvexport.strategy"])["kv_source"] == [0, 1, 2, 3]
+
+
+def test_output_that_is_not_an_export_is_refused_before_any_work(tiny_neox, tmp_path):
+    from kvexport.strategies import KvexportError
+
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(KvexportError, match="is not a kvexport export"):
+        export(str(tiny_neox), "every:2", target, log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
+    assert (target / "notes.txt").read_text() == "keep me"
+
+
+def test_re_export_replaces_an_existing_export(tiny_neox, tmp_path):
+    target = tmp_path / "out"
+    export(str(tiny_neox), "none", target, log=lambda _: None)
+    export(str(tiny_neox), "every:2", target, log=lambda _: None)
+    assert json.loads((target / c.MANIFEST_FILE).read_text())["cache"]["owners"] == [0, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
