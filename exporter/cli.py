@@ -15,9 +15,13 @@ from .loading import DEFAULT_MODEL
 DEFAULT_PROMPT = "In Python, a list"
 
 
+def strategy_label(spec: str) -> str:
+    """How a strategy given on the command line is named in tables: a file's stem, or the spec itself."""
+    return Path(spec).stem if spec.endswith(".json") else spec
+
+
 def default_output(model: str, share: str) -> Path:
-    strategy = Path(share).stem if share.endswith(".json") else share.replace(":", "")
-    return Path("exports") / f"{Path(model.rstrip('/')).name}.{strategy}"
+    return Path("exports") / f"{Path(model.rstrip('/')).name}.{strategy_label(share).replace(':', '')}"
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -131,8 +135,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.model)
     layers = loaded.config.num_hidden_layers
-    strategies = {(Path(spec).stem if spec.endswith(".json") else spec): make_strategy(spec, layers, loaded.reference)
-                  for spec in args.share}
+    strategies = {strategy_label(spec): make_strategy(spec, layers, loaded.reference) for spec in args.share}
     windows = token_windows(loaded.tokenizer(), read_text(args.text), args.windows, args.length, from_end=True)
     rows = evaluate(loaded, strategies, windows, with_torch=args.torch)
     print(table(rows))
@@ -153,7 +156,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     exports = {}
     for spec in args.share:
-        name = Path(spec).stem if spec.endswith(".json") else spec.replace(":", "")
+        name = strategy_label(spec).replace(":", "")  # also a directory name
         exports[name] = export(loaded, make_strategy(spec, loaded.config.num_hidden_layers, loaded.reference),
                                output / "exports" / name, dtype=args.dtype, static="ort-static" in args.backends,
                                log=lambda line: print(line, file=sys.stderr)).directory

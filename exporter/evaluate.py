@@ -23,6 +23,7 @@ from kvexport.strategies.contract import positions_from_mask
 from .calibration import next_token_stats
 from .loading import LoadedModel
 from .models import describe
+from .onnx_graph import cache_layout
 from .pipeline import export
 from .reference import ReferenceDecoder
 
@@ -71,7 +72,7 @@ def evaluate(loaded: LoadedModel, strategies: dict[str, Strategy], windows: torc
                 torch_nll, torch_accuracy = next_token_stats(
                     reference.forward(windows, ones, positions_from_mask(ones)).logits, windows)
                 torch_ppl = math.exp(torch_nll)
-            layout = ExportedModel.load(directory).layout
+            layout = cache_layout(description, strategy, "float32")
             full = rows[0] if rows else None
             ppl = math.exp(nll)
             rows.append(EvalRow(

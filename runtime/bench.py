@@ -77,7 +77,7 @@ def read_bandwidth(device: torch.device) -> float | None:
     for _ in range(3):
         target.copy_(source)
     ms = statistics.median(clock.time(target.copy_, source)[0] for _ in range(20))
-    return source.nbytes * 2 / (ms / 1e3) / 2
+    return source.nbytes / (ms / 1e3)  # the copy moved 2 x nbytes; half of that rate is the read rate
 
 
 def device_in_use_mib(device: torch.device) -> float | None:
@@ -122,12 +122,16 @@ def hf_step(model, token: torch.Tensor, past):
     return model(input_ids=token, past_key_values=past, use_cache=True)
 
 
-def time_hf(model_dir: Path, batch: int, context: int, steps: int, warmup: int, device: torch.device,
-            dtype: torch.dtype) -> tuple[float | None, list[float]]:
-    """The baseline: Hugging Face transformers, eager attention, a manual decode loop with its cache."""
+def load_hf(model_dir: Path, device: torch.device, dtype: torch.dtype):
+    """The baseline: Hugging Face transformers with eager attention."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").to(device, dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").to(device, dtype).eval()
+
+
+def time_hf(model, batch: int, context: int, steps: int, warmup: int,
+            device: torch.device) -> tuple[float | None, list[float]]:
+    """A manual decode loop over the Hugging Face model and its own cache."""
     clock = Clock(device)
     start = context - steps - warmup
     ids = torch.randint(0, model.config.vocab_size, (batch, start), device=device)
@@ -160,13 +164,18 @@ def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchS
               progress: Callable[[str], None] = lambda _: None) -> dict:
     device = torch.device("cuda", 0) if settings.provider == "cuda" else torch.device("cpu")
     bandwidth = read_bandwidth(device)
+    budget = settings.memory_budget_gib * 2**30
     points: list[BenchPoint] = []
+    capacity = {}
     for strategy, directory in exports.items():
         model = ExportedModel.load(directory)
         weight_bytes = model.manifest["weight_bytes"]
+        capacity[strategy] = {ctx: int((budget - weight_bytes) // (model.layout.bytes_per_token() * ctx))
+                              for ctx in settings.contexts}
         for backend in settings.backends:
             if backend == "hf" and (strategy != "none" or model_dir is None):
                 continue  # transformers cannot share a cache: it is the baseline for `none` only
+            hf_model = load_hf(model_dir, device, TORCH_DTYPES[model.dtype]) if backend == "hf" else None
             for context in settings.contexts:
                 baseline = device_in_use_mib(device)  # before this context's decoder and its buffers exist
                 # One decoder per context: the static cache buffers are sized to it, read whole every step.
@@ -175,9 +184,7 @@ def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchS
                 for batch in settings.batches:
                     progress(f"{backend} {strategy} batch {batch} context {context}")
                     if backend == "hf":
-                        dtype = TORCH_DTYPES[model.dtype]
-                        prefill, times = time_hf(model_dir, batch, context, settings.steps, settings.warmup,
-                                                 device, dtype)
+                        prefill, times = time_hf(hf_model, batch, context, settings.steps, settings.warmup, device)
                     else:
                         prefill, times = time_decoder(decoder, batch, context, settings.steps, settings.warmup,
                                                       device, model.facts.vocab_size)
@@ -196,13 +203,7 @@ def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchS
                 gc.collect()  # releases the sessions' device arenas before the next point
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    budget = settings.memory_budget_gib * 2**30
-    capacity = {}
-    for strategy, directory in exports.items():
-        model = ExportedModel.load(directory)
-        per_sequence = {ctx: model.layout.bytes_per_token() * ctx for ctx in settings.contexts}
-        capacity[strategy] = {ctx: int((budget - model.manifest["weight_bytes"]) // per_sequence[ctx])
-                              for ctx in settings.contexts}
+            del hf_model
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "read_bandwidth_gb_s": bandwidth / 1e9 if bandwidth else None,
             "settings": asdict(settings), "points": [asdict(p) for p in points],
@@ -217,11 +218,10 @@ def table(report: dict) -> str:
     header = ("| backend | strategy | batch | context | prefill ms | decode ms (median) | p90 | tokens/s | KV MiB | "
               "floor ms | measured/floor |")
     lines = [header, "|" + "---|" * 11]
-    fmt = _fmt
     for p in report["points"]:
-        lines.append(f"| {p['backend']} | {p['strategy']} | {p['batch']} | {p['context']} | {fmt(p['prefill_ms'])} | "
+        lines.append(f"| {p['backend']} | {p['strategy']} | {p['batch']} | {p['context']} | {_fmt(p['prefill_ms'])} | "
                      f"{p['decode_ms_median']:.3f} | {p['decode_ms_p90']:.3f} | {p['tokens_per_s']:.0f} | "
-                     f"{p['kv_bytes'] / 2**20:.1f} | {fmt(p['floor_ms'], '{:.3f}')} | {fmt(p['ratio_to_floor'])} |")
+                     f"{p['kv_bytes'] / 2**20:.1f} | {_fmt(p['floor_ms'], '{:.3f}')} | {_fmt(p['ratio_to_floor'])} |")
     budget = (f"Max batch in a {report['settings']['memory_budget_gib']} GiB budget "
               "(weights + owner-only KV cache, computed from the cache layout):")
     contexts = report["settings"]["contexts"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from kvexport.strategies.contract import positions_from_mask
 
 from .decoder import Decoder
@@ -13,6 +14,7 @@ from .decoder import Decoder
 @dataclass
 class Comparison:
     steps: list[dict] = field(default_factory=list)  # per step: max_abs, max_rel, greedy_agree
+
     @property
     def max_abs(self) -> float:
         return max(s["max_abs"] for s in self.steps)
@@ -40,8 +42,9 @@ def compare_decoders(first: Decoder, second: Decoder, batch: int = 2, prompt: in
     result = Comparison()
     for _ in range(decode_steps + 1):
         positions = positions_from_mask(mask)[:, -ids.shape[1]:]
-        a, b = (decoder.step(ids, mask, positions, cache) for decoder, cache in zip((first, second), caches))
-        diff = np.abs(a.astype(np.float64) - b)
+        a, b = (torch.as_tensor(decoder.step(ids, mask, positions, cache)).double().cpu().numpy()
+                for decoder, cache in zip((first, second), caches))
+        diff = np.abs(a - b)
         result.steps.append({"max_abs": float(diff.max()),
                              "max_rel": float((diff / np.maximum(np.abs(a), 1e-6)).max()),
                              "greedy_agree": float((a.argmax(-1) == b.argmax(-1)).mean())})

@@ -15,30 +15,33 @@ class Decoder(ABC):
     model: ExportedModel
 
     @abstractmethod
-    def new_cache(self, batch: int) -> KVCache:
-        """An empty owner-only cache (past length 0) for `batch` sequences."""
-
-    @abstractmethod
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                cache: KVCache) -> np.ndarray:
-        """One forward pass: advance the cache and return all positions' logits [batch, seq, vocab]."""
+                cache: KVCache) -> np.ndarray | torch.Tensor:
+        """One forward pass: advance the cache and return all positions' logits [batch, seq, vocab]
+        (numpy on the host, or a torch tensor where the backend keeps logits on the device)."""
 
     @abstractmethod
     def wrap_past(self, tensor: torch.Tensor):
         """A past K/V tensor as this backend binds it."""
 
-    def random_cache(self, batch: int, length: int, generator: torch.Generator) -> KVCache:
-        """A cache holding `length` tokens of random K/V: for timing decode steps without a prefill."""
+    def _cache(self, batch: int, length: int, make) -> KVCache:
         layout = self.model.layout
-        dtype = TORCH_DTYPES[layout.dtype]
-        cache = self.new_cache(batch)
-        values = {past: self.wrap_past(torch.randn(layout.buffer_shape(batch, length), generator=generator,
-                                                   device=generator.device).to(dtype))
-                  for past, _ in layout.names()}
-        cache.values, cache.length = values, length
+        cache = KVCache(layout)
+        shape, dtype = layout.buffer_shape(batch, length), TORCH_DTYPES[layout.dtype]
+        cache.reset(batch, {past: self.wrap_past(make(shape).to(dtype)) for past, _ in layout.names()})
+        cache.length = length
         return cache
 
+    def new_cache(self, batch: int) -> KVCache:
+        """An empty owner-only cache (past length 0) for `batch` sequences."""
+        return self._cache(batch, 0, torch.zeros)
+
+    def random_cache(self, batch: int, length: int, generator: torch.Generator) -> KVCache:
+        """A cache holding `length` tokens of random K/V: for timing decode steps without a prefill."""
+        return self._cache(batch, length, lambda shape: torch.randn(shape, generator=generator,
+                                                                    device=generator.device))
+
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             cache: KVCache) -> np.ndarray:
+             cache: KVCache) -> np.ndarray | torch.Tensor:
         """One forward pass returning only the last position's logits [batch, vocab]."""
         return self.forward(input_ids, attention_mask, position_ids, cache)[:, -1, :]

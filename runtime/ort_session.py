@@ -11,8 +11,6 @@ from .decoder import Decoder
 from .exported import ExportedModel
 from .kv_cache import KVCache
 
-NUMPY_KV = {"float32": np.float32, "float16": np.float16}
-
 
 def make_session(path, provider: str = "cpu", device_id: int = 0, cuda_graph: bool = False) -> ort.InferenceSession:
     """An ONNX Runtime session on the CPU or on CUDA. On CUDA it runs on torch's current stream, so that work
@@ -40,22 +38,10 @@ class OrtDecoder(Decoder):
     def __init__(self, model: ExportedModel, provider: str = "cpu", device_id: int = 0):
         self.model, self.provider, self.device_id = model, provider, device_id
         self.session = make_session(model.onnx_path, provider, device_id)
-        self.kv_dtype = NUMPY_KV[model.dtype]
 
     def wrap_past(self, tensor):
         array = tensor.cpu().numpy()
         return array if self.provider == "cpu" else ort.OrtValue.ortvalue_from_numpy(array, "cuda", self.device_id)
-
-    def new_cache(self, batch: int) -> KVCache:
-        cache = KVCache(self.model.layout)
-        shape = self.model.layout.buffer_shape(batch, 0)
-        empty = {}
-        for past, _ in self.model.layout.names():
-            array = np.zeros(shape, dtype=self.kv_dtype)
-            empty[past] = array if self.provider == "cpu" else ort.OrtValue.ortvalue_from_numpy(
-                array, "cuda", self.device_id)
-        cache.reset(batch, empty)
-        return cache
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 cache: KVCache) -> np.ndarray:

@@ -24,9 +24,9 @@ class TensorRTDecoder(Decoder):
         engine_path, info_path = model.directory / c.ENGINE_FILE, model.directory / c.ENGINE_INFO_FILE
         if not engine_path.is_file() or not info_path.is_file():
             raise KvexportError(f"{model.directory} has no TensorRT engine: run 'kvexport build-engine {model.directory}'")
-        trt = import_tensorrt((json.loads(info_path.read_text())["tensorrt_module"],))
-        self.model, self.device = model, torch.device("cuda", device_id)
         self.info = json.loads(info_path.read_text())
+        trt = import_tensorrt((self.info["tensorrt_module"],))
+        self.model, self.device = model, torch.device("cuda", device_id)
         self.engine = trt.Runtime(logger(trt)).deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
             raise KvexportError(f"TensorRT could not load {engine_path} on this GPU (it refuses engines built for "
@@ -38,13 +38,6 @@ class TensorRTDecoder(Decoder):
 
     def wrap_past(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, self.kv_dtype).contiguous()
-
-    def new_cache(self, batch: int) -> KVCache:
-        cache = KVCache(self.model.layout)
-        shape = self.model.layout.buffer_shape(batch, 0)
-        cache.reset(batch, {past: torch.empty(shape, dtype=self.kv_dtype, device=self.device)
-                            for past, _ in self.model.layout.names()})
-        return cache
 
     def _address(self, tensor: torch.Tensor) -> int:
         return tensor.data_ptr() if tensor.numel() else self._placeholder.data_ptr()

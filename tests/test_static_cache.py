@@ -81,3 +81,13 @@ def test_on_device_sampling_returns_a_tensor(static_export):
     ids = np.array([PROMPTS[0]])
     logits = decoder.step(ids, np.ones_like(ids), positions_from_mask(np.ones_like(ids)), decoder.new_cache(1))
     assert isinstance(logits, torch.Tensor) and logits.shape == (1, 8192)
+
+
+def test_compare_handles_device_side_logits(static_export):
+    """The static decoder returns torch tensors; the comparison must take them beside numpy logits."""
+    from kvexport.runtime.compare import compare_decoders
+
+    model = ExportedModel.load(static_export)
+    result = compare_decoders(OrtDecoder(model), StaticCacheDecoder(model, max_batch=2, max_length=32),
+                              batch=2, prompt=5, decode_steps=4)
+    assert result.max_abs < 1e-4 and result.greedy_agreement == 1.0
