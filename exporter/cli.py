@@ -146,33 +146,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from kvexport.runtime.baselines import BASELINES, optimum_installed, require_optimum
     from kvexport.runtime.bench import BenchSettings, run_bench, table, write_report
     from tqdm import tqdm
 
     from .loading import load_model
     from .pipeline import export
 
+    backends = args.backends or ["hf", *(["optimum"] if optimum_installed() else []), "ort", "ort-static"]
+    if not args.backends and "optimum" not in backends:
+        print("optimum is not installed: its baseline is left out", file=sys.stderr)
+    if "optimum" in backends:
+        require_optimum()
+    if "tensorrt" in backends and args.provider != "cuda":
+        raise KvexportError("the tensorrt backend needs --provider cuda")
     output = Path(args.output)
     loaded = load_model(args.model)
     exports = {}
     for spec in args.share:
         name = strategy_label(spec).replace(":", "")  # also a directory name
         exports[name] = export(loaded, make_strategy(spec, loaded.config.num_hidden_layers, loaded.reference),
-                               output / "exports" / name, dtype=args.dtype, static="ort-static" in args.backends,
+                               output / "exports" / name, dtype=args.dtype, static="ort-static" in backends,
                                log=lambda line: print(line, file=sys.stderr)).directory
-    if "tensorrt" in args.backends:
+    if "tensorrt" in backends:
         from .tensorrt_build import BuildOptions, build_engine
 
-        if args.provider != "cuda":
-            raise KvexportError("the tensorrt backend needs --provider cuda")
         precision = {"float16": "fp16", "float32": "fp32"}[args.dtype]
         for directory in exports.values():
             build_engine(directory, BuildOptions(precision, max(args.batch), max(args.context)),
                          log=lambda line: print(line, file=sys.stderr))
-    settings = BenchSettings(backends=tuple(args.backends), batches=tuple(args.batch), contexts=tuple(args.context),
+    settings = BenchSettings(backends=tuple(backends), batches=tuple(args.batch), contexts=tuple(args.context),
                              provider=args.provider, steps=args.steps, warmup=args.warmup,
-                             cuda_graph=args.cuda_graph, memory_budget_gib=args.memory_budget_gib)
-    total = len(exports) * len(args.batch) * len(args.context) * len(args.backends)
+                             cuda_graph=args.cuda_graph, memory_budget_gib=args.memory_budget_gib,
+                             optimum_level=args.optimum_level)
+    runs = sum(1 for strategy in exports for backend in backends if backend not in BASELINES or strategy == "none")
+    total = runs * len(args.batch) * len(args.context)
     with tqdm(total=total, desc="bench", unit="point") as bar:
         def progress(label: str) -> None:
             bar.set_postfix_str(label)
@@ -267,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="decode latency and memory per backend, strategy, batch and context")
     bench.add_argument("--model", default=DEFAULT_MODEL)
     bench.add_argument("--share", nargs="+", default=["none", "every:2"], help="strategies to compare")
-    bench.add_argument("--backends", nargs="+", default=["ort", "ort-static"],
-                       choices=["hf", "ort", "ort-static", "tensorrt"])
+    bench.add_argument("--backends", nargs="+", choices=["hf", "optimum", "ort", "ort-static", "tensorrt"],
+                       help="default: hf, optimum (where installed), ort, ort-static")
     bench.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
     bench.add_argument("--context", type=int, nargs="+", default=[128, 512, 2048],
                        help="cache length at the end of each point's decode steps")
@@ -278,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=4)
     bench.add_argument("--cuda-graph", action="store_true", help="ort-static: replay decode steps as CUDA graphs")
     bench.add_argument("--memory-budget-gib", type=float, default=16.0)
+    bench.add_argument("--optimum-level", choices=["O1", "O2", "O3", "O4"], default="O2",
+                       help="ORTOptimizer level for the optimum baseline (float16 is converted at any level)")
     bench.add_argument("--output", default="bench-results")
     bench.set_defaults(func=cmd_bench)
 

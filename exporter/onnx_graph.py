@@ -72,21 +72,49 @@ class DecoderGraph:
         self.g = GraphBuilder(dtype)
 
     # -- building blocks ---------------------------------------------------------------------------
-    def linear(self, x: str, lin: Linear, name: str) -> str:
+    def linear(self, x: str, lin: Linear, name: str, bias: bool = True) -> str:
+        """x W (+ b; bias=False leaves the bias to the caller, which folds it into a fused kernel)."""
         y = self.g.op("MatMul", x, self.g.weight(f"{name}.weight", lin.weight))
-        return y if lin.bias is None else self.g.op("Add", y, self.g.weight(f"{name}.bias", lin.bias))
+        return y if lin.bias is None or not bias else self.g.op("Add", y, self.g.weight(f"{name}.bias", lin.bias))
 
     def norm(self, x: str, norm: Norm, name: str) -> str:
         g, eps = self.g, self.d.norm_eps
         if self.d.norm == "layernorm":
             return g.op("LayerNormalization", x, g.weight(f"{name}.weight", norm.weight),
                         g.weight(f"{name}.bias", norm.bias), axis=-1, epsilon=eps)
+        if self.static:  # ONNX Runtime's RMSNorm kernel (ORT-only graph); it accumulates in float32 itself
+            return g.op("SimplifiedLayerNormalization", x, g.weight(f"{name}.weight", norm.weight), axis=-1,
+                        epsilon=eps)
         # RMSNorm in float32: squares of fp16 activations overflow.
         x32 = g.op("Cast", x, to=TensorProto.FLOAT)
         mean_square = g.op("ReduceMean", g.op("Mul", x32, x32), axes=[-1], keepdims=1)
         rms = g.op("Sqrt", g.op("Add", mean_square, g.const(eps, np.float32)))
         normed = g.op("Cast", g.op("Div", x32, rms), to=ONNX_TYPES[self.dtype])
         return g.op("Mul", normed, g.weight(f"{name}.weight", norm.weight))
+
+    def residual_norm(self, x: str, deltas: list[str], biases: list[torch.Tensor | None], norm: Norm,
+                      name: str) -> tuple[str, str]:
+        """(norm(s), s) for the residual stream s = x + the deltas (+ the biases, static graph only).
+
+        The static graph does it in one ONNX Runtime kernel, Skip(Simplified)LayerNormalization, which also
+        adds the biases its callers left out of their linears; the dynamic graph keeps standard ops.
+        """
+        g = self.g
+        if not self.static:
+            for delta in deltas:
+                x = g.op("Add", x, delta)
+            return self.norm(x, norm, name), x
+        delta = deltas[0] if len(deltas) == 1 else g.op("Add", *deltas)
+        inputs = [delta, x, g.weight(f"{name}.weight", norm.weight)]
+        if self.d.norm == "layernorm":
+            inputs.append(g.weight(f"{name}.bias", norm.bias))
+        present_biases = [b for b in biases if b is not None]
+        if present_biases:
+            inputs.append(g.weight(f"{name}.residual_bias", sum(present_biases)))
+        op = "SkipLayerNormalization" if self.d.norm == "layernorm" else "SkipSimplifiedLayerNormalization"
+        normed, total = g._unique("normed"), g._unique("residual")
+        g.op(op, *inputs, outputs=[normed, "", "", total], domain="com.microsoft", epsilon=self.d.norm_eps)
+        return normed, total
 
     def activation(self, x: str) -> str:
         g = self.g
@@ -97,19 +125,21 @@ class DecoderGraph:
         erf = g.op("Erf", g.op("Div", x, g.const(np.sqrt(2.0), dtype)))
         return g.op("Mul", g.op("Mul", x, g.op("Add", erf, g.const(1.0, dtype))), g.const(0.5, dtype))
 
-    def split_heads(self, x: str, heads: int) -> str:
-        """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]."""
+    def split_heads(self, x: str, heads: int, output: str | None = None) -> str:
+        """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim] (static graph: named `output`)."""
         if self.static:  # one token: the transpose moves no data, so a (free) reshape does it
-            return self.g.op("Reshape", x, self.g.const([0, heads, 1, self.d.head_dim]))
+            return self.g.op("Reshape", x, self.g.const([0, heads, 1, self.d.head_dim]), outputs=[output or
+                             self.g._unique("reshape")])
         shaped = self.g.op("Reshape", x, self.g.const([0, 0, heads, self.d.head_dim]))
         return self.g.op("Transpose", shaped, perm=[0, 2, 1, 3])
 
-    def rotary(self, x: str, cos: str, sin: str, heads: int) -> str:
+    def rotary(self, x: str, cos: str, sin: str, heads: int, output: str | None = None) -> str:
         """Rotate the leading rotary_dim of each head of x [batch, heads, seq, head_dim] (rotate-half form)."""
         g, rot, head_dim = self.g, self.d.rotary_dim, self.d.head_dim
         if self.static:  # ONNX Runtime's fused kernel: one launch instead of about eight (ORT-only graph)
             return g.op("RotaryEmbedding", x, c.POSITION_IDS, cos, sin, domain="com.microsoft", interleaved=0,
-                        num_heads=heads, rotary_embedding_dim=rot if rot < head_dim else 0)
+                        num_heads=heads, rotary_embedding_dim=rot if rot < head_dim else 0,
+                        outputs=[output or g._unique("rotary")])
         if rot < head_dim:
             rotated_part, rest = g.op("Split", x, g.const([rot, head_dim - rot]), axis=-1, outputs=2)
         else:
@@ -137,11 +167,16 @@ class DecoderGraph:
         return tables[0], tables[1]
 
     def attention_bias(self) -> str:
-        """[batch, 1, seq, total] float32: 0 where a query may attend a key, MASKED elsewhere."""
+        """[batch, 1, seq, total]: 0 where a query may attend a key, MASKED elsewhere.
+
+        float32 for the dynamic graph's float32 softmax; the static graph's is in the model dtype (see
+        attend_static), with MASKED clipped to what float16 holds.
+        """
         g = self.g
         if self.static:  # one query: the slot mask alone says which cached keys are valid
+            dtype = NUMPY_TYPES[self.dtype]
             valid = g.op("Unsqueeze", g.op("Equal", c.ATTENTION_MASK, g.const(1)), g.const([1, 2]))
-            return g.op("Where", valid, g.const(0.0, np.float32), g.const(MASKED, np.float32))
+            return g.op("Where", valid, g.const(0.0, dtype), g.const(max(MASKED, np.finfo(dtype).min), dtype))
         seq = g.op("Gather", g.op("Shape", c.INPUT_IDS), g.const(1), axis=0)
         total = g.op("Gather", g.op("Shape", c.ATTENTION_MASK), g.const(1), axis=0)
         query_pos = g.op("Range", g.op("Sub", total, seq), total, g.const(1))
@@ -179,18 +214,15 @@ class DecoderGraph:
         Only the scores, [batch, kv_heads, groups, cache + 1], are concatenated; after the softmax they are cut
         apart with constant negative-index slices. No shape arithmetic is needed, so the buffer length stays
         symbolic and every node can run inside a CUDA graph. Query heads are grouped per K/V head, so GQA
-        never expands K/V.
+        never expands K/V. The scores stay in the model dtype: ONNX Runtime's Softmax accumulates in float32
+        for float16 on its own, so explicit casts would only add kernels.
         """
         g, d = self.g, self.d
         grouped = g.op("Reshape", q, g.const([0, d.num_kv_heads, -1, d.head_dim]))
         past_scores = g.op("MatMul", grouped, g.op("Transpose", past_keys, perm=[0, 1, 3, 2]))
         # new_key is [batch, kv_heads, 1, head_dim]: its transpose is a reshape
         new_scores = g.op("MatMul", grouped, g.op("Reshape", new_key, g.const([0, d.num_kv_heads, d.head_dim, 1])))
-        if self.dtype != "float32":
-            past_scores, new_scores = (g.op("Cast", t, to=TensorProto.FLOAT) for t in (past_scores, new_scores))
         probs = g.op("Softmax", g.op("Concat", g.op("Add", past_scores, bias), new_scores, axis=-1), axis=-1)
-        if self.dtype != "float32":
-            probs = g.op("Cast", probs, to=ONNX_TYPES[self.dtype])
         last = g.const([-1])
         past_probs = g.op("Slice", probs, g.const([0]), last, last)
         new_probs = g.op("Slice", probs, last, g.const([np.iinfo(np.int64).max]), last)
@@ -216,49 +248,57 @@ class DecoderGraph:
         kv_width = d.num_kv_heads * d.head_dim
         return g.op("Split", qkv, g.const([d.num_heads * d.head_dim, kv_width, kv_width]), axis=-1, outputs=3)
 
-    def mlp(self, h: str, layer: Layer, i: int) -> str:
+    def mlp(self, h: str, layer: Layer, i: int, down_bias: bool = True) -> str:
         up = self.linear(h, layer.up, f"layers.{i}.mlp.up_proj")
         if layer.gate is None:
             inner = self.activation(up)
         else:
             inner = self.g.op("Mul", self.activation(self.linear(h, layer.gate, f"layers.{i}.mlp.gate_proj")), up)
-        return self.linear(inner, layer.down, f"layers.{i}.mlp.down_proj")
+        return self.linear(inner, layer.down, f"layers.{i}.mlp.down_proj", bias=down_bias)
 
     def build(self) -> onnx.ModelProto:
         d, g = self.d, self.g
         cos, sin = self.rotary_tables()
         bias = self.attention_bias()
         x = g.op("Gather", g.weight("embed_tokens.weight", d.embed), c.INPUT_IDS, axis=0)
+        h = self.norm(x, d.layers[0].input_norm, "layers.0.input_norm")
+        fold = self.static  # the output biases go into the fused residual-norm kernel (residual_norm)
         new_kv: dict[int, tuple[str, str]] = {}  # owner -> this step's (k, v)
         present: dict[int, tuple[str, str]] = {}  # owner -> past + new (dynamic graph)
         for i, layer in enumerate(d.layers):
-            h = self.norm(x, layer.input_norm, f"layers.{i}.input_norm")
             q, k, v = self.project_qkv(h, layer, i)
             q = self.rotary(self.split_heads(q, d.num_heads), cos, sin, d.num_heads)
             if k is not None:
-                k = self.rotary(self.split_heads(k, d.num_kv_heads), cos, sin, d.num_kv_heads)
-                v = self.split_heads(v, d.num_kv_heads)
-                if not self.static:
+                # The static graph's new K/V are its outputs, named where they are made (no copy).
+                key_name, value_name = (c.new_name(i, kind) if self.static else None for kind in c.KV_KINDS)
+                k = self.rotary(self.split_heads(k, d.num_kv_heads), cos, sin, d.num_kv_heads, key_name)
+                v = self.split_heads(v, d.num_kv_heads, value_name)
+                if self.static:
+                    new_kv[i] = (k, v)
+                else:
                     present[i] = tuple(g.op("Concat", c.past_name(i, kind), new, axis=2,
                                             outputs=[c.present_name(i, kind)]) for kind, new in zip(c.KV_KINDS, (k, v)))
-                else:
-                    new_kv[i] = tuple(g.op("Identity", new, outputs=[c.new_name(i, kind)])
-                                      for kind, new in zip(c.KV_KINDS, (k, v)))
             owner = self.strategy.kv_source[i]
             if not self.static:
                 context = self.attend(q, *present[owner], bias)
             else:
                 context = self.attend_static(q, c.past_name(owner, "key"), c.past_name(owner, "value"),
                                              *new_kv[owner], bias)
-            attn = self.linear(context, layer.o, f"layers.{i}.attn.o_proj")
+            attn = self.linear(context, layer.o, f"layers.{i}.attn.o_proj", bias=not fold)
+            last = i + 1 == len(d.layers)
+            following, following_name = ((d.final_norm, "final_norm") if last
+                                         else (d.layers[i + 1].input_norm, f"layers.{i + 1}.input_norm"))
             if d.parallel_residual:
-                mlp = self.mlp(self.norm(x, layer.post_attention_norm, f"layers.{i}.post_attention_norm"), layer, i)
-                x = g.op("Add", g.op("Add", x, attn), mlp)
+                mlp = self.mlp(self.norm(x, layer.post_attention_norm, f"layers.{i}.post_attention_norm"), layer, i,
+                               down_bias=not fold)
+                h, x = self.residual_norm(x, [attn, mlp], [layer.o.bias, layer.down.bias] if fold else [],
+                                          following, following_name)
             else:
-                x = g.op("Add", x, attn)
-                x = g.op("Add", x, self.mlp(self.norm(x, layer.post_attention_norm,
-                                                      f"layers.{i}.post_attention_norm"), layer, i))
-        logits = self.linear(self.norm(x, d.final_norm, "final_norm"), d.lm_head, "lm_head")
+                h, x = self.residual_norm(x, [attn], [layer.o.bias] if fold else [], layer.post_attention_norm,
+                                          f"layers.{i}.post_attention_norm")
+                mlp = self.mlp(h, layer, i, down_bias=not fold)
+                h, x = self.residual_norm(x, [mlp], [layer.down.bias] if fold else [], following, following_name)
+        logits = self.linear(h, d.lm_head, "lm_head")
         g.op("Cast", logits, to=TensorProto.FLOAT, outputs=[c.LOGITS])
         return self._model()
 

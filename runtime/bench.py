@@ -15,6 +15,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from kvexport.strategies.atomic import atomic_path, write_text_atomic
 from kvexport.strategies.contract import positions_from_mask
 
+from .baselines import BASELINES, baseline_model
 from .exported import ExportedModel
 from .generator import make_decoder
 from .kv_cache import TORCH_DTYPES
@@ -42,7 +44,7 @@ class BenchPoint:
     tokens_per_s: float
     kv_bytes: int
     weight_bytes: int
-    peak_device_mib: float | None  # device memory this point added (decoder, buffers, arenas) over the baseline
+    peak_device_mib: float | None  # device memory in use at this point's peak, whole device (see run_bench)
     floor_ms: float | None
     ratio_to_floor: float | None
 
@@ -88,6 +90,7 @@ def device_in_use_mib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()  # memory torch cached for earlier points is not this point's
     free, total = torch.cuda.mem_get_info(device)
     in_use = (total - free) - torch.cuda.memory_reserved(device) + torch.cuda.max_memory_reserved(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -118,34 +121,37 @@ def time_decoder(decoder, batch: int, context: int, steps: int, warmup: int, dev
     return prefill_ms, times
 
 
-def hf_step(model, token: torch.Tensor, past):
-    return model(input_ids=token, past_key_values=past, use_cache=True)
+def baseline_step(model, token: torch.Tensor, mask: torch.Tensor, past):
+    return model(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True)
 
 
-def load_hf(model_dir: Path, device: torch.device, dtype: torch.dtype):
-    """The baseline: Hugging Face transformers with eager attention."""
-    from transformers import AutoModelForCausalLM
+def time_baseline(model, batch: int, context: int, steps: int, warmup: int,
+                  device: torch.device) -> tuple[float | None, list[float]]:
+    """A manual decode loop over a baseline model and the cache objects it returns.
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").to(device, dtype).eval()
-
-
-def time_hf(model, batch: int, context: int, steps: int, warmup: int,
-            device: torch.device) -> tuple[float | None, list[float]]:
-    """A manual decode loop over the Hugging Face model and its own cache."""
+    Large points fill the cache in chunks of PREFILL_TOKEN_LIMIT tokens (untimed): one 64 x 2048 prefill makes
+    attention tensors of over 2^31 elements, past what ONNX Runtime's CUDA kernels index.
+    """
     clock = Clock(device)
     start = context - steps - warmup
     ids = torch.randint(0, model.config.vocab_size, (batch, start), device=device)
+    masks = [torch.ones((batch, start + n), dtype=torch.long, device=device) for n in range(warmup + steps + 1)]
+    timed_prefill = batch * start <= PREFILL_TOKEN_LIMIT
+    chunk = start if timed_prefill else max(1, PREFILL_TOKEN_LIMIT // batch)
     with torch.no_grad():
-        prefill_ms, output = clock.time(model, ids)
-        past = output.past_key_values
+        past = None
+        for begin in range(0, start, chunk):
+            end = min(start, begin + chunk)
+            prefill_ms, output = clock.time(baseline_step, model, ids[:, begin:end], masks[0][:, :end], past)
+            past = output.past_key_values
         token = torch.zeros((batch, 1), dtype=torch.long, device=device)
         times = []
         for step in range(warmup + steps):
-            ms, output = clock.time(hf_step, model, token, past)
+            ms, output = clock.time(baseline_step, model, token, masks[step + 1], past)
             past = output.past_key_values
             if step >= warmup:
                 times.append(ms)
-    return (prefill_ms if batch * start <= PREFILL_TOKEN_LIMIT else None), times
+    return (prefill_ms if timed_prefill else None), times
 
 
 @dataclass
@@ -158,12 +164,17 @@ class BenchSettings:
     warmup: int = 4
     cuda_graph: bool = False
     memory_budget_gib: float = 16.0
+    optimum_level: str = "O2"
 
 
 def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchSettings,
               progress: Callable[[str], None] = lambda _: None) -> dict:
     device = torch.device("cuda", 0) if settings.provider == "cuda" else torch.device("cpu")
     bandwidth = read_bandwidth(device)
+    # Each point's memory is the whole device's at its peak: the CUDA contexts, the weights, the cache buffers,
+    # ONNX Runtime's arenas (which only grow, so within one context they hold the largest prefill's
+    # transients so far) and torch's peak. Every decoder and baseline is freed before the next one is made.
+    device_in_use_mib(device)  # resets torch's peak counter
     budget = settings.memory_budget_gib * 2**30
     points: list[BenchPoint] = []
     capacity = {}
@@ -173,41 +184,57 @@ def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchS
         capacity[strategy] = {ctx: int((budget - weight_bytes) // (model.layout.bytes_per_token() * ctx))
                               for ctx in settings.contexts}
         for backend in settings.backends:
-            if backend == "hf" and (strategy != "none" or model_dir is None):
-                continue  # transformers cannot share a cache: it is the baseline for `none` only
-            hf_model = load_hf(model_dir, device, TORCH_DTYPES[model.dtype]) if backend == "hf" else None
-            for context in settings.contexts:
-                baseline = device_in_use_mib(device)  # before this context's decoder and its buffers exist
-                # One decoder per context: the static cache buffers are sized to it, read whole every step.
-                decoder = None if backend == "hf" else make_decoder(
-                    model, backend, settings.provider, 0, max(settings.batches), settings.cuda_graph, context)
-                for batch in settings.batches:
-                    progress(f"{backend} {strategy} batch {batch} context {context}")
-                    if backend == "hf":
-                        prefill, times = time_hf(hf_model, batch, context, settings.steps, settings.warmup, device)
-                    else:
-                        prefill, times = time_decoder(decoder, batch, context, settings.steps, settings.warmup,
-                                                      device, model.facts.vocab_size)
-                    median = statistics.median(times)
-                    kv_bytes = model.layout.bytes_per_token() * batch * context
-                    read_bytes = weight_bytes + model.layout.full_bytes_per_token * batch * context
-                    floor = read_bytes / bandwidth * 1e3 if bandwidth else None
-                    points.append(BenchPoint(
-                        backend=backend, strategy=strategy, batch=batch, context=context, prefill_ms=prefill,
-                        decode_ms_median=median, decode_ms_p90=float(np.percentile(times, 90)),
-                        tokens_per_s=batch / (median / 1e3), kv_bytes=kv_bytes, weight_bytes=weight_bytes,
-                        peak_device_mib=None if baseline is None else device_in_use_mib(device) - baseline,
-                        floor_ms=floor,
-                        ratio_to_floor=median / floor if floor else None))
-                del decoder
-                gc.collect()  # releases the sessions' device arenas before the next point
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            del hf_model
+            if backend in BASELINES and (strategy != "none" or model_dir is None):
+                continue  # the baselines cannot share a cache: they run for `none` only
+            points += bench_backend(backend, strategy, model, model_dir, settings, device, bandwidth, progress)
+            gc.collect()  # frees this backend's sessions and model before the next one is made
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "read_bandwidth_gb_s": bandwidth / 1e9 if bandwidth else None,
             "settings": asdict(settings), "points": [asdict(p) for p in points],
             "max_batch_in_budget": capacity}
+
+
+def bench_backend(backend: str, strategy: str, model: ExportedModel, model_dir: Path | None,
+                  settings: BenchSettings, device: torch.device, bandwidth: float | None,
+                  progress: Callable[[str], None]) -> list[BenchPoint]:
+    """Every batch x context point of one backend on one strategy."""
+    with (baseline_model(backend, model_dir, device, TORCH_DTYPES[model.dtype], settings.optimum_level)
+          if backend in BASELINES else nullcontext()) as reference_model:
+        return bench_points(backend, strategy, model, reference_model, settings, device, bandwidth, progress)
+
+
+def bench_points(backend: str, strategy: str, model: ExportedModel, reference_model, settings: BenchSettings,
+                 device: torch.device, bandwidth: float | None,
+                 progress: Callable[[str], None]) -> list[BenchPoint]:
+    """The points of one backend: reference_model is the baseline's model, None for kvexport's decoders."""
+    weight_bytes = model.manifest["weight_bytes"]
+    points = []
+    for context in settings.contexts:
+        # One decoder per context: the static cache buffers are sized to it, read whole every step.
+        decoder = None if reference_model is not None else make_decoder(
+            model, backend, settings.provider, 0, max(settings.batches), settings.cuda_graph, context)
+        for batch in settings.batches:
+            progress(f"{backend} {strategy} batch {batch} context {context}")
+            if reference_model is not None:
+                prefill, times = time_baseline(reference_model, batch, context, settings.steps,
+                                               settings.warmup, device)
+            else:
+                prefill, times = time_decoder(decoder, batch, context, settings.steps, settings.warmup,
+                                              device, model.facts.vocab_size)
+            median = statistics.median(times)
+            kv_bytes = model.layout.bytes_per_token() * batch * context
+            read_bytes = weight_bytes + model.layout.full_bytes_per_token * batch * context
+            floor = read_bytes / bandwidth * 1e3 if bandwidth else None
+            points.append(BenchPoint(
+                backend=backend, strategy=strategy, batch=batch, context=context, prefill_ms=prefill,
+                decode_ms_median=median, decode_ms_p90=float(np.percentile(times, 90)),
+                tokens_per_s=batch / (median / 1e3), kv_bytes=kv_bytes, weight_bytes=weight_bytes,
+                peak_device_mib=device_in_use_mib(device),
+                floor_ms=floor,
+                ratio_to_floor=median / floor if floor else None))
+        del decoder
+        gc.collect()  # releases the sessions' device arenas before the next point
+    return points
 
 
 def _fmt(value: float | None, spec: str = "{:.2f}") -> str:
@@ -216,12 +243,13 @@ def _fmt(value: float | None, spec: str = "{:.2f}") -> str:
 
 def table(report: dict) -> str:
     header = ("| backend | strategy | batch | context | prefill ms | decode ms (median) | p90 | tokens/s | KV MiB | "
-              "floor ms | measured/floor |")
-    lines = [header, "|" + "---|" * 11]
+              "peak MiB | floor ms | measured/floor |")
+    lines = [header, "|" + "---|" * 12]
     for p in report["points"]:
         lines.append(f"| {p['backend']} | {p['strategy']} | {p['batch']} | {p['context']} | {_fmt(p['prefill_ms'])} | "
                      f"{p['decode_ms_median']:.3f} | {p['decode_ms_p90']:.3f} | {p['tokens_per_s']:.0f} | "
-                     f"{p['kv_bytes'] / 2**20:.1f} | {_fmt(p['floor_ms'], '{:.3f}')} | {_fmt(p['ratio_to_floor'])} |")
+                     f"{p['kv_bytes'] / 2**20:.1f} | {_fmt(p['peak_device_mib'], '{:.0f}')} | "
+                     f"{_fmt(p['floor_ms'], '{:.3f}')} | {_fmt(p['ratio_to_floor'])} |")
     budget = (f"Max batch in a {report['settings']['memory_budget_gib']} GiB budget "
               "(weights + owner-only KV cache, computed from the cache layout):")
     contexts = report["settings"]["contexts"]

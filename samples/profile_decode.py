@@ -17,6 +17,7 @@ from kvexport.runtime.static_cache import StaticCacheDecoder
 from torch.profiler import ProfilerActivity, profile
 
 STEPS = 5
+TOP_KERNELS = 20
 
 
 def profile_point(directory: str, batch: int, context: int) -> None:
@@ -39,13 +40,14 @@ def profile_point(directory: str, batch: int, context: int) -> None:
         wall_ms = (time.perf_counter() - started) * 1e3 / STEPS
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy_ms = sum(e.device_time for e in kernels) / 1e3 / STEPS
-    by_name = Counter()
+    by_name, launches = Counter(), Counter()
     for e in kernels:
         by_name[e.name[:70]] += e.device_time / STEPS
+        launches[e.name[:70]] += 1 / STEPS
     print(f"{directory} batch {batch} context {context}: {len(kernels) / STEPS:.0f} kernels/step, "
           f"device busy {busy_ms:.3f} ms of {wall_ms:.3f} ms wall per step")
-    for name, us in by_name.most_common(6):
-        print(f"    {us / 1e3:7.3f} ms  {name}")
+    for name, us in by_name.most_common(TOP_KERNELS):
+        print(f"    {us / 1e3:7.3f} ms  {launches[name]:4.0f}x  {name}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+import torch
 from kvexport.exporter.cli import main
 
 
@@ -28,3 +30,42 @@ def test_bench_tensorrt_needs_cuda(tiny_neox, tmp_path, capsys):
     assert main(["bench", "--model", str(tiny_neox), "--share", "none", "--backends", "tensorrt", "--batch", "1",
                  "--context", "16", "--provider", "cpu", "--dtype", "float32", "--output", str(tmp_path)]) == 2
     assert "needs --provider cuda" in capsys.readouterr().err
+
+
+def test_bench_optimum_missing_is_one_clear_error(tiny_neox, tmp_path, capsys):
+    from kvexport.runtime.baselines import optimum_installed
+
+    if optimum_installed():
+        pytest.skip("optimum is installed here")
+    assert main(["bench", "--model", str(tiny_neox), "--share", "none", "--backends", "optimum", "--batch", "1",
+                 "--context", "16", "--provider", "cpu", "--dtype", "float32", "--output", str(tmp_path / "b")]) == 2
+    assert "kvexport[optimum]" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()  # refused before any export
+
+
+def test_optimum_baseline_matches_transformers_and_benches(tiny_neox, tmp_path):
+    """The Optimum baseline computes the same model (so the comparison is fair) and runs in the bench."""
+    pytest.importorskip("optimum.onnxruntime", reason="optimum-onnx needs transformers < 4.58: pip install "
+                        "'kvexport[optimum]' in its own environment")
+    from kvexport.runtime.baselines import baseline_model
+
+    cpu = torch.device("cpu")
+    ids = torch.randint(0, 8192, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), baseline_model("hf", tiny_neox, cpu, torch.float32) as hf, \
+            baseline_model("optimum", tiny_neox, cpu, torch.float32) as optimum:
+        expected, got = hf(input_ids=ids, attention_mask=mask), optimum(input_ids=ids, attention_mask=mask)
+        torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-4)
+        token, longer = torch.zeros((2, 1), dtype=torch.long), torch.ones((2, 10), dtype=torch.long)
+        step = optimum(input_ids=token, attention_mask=longer, past_key_values=got.past_key_values)
+        full = hf(input_ids=torch.cat([ids, token], 1), attention_mask=longer)
+        torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=1e-4, atol=1e-4)
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(tiny_neox), "--share", "none", "every:2", "--batch", "1", "--context", "16",
+                 "--provider", "cpu", "--dtype", "float32", "--steps", "2", "--warmup", "1",
+                 "--output", str(out)]) == 0  # default backends: optimum is in because it is installed
+    points = json.loads((out / "bench.json").read_text())["points"]
+    assert sorted({(p["backend"], p["strategy"]) for p in points}) == [
+        ("hf", "none"), ("optimum", "none"), ("ort", "every2"), ("ort", "none"), ("ort-static", "every2"),
+        ("ort-static", "none")]

@@ -41,6 +41,23 @@ def test_static_decode_gives_the_dynamic_graphs_logits(static_export):
         mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
 
 
+def test_static_graph_uses_fused_kernels(static_export):
+    """The decode graph's kernel count is what makes batch 1 fast on the GPU (docs/results.md): each residual
+    add is fused into the following norm, new K/V are outputs with no copy, and no casts surround the softmax."""
+    import onnx
+
+    manifest = json.loads((static_export / "kvexport.json").read_text())
+    layers, parallel = manifest["model"]["num_layers"], manifest["model"]["architecture"] == "gpt_neox"
+    graph = onnx.load(static_export / "model_static.onnx", load_external_data=False).graph
+    ops = [node.op_type for node in graph.node]
+    fused = "SkipLayerNormalization" if parallel else "SkipSimplifiedLayerNormalization"
+    assert ops.count(fused) == (1 if parallel else 2) * layers  # one per residual add
+    assert ops.count("RotaryEmbedding") == layers + len(manifest["cache"]["owners"])  # q per layer, k per owner
+    assert "Identity" not in ops and ops.count("Cast") == 1  # only the float32 logits
+    outputs = {node_output for node in graph.node for node_output in node.output}
+    assert {o.name for o in graph.output} <= outputs
+
+
 def test_buffers_are_allocated_once_and_updated_in_place(static_export):
     model = ExportedModel.load(static_export)
     decoder = StaticCacheDecoder(model, max_batch=2, max_length=32)
