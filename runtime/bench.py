@@ -97,6 +97,15 @@ def device_in_use_mib(device: torch.device) -> float | None:
     return in_use / 2**20
 
 
+def release(device: torch.device) -> None:
+    """Frees what the last decoder or baseline held before the next is made: ONNX Runtime's sessions (with
+    their arenas) and torch's cached blocks, which the next decoder's buffers would otherwise be carved from,
+    keeping the old segments reserved."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def time_decoder(decoder, batch: int, context: int, steps: int, warmup: int, device: torch.device,
                  vocab: int) -> tuple[float | None, list[float]]:
     rng = torch.Generator(device=device).manual_seed(0)
@@ -187,7 +196,7 @@ def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchS
             if backend in BASELINES and (strategy != "none" or model_dir is None):
                 continue  # the baselines cannot share a cache: they run for `none` only
             points += bench_backend(backend, strategy, model, model_dir, settings, device, bandwidth, progress)
-            gc.collect()  # frees this backend's sessions and model before the next one is made
+            release(device)
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "read_bandwidth_gb_s": bandwidth / 1e9 if bandwidth else None,
             "settings": asdict(settings), "points": [asdict(p) for p in points],
@@ -233,7 +242,7 @@ def bench_points(backend: str, strategy: str, model: ExportedModel, reference_mo
                 floor_ms=floor,
                 ratio_to_floor=median / floor if floor else None))
         del decoder
-        gc.collect()  # releases the sessions' device arenas before the next point
+        release(device)
     return points
 
 
