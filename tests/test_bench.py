@@ -69,3 +69,34 @@ def test_optimum_baseline_matches_transformers_and_benches(tiny_neox, tmp_path):
     assert sorted({(p["backend"], p["strategy"]) for p in points}) == [
         ("hf", "none"), ("optimum", "none"), ("ort", "every2"), ("ort", "none"), ("ort-static", "every2"),
         ("ort-static", "none")]
+
+
+def test_baseline_cache_filled_in_chunks_decodes_like_one_prefill(tiny_neox, monkeypatch):
+    """Large baseline points fill the cache in chunks (ONNX Runtime's CUDA kernels stop at 2^31 elements);
+    the decode steps after it must see the same cache as after one prefill."""
+    from kvexport.runtime import bench
+    from kvexport.runtime.baselines import baseline_model
+
+    class Recording:
+        def __init__(self, model):
+            self.model, self.config, self.last_logits = model, model.config, []
+
+        def __call__(self, **inputs):
+            output = self.model(**inputs)
+            self.last_logits.append(output.logits[:, -1])
+            return output
+
+    cpu = torch.device("cpu")
+    runs = {}
+    with baseline_model("hf", tiny_neox, cpu, torch.float32) as model:
+        for limit in (10**6, 16):  # one prefill; chunks of 16 tokens (8 positions at batch 2)
+            monkeypatch.setattr(bench, "PREFILL_TOKEN_LIMIT", limit)
+            torch.manual_seed(0)  # the same prompt ids both times
+            recording = Recording(model)
+            prefill_ms, _ = bench.time_baseline(recording, 2, 40, 3, 1, cpu)
+            runs[limit] = (prefill_ms, recording.last_logits)
+    (one_ms, one), (chunked_ms, chunked) = runs[10**6], runs[16]
+    assert one_ms is not None and chunked_ms is None  # chunked fills are not reported as a prefill time
+    assert len(one) == 1 + 4 and len(chunked) == 36 // 8 + 1 + 4  # 36 cached tokens, then 4 decode steps
+    for expected, actual in zip(one[1:], chunked[-4:], strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
