@@ -148,11 +148,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from kvexport.runtime.baselines import BASELINES, optimum_installed, require_optimum
     from kvexport.runtime.bench import BenchSettings, run_bench, table, write_report
+    from kvexport.runtime.ort_session import check_provider
     from tqdm import tqdm
 
     from .loading import load_model
     from .pipeline import export
 
+    check_provider(args.provider)  # before any export
     backends = args.backends or ["hf", *(["optimum"] if optimum_installed() else []), "ort", "ort-static"]
     if not args.backends and "optimum" not in backends:
         print("optimum is not installed: its baseline is left out", file=sys.stderr)

@@ -12,14 +12,28 @@ from .exported import ExportedModel
 from .kv_cache import KVCache
 
 
+def check_provider(provider: str) -> None:
+    """One-line errors for a provider this machine cannot serve (CUDA needs ORT's CUDA provider and a CUDA
+    build of torch, whose streams and tensors the runtime shares with ORT)."""
+    if provider not in ("cpu", "cuda"):
+        raise KvexportError(f"provider '{provider}' is not supported: use cpu or cuda")
+    if provider != "cuda":
+        return
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise KvexportError("ONNX Runtime has no CUDA provider here: pip install 'kvexport[gpu]' "
+                            "(onnxruntime-gpu, replacing onnxruntime) on a machine with an NVIDIA GPU, "
+                            "or use --provider cpu")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise KvexportError("torch sees no CUDA GPU (a CPU build of torch, or no GPU): install a CUDA build of "
+                            "torch on a machine with an NVIDIA GPU, or use --provider cpu")
+
+
 def make_session(path, provider: str = "cpu", device_id: int = 0, cuda_graph: bool = False) -> ort.InferenceSession:
     """An ONNX Runtime session on the CPU or on CUDA. On CUDA it runs on torch's current stream, so that work
     queued by torch (cache writes, sampling) and by ORT is ordered without host synchronisation."""
-    if provider not in ("cpu", "cuda"):
-        raise KvexportError(f"provider '{provider}' is not supported: use cpu or cuda")
-    if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise KvexportError("ONNX Runtime has no CUDA provider here: pip install 'kvexport[gpu]' "
-                            "(onnxruntime-gpu, replacing onnxruntime) on a machine with an NVIDIA GPU")
+    check_provider(provider)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3

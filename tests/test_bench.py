@@ -100,3 +100,13 @@ def test_baseline_cache_filled_in_chunks_decodes_like_one_prefill(tiny_neox, mon
     assert len(one) == 1 + 4 and len(chunked) == 36 // 8 + 1 + 4  # 36 cached tokens, then 4 decode steps
     for expected, actual in zip(one[1:], chunked[-4:], strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_on_cuda_without_a_gpu_is_one_clear_error(tiny_neox, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["bench", "--model", str(tiny_neox), "--batch", "1", "--context", "16",
+                 "--output", str(tmp_path / "b")]) == 2  # --provider cuda is the default
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "--provider cpu" in error[0]
+    assert not (tmp_path / "b").exists()
