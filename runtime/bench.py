@@ -3,7 +3,9 @@
 Each point fills the cache to `context - steps` tokens, then times decode steps (device events on CUDA, after
 warm-up; median and p90). Decode timing does not depend on cache contents, so large points fill the cache
 with random values instead of running a prefill; prefill is timed where batch x context is small enough to
-run it. The floor of a decode step is (weight bytes + cache bytes read) over the measured read bandwidth.
+run it. The baselines (hf, optimum: baselines.py) build their own cache objects, so they prefill, in
+chunks where one prefill would be too large. The floor of a decode step is (weight bytes + cache bytes read)
+over the measured read bandwidth.
 Every layer reads one cache per step, its own or its owner's, so sharing halves the cache held but not the
 cache read: the floor counts a full cache read whatever the strategy.
 """
