@@ -155,10 +155,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .pipeline import export
 
     check_provider(args.provider)  # before any export
-    backends = args.backends or ["hf", *(["optimum"] if optimum_installed() else []), "ort", "ort-static"]
-    if not args.backends and "optimum" not in backends:
-        print("optimum is not installed: its baseline is left out", file=sys.stderr)
-    if "optimum" in backends:
+    backends = args.backends
+    if backends is None:
+        backends = ["hf", *(["optimum"] if optimum_installed() else []), "ort", "ort-static"]
+        if "optimum" not in backends:
+            print("optimum is not installed: its baseline is left out", file=sys.stderr)
+    elif "optimum" in backends:
         require_optimum()
     if "tensorrt" in backends and args.provider != "cuda":
         raise KvexportError("the tensorrt backend needs --provider cuda")
