@@ -54,8 +54,10 @@ class GraphBuilder:
             self._constants[key] = name
         return self._constants[key]
 
-    def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, **attrs) -> str | list[str]:
-        names = outputs if isinstance(outputs, list) else [self._unique(op_type.lower()) for _ in range(outputs)]
+    def op(self, op_type: str, *inputs: str, outputs: int | list[str | None] = 1, **attrs) -> str | list[str]:
+        """outputs: a count of new names, or the names (None: a new one; "": an optional output left out)."""
+        wanted = [None] * outputs if isinstance(outputs, int) else outputs
+        names = [self._unique(op_type.lower()) if name is None else name for name in wanted]
         self.nodes.append(helper.make_node(op_type, list(inputs), names, name=self._unique(op_type), **attrs))
         return names[0] if len(names) == 1 else names
 
@@ -94,10 +96,12 @@ class DecoderGraph:
 
     def residual_norm(self, x: str, deltas: list[str], biases: list[torch.Tensor | None], norm: Norm,
                       name: str) -> tuple[str, str]:
-        """(norm(s), s) for the residual stream s = x + the deltas (+ the biases, static graph only).
+        """(norm(s), s) for the residual stream s = x + the deltas, each delta the output of a linear whose bias
+        is in `biases`.
 
         The static graph does it in one ONNX Runtime kernel, Skip(Simplified)LayerNormalization, which also
-        adds the biases its callers left out of their linears; the dynamic graph keeps standard ops.
+        adds those biases (its linears leave them out: see build); the dynamic graph keeps standard ops, its
+        linears having added their biases.
         """
         g = self.g
         if not self.static:
@@ -112,8 +116,8 @@ class DecoderGraph:
         if present_biases:
             inputs.append(g.weight(f"{name}.residual_bias", sum(present_biases)))
         op = "SkipLayerNormalization" if self.d.norm == "layernorm" else "SkipSimplifiedLayerNormalization"
-        normed, total = g._unique("normed"), g._unique("residual")
-        g.op(op, *inputs, outputs=[normed, "", "", total], domain="com.microsoft", epsilon=self.d.norm_eps)
+        normed, _, _, total = g.op(op, *inputs, outputs=[None, "", "", None], domain="com.microsoft",
+                                   epsilon=self.d.norm_eps)
         return normed, total
 
     def activation(self, x: str) -> str:
@@ -128,8 +132,7 @@ class DecoderGraph:
     def split_heads(self, x: str, heads: int, output: str | None = None) -> str:
         """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim] (static graph: named `output`)."""
         if self.static:  # one token: the transpose moves no data, so a (free) reshape does it
-            return self.g.op("Reshape", x, self.g.const([0, heads, 1, self.d.head_dim]), outputs=[output or
-                             self.g._unique("reshape")])
+            return self.g.op("Reshape", x, self.g.const([0, heads, 1, self.d.head_dim]), outputs=[output])
         shaped = self.g.op("Reshape", x, self.g.const([0, 0, heads, self.d.head_dim]))
         return self.g.op("Transpose", shaped, perm=[0, 2, 1, 3])
 
@@ -139,7 +142,7 @@ class DecoderGraph:
         if self.static:  # ONNX Runtime's fused kernel: one launch instead of about eight (ORT-only graph)
             return g.op("RotaryEmbedding", x, c.POSITION_IDS, cos, sin, domain="com.microsoft", interleaved=0,
                         num_heads=heads, rotary_embedding_dim=rot if rot < head_dim else 0,
-                        outputs=[output or g._unique("rotary")])
+                        outputs=[output])
         if rot < head_dim:
             rotated_part, rest = g.op("Split", x, g.const([rot, head_dim - rot]), axis=-1, outputs=2)
         else:
@@ -291,13 +294,13 @@ class DecoderGraph:
             if d.parallel_residual:
                 mlp = self.mlp(self.norm(x, layer.post_attention_norm, f"layers.{i}.post_attention_norm"), layer, i,
                                down_bias=not fold)
-                h, x = self.residual_norm(x, [attn, mlp], [layer.o.bias, layer.down.bias] if fold else [],
-                                          following, following_name)
+                h, x = self.residual_norm(x, [attn, mlp], [layer.o.bias, layer.down.bias], following,
+                                          following_name)
             else:
-                h, x = self.residual_norm(x, [attn], [layer.o.bias] if fold else [], layer.post_attention_norm,
+                h, x = self.residual_norm(x, [attn], [layer.o.bias], layer.post_attention_norm,
                                           f"layers.{i}.post_attention_norm")
                 mlp = self.mlp(h, layer, i, down_bias=not fold)
-                h, x = self.residual_norm(x, [mlp], [layer.down.bias] if fold else [], following, following_name)
+                h, x = self.residual_norm(x, [mlp], [layer.down.bias], following, following_name)
         logits = self.linear(h, d.lm_head, "lm_head")
         g.op("Cast", logits, to=TensorProto.FLOAT, outputs=[c.LOGITS])
         return self._model()
