@@ -179,7 +179,7 @@ class DecoderGraph:
         if self.static:  # one query: the slot mask alone says which cached keys are valid
             dtype = NUMPY_TYPES[self.dtype]
             valid = g.op("Unsqueeze", g.op("Equal", c.ATTENTION_MASK, g.const(1)), g.const([1, 2]))
-            return g.op("Where", valid, g.const(0.0, dtype), g.const(max(MASKED, np.finfo(dtype).min), dtype))
+            return g.op("Where", valid, g.const(0.0, dtype), g.const(max(MASKED, float(np.finfo(dtype).min)), dtype))
         seq = g.op("Gather", g.op("Shape", c.INPUT_IDS), g.const(1), axis=0)
         total = g.op("Gather", g.op("Shape", c.ATTENTION_MASK), g.const(1), axis=0)
         query_pos = g.op("Range", g.op("Sub", total, seq), total, g.const(1))
