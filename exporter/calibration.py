@@ -7,16 +7,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from kvexport.models import DEFAULT_MODEL, HELDOUT_FILE, shipped_directory
 from kvexport.strategies import KvexportError, Strategy, no_sharing
 
-from .loading import DEFAULT_MODEL, LoadedModel, resolve_model
+from .loading import LoadedModel
 from .models import describe
 from .reference import ReferenceDecoder
 
 
 def read_text(path: str | Path | None) -> str:
     """A text file, or by default the held-out text shipped with the default model."""
-    file = Path(path) if path else resolve_model(DEFAULT_MODEL)[1] / "heldout.txt"
+    file = Path(path) if path else shipped_directory(DEFAULT_MODEL) / HELDOUT_FILE
     if not file.is_file():
         raise KvexportError(f"text file {file} does not exist: pass --calib/--text with a UTF-8 text file")
     return file.read_text(encoding="utf-8")

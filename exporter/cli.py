@@ -7,10 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from kvexport.models import DEFAULT_MODEL
 from kvexport.strategies import SPEC_HELP, KvexportError, make_strategy
 from kvexport.strategies import contract as c
-
-from .loading import DEFAULT_MODEL
 
 DEFAULT_PROMPT = "In Python, a list"
 
@@ -146,10 +145,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from kvexport.runtime.baselines import BASELINES, optimum_installed, require_optimum
     from kvexport.runtime.bench import BenchSettings, run_bench, table, write_report
     from kvexport.runtime.ort_session import check_provider
-    from tqdm import tqdm
 
     from .loading import load_model
     from .pipeline import export
@@ -223,6 +223,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvexport", description="Share the KV cache across layers and export "
                                      "decoder LLMs to ONNX Runtime and TensorRT.")
+    parser.add_argument("--version", action="version", version=f"kvexport {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     export = sub.add_parser("export", help="export a model with a KV-sharing strategy (the default command)")
@@ -322,12 +323,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def installed_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("kvexport")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def require_onnxruntime() -> None:
+    """ONNX Runtime is an extra (its CPU and GPU distributions exclude each other): say which to install."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise KvexportError("ONNX Runtime is not installed: pip install 'kvexport[cpu]', or 'kvexport[gpu]' on a "
+                            "machine with an NVIDIA GPU")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("--") and argv[0] not in ("--help",):
+    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "--version"):
         argv.insert(0, "export")  # the headline form: kvexport --model M --share S
     args = build_parser().parse_args(argv)
     try:
+        require_onnxruntime()
         return args.func(args)
     except KvexportError as error:
         print(f"kvexport: error: {error}", file=sys.stderr)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from kvexport.runtime import ExportedModel, OrtDecoder
 from kvexport.strategies import Strategy, no_sharing
 from kvexport.strategies.atomic import atomic_path, write_text_atomic

@@ -7,16 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from kvexport.models import SHIPPED, shipped_directory
 from kvexport.strategies import KvexportError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = "tiny-neox"
-# Short names users type; a value that is a path is relative to the repository (models we ship).
-ALIASES = {
-    "tiny-neox": "samples/models/tiny-neox-pydoc",
-    **{f"pythia-{size}": f"EleutherAI/pythia-{size}" for size in
-       ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")},
-}
+# Short names users type for hub models; the shipped models' aliases are kvexport.models.SHIPPED.
+HUB_ALIASES = {f"pythia-{size}": f"EleutherAI/pythia-{size}" for size in
+               ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")}
+ALIASES = (*SHIPPED, *HUB_ALIASES)
 # Files an export needs besides the weights; copied next to the ONNX model as optimum-cli does.
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
@@ -28,7 +26,7 @@ class ModelNotFoundError(KvexportError):
 
 @dataclass
 class LoadedModel:
-    reference: str  # what the user asked for, normalised (hub id or absolute path)
+    reference: str  # what the user asked for, normalised (shipped model's alias, hub id or absolute path)
     directory: Path
     config: object
     hf_model: torch.nn.Module  # float32, eval mode; the ground truth for the `none` strategy
@@ -46,13 +44,16 @@ class LoadedModel:
 def resolve_model(reference: str) -> tuple[str, Path]:
     """(canonical reference, local directory) for an alias, a hub id, or a directory.
 
-    Models shipped in the repository are named by their repository-relative path, so that strategies and
-    manifests that record them stay valid on another checkout.
+    A shipped model is named by its alias, so that strategies and manifests that record it stay valid on any
+    installation.
     """
-    target = ALIASES.get(reference, reference)
-    shipped = REPO_ROOT / target
-    if not Path(target).is_absolute() and shipped.is_dir() and (shipped / "config.json").is_file():
-        return target, shipped
+    if reference in SHIPPED:
+        directory = shipped_directory(reference)
+        if not (directory / "config.json").is_file():
+            raise ModelNotFoundError(f"the shipped model '{reference}' is missing from this installation "
+                                     f"({directory}): reinstall kvexport")
+        return reference, directory
+    target = HUB_ALIASES.get(reference, reference)
     local = Path(target).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -61,7 +62,7 @@ def resolve_model(reference: str) -> tuple[str, Path]:
     if target.count("/") != 1 or target.startswith((".", "/", "~")):
         raise ModelNotFoundError(
             f"model '{reference}' is neither a directory nor a hub id (org/name) nor an alias "
-            f"({', '.join(sorted(ALIASES))})"
+            f"({', '.join(ALIASES)}): pass a model directory with config.json, a hub id, or one of those aliases"
         )
     return target, _download(target)
 

@@ -13,9 +13,10 @@ import json
 import numpy as np
 import onnx
 import torch
+from onnx import TensorProto, helper, numpy_helper
+
 from kvexport.strategies import Strategy
 from kvexport.strategies import contract as c
-from onnx import TensorProto, helper, numpy_helper
 
 from .models import DecoderDescription, Layer, Linear, Norm
 from .reference import MASKED

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+
 from kvexport.strategies import KvexportError, ModelFacts, Strategy, make_strategy
 from kvexport.strategies import contract as c
 

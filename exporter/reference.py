@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
 from kvexport.strategies import Strategy
 
 from .models import DecoderDescription, Linear, Norm

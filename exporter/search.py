@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tqdm import tqdm
+
 from kvexport.strategies import Strategy, StrategyError
 from kvexport.strategies.kvsharer import layer_distances, search
-from tqdm import tqdm
 
 from .calibration import Calibration, token_windows
 from .loading import LoadedModel

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+
 from kvexport.strategies import KvexportError, Strategy
 from kvexport.strategies import contract as c
 

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
 from kvexport.strategies.contract import KvexportError
 
 BASELINES = ("hf", "optimum")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from kvexport.strategies.atomic import atomic_path, write_text_atomic
 from kvexport.strategies.contract import positions_from_mask
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
 from kvexport.strategies.contract import positions_from_mask
 
 from .decoder import Decoder

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from kvexport.strategies import KvexportError
 from kvexport.strategies.contract import positions_from_mask
 

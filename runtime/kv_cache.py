@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from kvexport.strategies import CacheLayout
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # export dtype -> cache tensor dtype

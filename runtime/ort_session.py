@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
+
 from kvexport.strategies import KvexportError
 from kvexport.strategies import contract as c
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import torch
+
 from kvexport.strategies import KvexportError
 from kvexport.strategies import contract as c
 

@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import torch
+
 from kvexport.strategies import KvexportError
 from kvexport.strategies import contract as c
 

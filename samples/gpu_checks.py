@@ -12,6 +12,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 import torch
+
 from kvexport.exporter import export
 from kvexport.runtime import ExportedModel, Generator, OrtDecoder, SamplingConfig
 from kvexport.runtime.compare import compare_decoders

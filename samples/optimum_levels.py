@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from kvexport.runtime.bench import time_baseline
 
 WORKDIR = Path("/tmp/optprobe")

@@ -12,9 +12,10 @@ from collections import Counter
 
 import numpy as np
 import torch
+from torch.profiler import ProfilerActivity, profile
+
 from kvexport.runtime import ExportedModel
 from kvexport.runtime.static_cache import StaticCacheDecoder
-from torch.profiler import ProfilerActivity, profile
 
 STEPS = 5
 TOP_KERNELS = 20

@@ -7,11 +7,12 @@ Two steps, because the text lives in a Debian package on the CPU machine and tra
       python3.11-doc, PSF licence) into one gzipped JSON-lines file, one document per line, with the
       train / held-out split fixed here (every 20th document, by sorted path, is held out).
 
-  python samples/train_tiny.py train --corpus .train/corpus.jsonl.gz --out samples/models/tiny-neox-pydoc
+  python samples/train_tiny.py train --corpus .train/corpus.jsonl.gz --out kvexport/models/tiny-neox-pydoc
       Trains a byte-level BPE tokenizer (8192 tokens) on the training split, then a Pythia-architecture
       GPT-NeoX (parallel residual, 25% rotary) for a fixed time budget, keeps the checkpoint with the
-      best held-out loss, and writes it in Hugging Face format (fp16 safetensors) with the tokenizer,
-      a held-out text sample, the training log and a loss-curve PNG.
+      best held-out loss, and writes it in Hugging Face format (fp16 safetensors) with the tokenizer and
+      a held-out text sample into --out (the package data kvexport ships), and the training log and a
+      loss-curve PNG into --provenance (default samples/models/NAME, which stays out of the wheel).
 """
 
 from __future__ import annotations
@@ -190,7 +191,9 @@ def write_model(args, model, tokenizer, heldout_texts, log, summary) -> None:
     tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     (partial / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     (partial / "heldout.txt").write_text("\n\n".join(heldout_texts)[:HELDOUT_SAMPLE_CHARS], encoding="utf-8")
-    (partial / "training_log.json").write_text(json.dumps({"summary": summary, "args": {
+    provenance: Path = args.provenance or Path(__file__).parent / "models" / out.name
+    provenance.mkdir(parents=True, exist_ok=True)
+    (provenance / "training_log.json").write_text(json.dumps({"summary": summary, "args": {
         k: str(v) for k, v in vars(args).items() if k != "func"}, "log": log}, indent=1))
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([e["step"] for e in log], [e["train_loss"] for e in log], label="train (batch)")
@@ -199,7 +202,7 @@ def write_model(args, model, tokenizer, heldout_texts, log, summary) -> None:
     ax.set_xlabel("step"), ax.set_ylabel("cross-entropy (nats/token)"), ax.legend(), ax.grid(alpha=0.3)
     ax.set_title(f"{out.name}: held-out ppl {summary['best_heldout_ppl']:.1f}")
     fig.tight_layout()
-    fig.savefig(partial / "loss.png", dpi=100)
+    fig.savefig(provenance / "loss.png", dpi=100)
     partial.rename(out)
     print(json.dumps(summary))
 
@@ -213,6 +216,7 @@ def main() -> None:
     tr = sub.add_parser("train", help="train the tokenizer and the model")
     tr.add_argument("--corpus", type=Path, required=True)
     tr.add_argument("--out", type=Path, required=True)
+    tr.add_argument("--provenance", type=Path, help="where the log and loss curve go (default samples/models/NAME)")
     tr.add_argument("--minutes", type=float, default=5.0)
     tr.add_argument("--layers", type=int, default=8)
     tr.add_argument("--hidden", type=int, default=256)

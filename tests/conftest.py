@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from kvexport.exporter.loading import ALIASES, REPO_ROOT
 
-DEFAULT_MODEL_DIR = REPO_ROOT / ALIASES["tiny-neox"]
+from kvexport.models import shipped_directory
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_DIR = shipped_directory("tiny-neox")
 
 
 def _save_tiny(path: Path, config, model_class) -> Path:

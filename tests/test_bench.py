@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+
 from kvexport.exporter.cli import main
 
 

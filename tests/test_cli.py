@@ -1,6 +1,7 @@
 import json
 
 import pytest
+
 from kvexport.exporter.cli import main
 
 

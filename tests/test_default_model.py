@@ -4,7 +4,8 @@ import json
 import math
 
 import torch
-from conftest import DEFAULT_MODEL_DIR
+from conftest import DEFAULT_MODEL_DIR, REPO_ROOT
+
 from kvexport.exporter import load_model
 
 # Training measured 23.3 on the whole held-out split and 1008 for the unigram baseline (training_log.json);
@@ -20,5 +21,5 @@ def test_default_model_loads_offline_and_is_trained(monkeypatch):
     windows = torch.tensor(ids).view(8, 256)
     with torch.no_grad():
         loss = loaded.hf_model(input_ids=windows, labels=windows).loss.item()
-    summary = json.loads((DEFAULT_MODEL_DIR / "training_log.json").read_text())["summary"]
+    summary = json.loads((REPO_ROOT / "samples/models/tiny-neox-pydoc/training_log.json").read_text())["summary"]
     assert math.exp(loss) < PERPLEXITY_BOUND < summary["unigram_heldout_ppl"] / 10

@@ -5,6 +5,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+
 from kvexport.exporter import ReferenceDecoder, describe, export, load_model
 from kvexport.exporter import pipeline as export_module
 from kvexport.exporter import validate as validate_module

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+
 from kvexport.exporter import ReferenceDecoder, describe, load_model
 from kvexport.runtime import ExportedModel, Generator, SamplingConfig, choose_tokens
 from kvexport.strategies import KvexportError, Strategy

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+
 from kvexport.exporter.calibration import Calibration, token_windows
 from kvexport.exporter.cli import main
 from kvexport.exporter.evaluate import evaluate

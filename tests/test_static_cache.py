@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from kvexport.exporter import export
 from kvexport.runtime import ExportedModel, Generator, OrtDecoder, SamplingConfig
 from kvexport.runtime.static_cache import StaticCacheDecoder

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+
 from kvexport.strategies import Strategy, StrategyError, every, load_strategy, make_strategy, no_sharing
 
 
@@ -66,5 +67,5 @@ def test_sample_strategy_fits_the_default_model():
     from conftest import DEFAULT_MODEL_DIR, REPO_ROOT
 
     layers = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["num_hidden_layers"]
-    strategy = make_strategy(str(REPO_ROOT / "samples/strategy.json"), layers, "samples/models/tiny-neox-pydoc")
+    strategy = make_strategy(str(REPO_ROOT / "samples/strategy.json"), layers, "tiny-neox")
     assert 0 < len(strategy.shared) < layers

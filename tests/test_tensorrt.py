@@ -4,6 +4,7 @@ import importlib.util
 import json
 
 import pytest
+
 from kvexport.exporter.cli import main
 from kvexport.exporter.tensorrt_build import BuildOptions, engine_key, profile_shapes, rebuild_reason
 from kvexport.runtime import ExportedModel, OrtDecoder

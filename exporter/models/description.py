@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
 from kvexport.strategies import KvexportError
 
 
