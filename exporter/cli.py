@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="decode latency and memory per backend, strategy, batch and context")
     bench.add_argument("--model", default=DEFAULT_MODEL)
     bench.add_argument("--share", nargs="+", default=["none", "every:2"], help="strategies to compare")
-    bench.add_argument("--backends", nargs="+", choices=["hf", "optimum", "ort", "ort-static", "tensorrt"],
+    bench.add_argument("--backends", nargs="+", choices=["hf", "hf-compile", "optimum", "ort", "ort-static",
+                                                        "tensorrt"],
                        help="default: hf, optimum (where installed), ort, ort-static")
     bench.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
     bench.add_argument("--context", type=int, nargs="+", default=[128, 512, 2048],

@@ -73,6 +73,7 @@ class DecoderGraph:
     def __init__(self, description: DecoderDescription, strategy: Strategy, dtype: str, static: bool = False):
         self.d, self.strategy, self.dtype, self.static = description, strategy, dtype, static
         self.g = GraphBuilder(dtype)
+        self.positions: str | None = None  # static graph: [batch, 1] int64 from seqlens_k, made when first used
 
     # -- building blocks ---------------------------------------------------------------------------
     def linear(self, x: str, lin: Linear, name: str, bias: bool = True) -> str:
@@ -130,20 +131,20 @@ class DecoderGraph:
         erf = g.op("Erf", g.op("Div", x, g.const(np.sqrt(2.0), dtype)))
         return g.op("Mul", g.op("Mul", x, g.op("Add", erf, g.const(1.0, dtype))), g.const(0.5, dtype))
 
-    def split_heads(self, x: str, heads: int, output: str | None = None) -> str:
-        """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim] (static graph: named `output`)."""
-        if self.static:  # one token: the transpose moves no data, so a (free) reshape does it
-            return self.g.op("Reshape", x, self.g.const([0, heads, 1, self.d.head_dim]), outputs=[output])
+    def split_heads(self, x: str, heads: int) -> str:
+        """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]."""
         shaped = self.g.op("Reshape", x, self.g.const([0, 0, heads, self.d.head_dim]))
         return self.g.op("Transpose", shaped, perm=[0, 2, 1, 3])
 
-    def rotary(self, x: str, cos: str, sin: str, heads: int, output: str | None = None) -> str:
-        """Rotate the leading rotary_dim of each head of x [batch, heads, seq, head_dim] (rotate-half form)."""
+    def rotary(self, x: str, cos: str, sin: str, heads: int) -> str:
+        """Rotate the leading rotary_dim of each head (rotate-half form): x is [batch, heads, seq, head_dim], or
+        in the static graph [batch, 1, heads * head_dim]."""
         g, rot, head_dim = self.g, self.d.rotary_dim, self.d.head_dim
-        if self.static:  # ONNX Runtime's fused kernel: one launch instead of about eight (ORT-only graph)
-            return g.op("RotaryEmbedding", x, c.POSITION_IDS, cos, sin, domain="com.microsoft", interleaved=0,
-                        num_heads=heads, rotary_embedding_dim=rot if rot < head_dim else 0,
-                        outputs=[output])
+        if self.static:  # ONNX Runtime's fused kernel (ORT-only graph), at each row's own position
+            if self.positions is None:  # a row's position is its cache length (compact rows)
+                self.positions = g.op("Unsqueeze", g.op("Cast", c.SEQLENS_K, to=TensorProto.INT64), g.const([1]))
+            return g.op("RotaryEmbedding", x, self.positions, cos, sin, domain="com.microsoft", interleaved=0,
+                        num_heads=heads, rotary_embedding_dim=rot if rot < head_dim else 0)
         if rot < head_dim:
             rotated_part, rest = g.op("Split", x, g.const([rot, head_dim - rot]), axis=-1, outputs=2)
         else:
@@ -173,14 +174,9 @@ class DecoderGraph:
     def attention_bias(self) -> str:
         """[batch, 1, seq, total]: 0 where a query may attend a key, MASKED elsewhere.
 
-        float32 for the dynamic graph's float32 softmax; the static graph's is in the model dtype (see
-        attend_static), with MASKED clipped to what float16 holds.
+        float32, for the float32 softmax. (The static graph needs none: see attend_fused.)
         """
         g = self.g
-        if self.static:  # one query: the slot mask alone says which cached keys are valid
-            dtype = NUMPY_TYPES[self.dtype]
-            valid = g.op("Unsqueeze", g.op("Equal", c.ATTENTION_MASK, g.const(1)), g.const([1, 2]))
-            return g.op("Where", valid, g.const(0.0, dtype), g.const(max(MASKED, float(np.finfo(dtype).min)), dtype))
         seq = g.op("Gather", g.op("Shape", c.INPUT_IDS), g.const(1), axis=0)
         total = g.op("Gather", g.op("Shape", c.ATTENTION_MASK), g.const(1), axis=0)
         query_pos = g.op("Range", g.op("Sub", total, seq), total, g.const(1))
@@ -212,29 +208,44 @@ class DecoderGraph:
         probs = g.op("Softmax", g.op("Add", scores, bias), axis=-1)
         return probs if self.dtype == "float32" else g.op("Cast", probs, to=ONNX_TYPES[self.dtype])
 
-    def attend_static(self, q: str, past_keys: str, past_values: str, new_key: str, new_value: str, bias: str) -> str:
-        """One query over the cache buffers plus the new token, without concatenating (copying) the cache.
+    def attend_fused(self, h: str, layer: Layer, i: int, cos: str, sin: str,
+                     owner_kv: dict[int, tuple[str, str]]) -> str:
+        """Static graph: ONNX Runtime's GroupQueryAttention over the owner's whole cache buffer, which it updates
+        in place (the runtime binds present.{i}.* to the same buffer as past_key_values.{owner}.*): it writes the
+        new K/V at each row's slot seqlens_k, attends over slots 0..seqlens_k, and reads the cache once.
 
-        Only the scores, [batch, kv_heads, groups, cache + 1], are concatenated; after the softmax they are cut
-        apart with constant negative-index slices. No shape arithmetic is needed, so the buffer length stays
-        symbolic and every node can run inside a CUDA graph. Query heads are grouped per K/V head, so GQA
-        never expands K/V. The scores stay in the model dtype: ONNX Runtime's Softmax accumulates in float32
-        for float16 on its own, so explicit casts would only add kernels.
+        A shared layer runs the same op on its owner's buffer, fed the owner's new (unrotated) K/V again: it
+        rewrites the values the owner wrote at the same slot, so nothing is copied and the buffer stays right
+        (validate_static checks that both writes agree). Rotary runs inside the op where its kernel takes the
+        shape (head_dim a multiple of 16, rotary_dim / 2 a multiple of 8), else in RotaryEmbedding before it.
+        An owner that no layer shares with passes Q|K|V packed, as one input.
         """
-        g, d = self.g, self.d
-        grouped = g.op("Reshape", q, g.const([0, d.num_kv_heads, -1, d.head_dim]))
-        past_scores = g.op("MatMul", grouped, g.op("Transpose", past_keys, perm=[0, 1, 3, 2]))
-        # new_key is [batch, kv_heads, 1, head_dim]: its transpose is a reshape
-        new_scores = g.op("MatMul", grouped, g.op("Reshape", new_key, g.const([0, d.num_kv_heads, d.head_dim, 1])))
-        probs = g.op("Softmax", g.op("Concat", g.op("Add", past_scores, bias), new_scores, axis=-1), axis=-1)
-        last = g.const([-1])
-        past_probs = g.op("Slice", probs, g.const([0]), last, last)
-        new_probs = g.op("Slice", probs, last, g.const([np.iinfo(np.int64).max]), last)
-        context = g.op("Add", g.op("MatMul", past_probs, past_values), g.op("Mul", new_probs, new_value))
-        return g.op("Reshape", context, g.const([0, 1, d.num_heads * d.head_dim]))
+        d, g = self.d, self.g
+        owner = self.strategy.kv_source[i]
+        inside = d.head_dim % 16 == 0 and (d.rotary_dim // 2) % 8 == 0
+        if self.strategy.is_owner(i) and inside and not self.has_sharers(i):
+            query, key, value = self.project_qkv(h, layer, i, split=False), "", ""
+        else:
+            q, k, v = self.project_qkv(h, layer, i)
+            if not inside:
+                q = self.rotary(q, cos, sin, d.num_heads)
+                k = None if k is None else self.rotary(k, cos, sin, d.num_kv_heads)
+            if k is not None:
+                owner_kv[i] = (k, v)
+            query, (key, value) = q, owner_kv[owner]
+        context, _, _ = g.op(
+            "GroupQueryAttention", query, key, value, c.past_name(owner, "key"), c.past_name(owner, "value"),
+            c.SEQLENS_K, c.TOTAL_SEQUENCE_LENGTH, *((cos, sin) if inside else ()),
+            outputs=[None, *(c.present_name(i, kind) for kind in c.KV_KINDS)], domain="com.microsoft",
+            num_heads=d.num_heads, kv_num_heads=d.num_kv_heads, scale=1.0, do_rotary=int(inside))
+        return context
 
-    def project_qkv(self, h: str, layer: Layer, i: int) -> tuple[str, str | None, str | None]:
-        """Owners run one fused Q|K|V MatMul; shared layers only Q, so no K/V weights exist for them.
+    def has_sharers(self, owner: int) -> bool:
+        return any(source == owner for j, source in enumerate(self.strategy.kv_source) if j != owner)
+
+    def project_qkv(self, h: str, layer: Layer, i: int, split: bool = True):
+        """(q, k, v): owners run one fused Q|K|V MatMul (split=False: its packed output); shared layers only Q,
+        so no K/V weights exist for them.
 
         The attention scale 1/sqrt(head_dim) is folded into the Q weights (rotary is linear, so it commutes):
         one multiplication less per layer and step.
@@ -249,6 +260,8 @@ class DecoderGraph:
             None if q.bias is None else torch.cat([q.bias, layer.k.bias, layer.v.bias]),
         )
         qkv = self.linear(h, fused, f"layers.{i}.attn.qkv_proj")
+        if not split:
+            return qkv
         kv_width = d.num_kv_heads * d.head_dim
         return g.op("Split", qkv, g.const([d.num_heads * d.head_dim, kv_width, kv_width]), axis=-1, outputs=3)
 
@@ -263,31 +276,24 @@ class DecoderGraph:
     def build(self) -> onnx.ModelProto:
         d, g = self.d, self.g
         cos, sin = self.rotary_tables()
-        bias = self.attention_bias()
+        bias = None if self.static else self.attention_bias()
         x = g.op("Gather", g.weight("embed_tokens.weight", d.embed), c.INPUT_IDS, axis=0)
         h = self.norm(x, d.layers[0].input_norm, "layers.0.input_norm")
         fold = self.static  # the output biases go into the fused residual-norm kernel (residual_norm)
-        new_kv: dict[int, tuple[str, str]] = {}  # owner -> this step's (k, v)
-        present: dict[int, tuple[str, str]] = {}  # owner -> past + new (dynamic graph)
+        new_kv: dict[int, tuple[str, str]] = {}  # owner -> this step's (k, v), static graph
+        present: dict[int, tuple[str, str]] = {}  # owner -> past + new, dynamic graph
         for i, layer in enumerate(d.layers):
-            q, k, v = self.project_qkv(h, layer, i)
-            q = self.rotary(self.split_heads(q, d.num_heads), cos, sin, d.num_heads)
-            if k is not None:
-                # The static graph's new K/V are its outputs, named where they are made (no copy).
-                key_name, value_name = (c.new_name(i, kind) if self.static else None for kind in c.KV_KINDS)
-                k = self.rotary(self.split_heads(k, d.num_kv_heads), cos, sin, d.num_kv_heads, key_name)
-                v = self.split_heads(v, d.num_kv_heads, value_name)
-                if self.static:
-                    new_kv[i] = (k, v)
-                else:
+            if self.static:
+                context = self.attend_fused(h, layer, i, cos, sin, new_kv)
+            else:
+                q, k, v = self.project_qkv(h, layer, i)
+                q = self.rotary(self.split_heads(q, d.num_heads), cos, sin, d.num_heads)
+                if k is not None:
+                    k = self.rotary(self.split_heads(k, d.num_kv_heads), cos, sin, d.num_kv_heads)
+                    v = self.split_heads(v, d.num_kv_heads)
                     present[i] = tuple(g.op("Concat", c.past_name(i, kind), new, axis=2,
                                             outputs=[c.present_name(i, kind)]) for kind, new in zip(c.KV_KINDS, (k, v)))
-            owner = self.strategy.kv_source[i]
-            if not self.static:
-                context = self.attend(q, *present[owner], bias)
-            else:
-                context = self.attend_static(q, c.past_name(owner, "key"), c.past_name(owner, "value"),
-                                             *new_kv[owner], bias)
+                context = self.attend(q, *present[self.strategy.kv_source[i]], bias)
             attn = self.linear(context, layer.o, f"layers.{i}.attn.o_proj", bias=not fold)
             last = i + 1 == len(d.layers)
             following, following_name = ((d.final_norm, "final_norm") if last
@@ -308,19 +314,22 @@ class DecoderGraph:
 
     def _model(self) -> onnx.ModelProto:
         d, kv_type, static = self.d, ONNX_TYPES[self.dtype], self.static
+        value_info = helper.make_tensor_value_info
         seq = 1 if static else c.SEQUENCE
         past_dims = [c.BATCH, d.num_kv_heads, c.CACHE if static else c.PAST, d.head_dim]
-        out_dims = [c.BATCH, d.num_kv_heads, 1 if static else c.TOTAL, d.head_dim]
-        inputs = [
-            helper.make_tensor_value_info(c.INPUT_IDS, TensorProto.INT64, [c.BATCH, seq]),
-            helper.make_tensor_value_info(c.ATTENTION_MASK, TensorProto.INT64, [c.BATCH, c.CACHE if static else c.TOTAL]),
-            helper.make_tensor_value_info(c.POSITION_IDS, TensorProto.INT64, [c.BATCH, seq]),
-        ]
-        outputs = [helper.make_tensor_value_info(c.LOGITS, TensorProto.FLOAT, [c.BATCH, seq, d.vocab_size])]
-        for past, present in self.layout().names():
-            layer, kind = int(past.split(".")[1]), past.split(".")[2]
-            inputs.append(helper.make_tensor_value_info(past, kv_type, past_dims))
-            outputs.append(helper.make_tensor_value_info(c.new_name(layer, kind) if static else present, kv_type, out_dims))
+        present_dims = [c.BATCH, d.num_kv_heads, c.CACHE if static else c.TOTAL, d.head_dim]
+        inputs = [value_info(c.INPUT_IDS, TensorProto.INT64, [c.BATCH, seq])]
+        if static:
+            inputs += [value_info(c.SEQLENS_K, TensorProto.INT32, [c.BATCH]),
+                       value_info(c.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [1])]
+        else:
+            inputs += [value_info(c.ATTENTION_MASK, TensorProto.INT64, [c.BATCH, c.TOTAL]),
+                       value_info(c.POSITION_IDS, TensorProto.INT64, [c.BATCH, seq])]
+        inputs += [value_info(past, kv_type, past_dims) for past, _ in self.layout().names()]
+        outputs = [value_info(c.LOGITS, TensorProto.FLOAT, [c.BATCH, seq, d.vocab_size])]
+        present_layers = range(d.num_layers) if static else self.strategy.owners
+        outputs += [value_info(c.present_name(i, kind), kv_type, present_dims)
+                    for i in present_layers for kind in c.KV_KINDS]
         graph = helper.make_graph(self.g.nodes, "kvexport_decoder", inputs, outputs, self.g.initializers)
         opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if static else [])
         model = helper.make_model(graph, opset_imports=opsets, producer_name="kvexport", ir_version=IR_VERSION)

@@ -115,43 +115,44 @@ def validate_static(
     decode_steps: int = 3,
     seed: int = 1,
 ) -> ValidationReport:
-    """The static decode graph over preallocated buffers (longer than needed: unwritten slots must be masked
-    out), filled from the reference's prefill, against the reference's decode steps."""
+    """The static decode graph over preallocated buffers, filled from the reference's prefill, against the
+    reference's decode steps. Rows have different lengths and the buffers are longer than needed, with noise in
+    the unwritten slots, as reused buffers would have: the graph must read only each row's own slots. Every
+    shared layer's write into its owner's buffer must equal the owner's own."""
     rng = np.random.default_rng(seed)
     max_length = min(16, description.max_positions)
     lengths = [min(7, max_length - decode_steps), 4]
     batch, seq = len(lengths), max(lengths)
     ids = rng.integers(0, description.vocab_size, size=(batch, seq), dtype=np.int64)
-    prompt_mask = np.zeros((batch, seq), dtype=np.int64)
+    mask = np.zeros((batch, seq), dtype=np.int64)
     for row, length in enumerate(lengths):
-        prompt_mask[row, seq - length:] = 1
+        mask[row, seq - length:] = 1
     reference = ReferenceDecoder(description, strategy, torch.float64)
-    ref = reference.forward(torch.from_numpy(ids), torch.from_numpy(prompt_mask),
-                            torch.from_numpy(c.positions_from_mask(prompt_mask)))
+    ref = reference.forward(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(c.positions_from_mask(mask)))
     layout = cache_layout(description, strategy, dtype)
     buffers = {}
     for owner in strategy.owners:
         for kind, tensor in zip(c.KV_KINDS, ref.present[owner]):
-            # Unwritten slots hold noise, as reused buffers would: the mask must keep them out.
-            buffers[(owner, kind)] = rng.normal(size=layout.buffer_shape(batch, max_length)).astype(NUMPY_TYPES[dtype])
-            buffers[(owner, kind)][:, :, :seq] = tensor.numpy()
-    slots = np.zeros((batch, max_length), dtype=np.int64)
-    slots[:, :seq] = prompt_mask
-    mask = prompt_mask
+            buffers[owner, kind] = rng.normal(size=layout.buffer_shape(batch, max_length)).astype(NUMPY_TYPES[dtype])
+            for row, length in enumerate(lengths):  # compact rows: the left padding is dropped
+                buffers[owner, kind][row, :, :length] = tensor[row, :, seq - length:].numpy()
     session = ort.InferenceSession(str(static_path), providers=["CPUExecutionProvider"])
     report = ValidationReport(dtype, TOLERANCE[dtype])
-    for step in range(decode_steps):
+    for _ in range(decode_steps):
         token = ref.logits[:, -1].argmax(-1)[:, None]
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
         positions = c.positions_from_mask(mask)[:, -1:]
         ref = reference.forward(token, torch.from_numpy(mask), torch.from_numpy(positions), past=ref.present)
-        feeds = {c.INPUT_IDS: token.numpy(), c.ATTENTION_MASK: slots, c.POSITION_IDS: positions,
+        feeds = {c.INPUT_IDS: token.numpy(), c.SEQLENS_K: positions[:, 0].astype(np.int32),
+                 c.TOTAL_SEQUENCE_LENGTH: np.array([max_length], dtype=np.int32),
                  **{c.past_name(o, k): buffer for (o, k), buffer in buffers.items()}}
         outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
         diff, relative = _relative(outputs[c.LOGITS], ref.logits.numpy(), np.ones((batch, 1), dtype=bool))
         report.steps.append({"kind": "static decode", "max_abs_diff": diff, "relative": relative})
-        slot = seq + step
-        for (owner, kind), buffer in buffers.items():
-            buffer[:, :, slot] = outputs[c.new_name(owner, kind)][:, :, 0]
-        slots[:, slot] = 1
+        for layer, owner in enumerate(strategy.kv_source):
+            for kind in c.KV_KINDS:
+                if not np.array_equal(outputs[c.present_name(layer, kind)], outputs[c.present_name(owner, kind)]):
+                    raise ValidationError(f"the static graph's layer {layer} would write other {kind}s into layer "
+                                          f"{owner}'s cache than layer {owner} does: report this with the model")
+        buffers = {(o, k): outputs[c.present_name(o, k)] for (o, k) in buffers}
     return report

@@ -1,11 +1,13 @@
-"""The baselines `kvexport bench` compares against: Hugging Face transformers and Optimum's ORTModelForCausalLM.
+"""The baselines `kvexport bench` compares against: Hugging Face transformers (eager, and with its static cache
+under torch.compile) and Optimum's ORTModelForCausalLM.
 
-Both take the Hugging Face checkpoint (no strategy: neither can share a cache across layers), and both are
-driven by the same manual decode loop, each model with its own cache objects, so only the model differs.
+All take the Hugging Face checkpoint (no strategy: none can share a cache across layers), and all are driven by
+the same manual decode loop in bench.py, each model with its own cache objects, so only the model differs.
 """
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +17,7 @@ import torch
 
 from kvexport.strategies.contract import KvexportError
 
-BASELINES = ("hf", "optimum")
+BASELINES = ("hf", "hf-compile", "optimum")
 OPTIMUM_INSTALL = ("install it with pip install 'kvexport[optimum]' (optimum-onnx, which needs transformers < 4.58 "
                    "and onnxruntime-gpu for CUDA)")
 
@@ -34,11 +36,43 @@ def require_optimum() -> None:
         raise KvexportError(f"the optimum backend needs Optimum's ONNX Runtime support: {OPTIMUM_INSTALL}")
 
 
-def load_hf(model_dir: Path, device: torch.device, dtype: torch.dtype):
-    """Hugging Face transformers with eager attention."""
+def load_hf(model_dir: Path, device: torch.device, dtype: torch.dtype, attention: str = "eager"):
+    """Hugging Face transformers with the given attention implementation."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").to(device, dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention).to(device, dtype).eval()
+
+
+def cache_argument(model) -> str:
+    """The name transformers gives the cache in forward's arguments and outputs: newer 5.x releases renamed
+    past_key_values to cache (the old name still works, with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class CompiledStaticDecoder:
+    """transformers' documented fast decode path: a StaticCache (preallocated, updated in place) and the model's
+    forward under torch.compile(mode="reduce-overhead"), which replays each one-token step as a CUDA graph."""
+
+    def __init__(self, model):
+        import torch._dynamo
+
+        # One compiled graph per batch x cache length; the default limit (8) would fall back to eager mode.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.model, self.config, self.cache_name = model, model.config, cache_argument(model)
+        self.step_forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+
+    def new_cache(self, length: int):
+        from transformers import StaticCache
+
+        return StaticCache(config=self.config, max_cache_len=length)
+
+    def __call__(self, input_ids: torch.Tensor, cache, start: int):
+        """Tokens input_ids [batch, seq] at positions start.. into the cache. Prompts run eagerly, one-token steps
+        through the compiled graph; no attention mask, so every step has the same shapes (the cache position
+        alone masks the unwritten slots)."""
+        forward = self.step_forward if input_ids.shape[1] == 1 else self.model.forward
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        return forward(input_ids=input_ids, cache_position=positions, use_cache=True, **{self.cache_name: cache})
 
 
 def export_optimum(model_dir: Path, workdir: Path, device: torch.device, dtype: torch.dtype, level: str) -> Path:
@@ -65,9 +99,12 @@ def export_optimum(model_dir: Path, workdir: Path, device: torch.device, dtype: 
 @contextmanager
 def baseline_model(backend: str, model_dir: Path, device: torch.device, dtype: torch.dtype,
                    optimum_level: str = "O2") -> Iterator[object]:
-    """The baseline model, callable as model(input_ids=, attention_mask=, past_key_values=, use_cache=)."""
+    """The baseline model: a Hugging Face-style model (hf, optimum), or a CompiledStaticDecoder (hf-compile)."""
     if backend == "hf":
         yield load_hf(model_dir, device, dtype)
+        return
+    if backend == "hf-compile":
+        yield CompiledStaticDecoder(load_hf(model_dir, device, dtype, attention="sdpa"))
         return
     from optimum.onnxruntime import ORTModelForCausalLM
 

@@ -3,9 +3,9 @@
 Each point fills the cache to `context - steps` tokens, then times decode steps (device events on CUDA, after
 warm-up; median and p90). Decode timing does not depend on cache contents, so large points fill the cache
 with random values instead of running a prefill; prefill is timed where batch x context is small enough to
-run it. The baselines (hf, optimum: baselines.py) build their own cache objects, so they prefill, in
+run it. The baselines (hf, hf-compile, optimum: baselines.py) build their own cache objects, so they prefill, in
 chunks where one prefill would be too large. The floor of a decode step is (weight bytes + cache bytes read)
-over the measured read bandwidth.
+over the measured memory rate (memory_rate).
 Every layer reads one cache per step, its own or its owner's, so sharing halves the cache held but not the
 cache read: the floor counts a full cache read whatever the strategy.
 """
@@ -27,7 +27,7 @@ import torch
 from kvexport.strategies.atomic import atomic_path, write_text_atomic
 from kvexport.strategies.contract import positions_from_mask
 
-from .baselines import BASELINES, baseline_model
+from .baselines import BASELINES, CompiledStaticDecoder, baseline_model, cache_argument
 from .exported import ExportedModel
 from .generator import make_decoder
 from .kv_cache import TORCH_DTYPES
@@ -72,17 +72,24 @@ class Clock:
         return start.elapsed_time(end), result
 
 
-def read_bandwidth(device: torch.device) -> float | None:
-    """Bytes/s one can read: half the rate of a large device-to-device copy (which reads and writes)."""
+def memory_rate(device: torch.device) -> dict | None:
+    """Bytes/s device memory moves, measured two ways on 1 GiB: a read-only reduction (bytes read over its time)
+    and a device-to-device copy (bytes read plus bytes written over its time). The larger is the rate a decode
+    step's bytes are held against, so the floor is never lax."""
     if device.type != "cuda":
         return None
     source = torch.empty(1 << 28, dtype=torch.float32, device=device).normal_()
     target = torch.empty_like(source)
     clock = Clock(device)
-    for _ in range(3):
-        target.copy_(source)
-    ms = statistics.median(clock.time(target.copy_, source)[0] for _ in range(20))
-    return source.nbytes / (ms / 1e3)  # the copy moved 2 x nbytes; half of that rate is the read rate
+
+    def rate(work, traffic: int) -> float:
+        for _ in range(3):
+            work()
+        return traffic / (statistics.median(clock.time(work)[0] for _ in range(20)) / 1e3)
+
+    read = rate(lambda: source.sum(), source.nbytes)
+    copy = rate(lambda: target.copy_(source), 2 * source.nbytes)
+    return {"read_only_gb_s": read / 1e9, "copy_traffic_gb_s": copy / 1e9, "bytes_per_s": max(read, copy)}
 
 
 def device_in_use_mib(device: torch.device) -> float | None:
@@ -134,12 +141,18 @@ def time_decoder(decoder, batch: int, context: int, steps: int, warmup: int, dev
 
 
 def baseline_step(model, token: torch.Tensor, mask: torch.Tensor, past):
-    return model(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True)
+    name = cache_argument(model)
+    output = model(input_ids=token, attention_mask=mask, use_cache=True, **{name: past})
+    return output, output[name]
+
+
+def compiled_step(model: CompiledStaticDecoder, token: torch.Tensor, cache, start: int):
+    return model(token, cache, start), cache
 
 
 def time_baseline(model, batch: int, context: int, steps: int, warmup: int,
                   device: torch.device) -> tuple[float | None, list[float]]:
-    """A manual decode loop over a baseline model and the cache objects it returns.
+    """A manual decode loop over a baseline model and the cache objects it returns (hf-compile: its StaticCache).
 
     Large points fill the cache in chunks of PREFILL_TOKEN_LIMIT tokens (untimed): one 64 x 2048 prefill makes
     attention tensors of over 2^31 elements, past what ONNX Runtime's CUDA kernels index.
@@ -150,17 +163,18 @@ def time_baseline(model, batch: int, context: int, steps: int, warmup: int,
     masks = [torch.ones((batch, start + n), dtype=torch.long, device=device) for n in range(warmup + steps + 1)]
     timed_prefill = batch * start <= PREFILL_TOKEN_LIMIT
     chunk = start if timed_prefill else max(1, PREFILL_TOKEN_LIMIT // batch)
+    compiled = isinstance(model, CompiledStaticDecoder)
     with torch.no_grad():
-        past = None
+        past = model.new_cache(context) if compiled else None
         for begin in range(0, start, chunk):
             end = min(start, begin + chunk)
-            prefill_ms, output = clock.time(baseline_step, model, ids[:, begin:end], masks[0][:, :end], past)
-            past = output.past_key_values
+            step_args = (ids[:, begin:end], past, begin) if compiled else (ids[:, begin:end], masks[0][:, :end], past)
+            prefill_ms, (_, past) = clock.time(compiled_step if compiled else baseline_step, model, *step_args)
         token = torch.zeros((batch, 1), dtype=torch.long, device=device)
         times = []
         for step in range(warmup + steps):
-            ms, output = clock.time(baseline_step, model, token, masks[step + 1], past)
-            past = output.past_key_values
+            step_args = (token, past, start + step) if compiled else (token, masks[step + 1], past)
+            ms, (_, past) = clock.time(compiled_step if compiled else baseline_step, model, *step_args)
             if step >= warmup:
                 times.append(ms)
     return (prefill_ms if timed_prefill else None), times
@@ -182,7 +196,8 @@ class BenchSettings:
 def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchSettings,
               progress: Callable[[str], None] = lambda _: None) -> dict:
     device = torch.device("cuda", 0) if settings.provider == "cuda" else torch.device("cpu")
-    bandwidth = read_bandwidth(device)
+    rates = memory_rate(device)
+    bandwidth = rates["bytes_per_s"] if rates else None
     # Each point's memory is the whole device's at its peak: the CUDA contexts, the weights, the cache buffers,
     # ONNX Runtime's arenas (which only grow, so within one context they hold the largest prefill's
     # transients so far) and torch's peak. Every decoder and baseline is freed before the next one is made.
@@ -201,7 +216,7 @@ def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchS
             points += bench_backend(backend, strategy, model, model_dir, settings, device, bandwidth, progress)
             release(device)
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "read_bandwidth_gb_s": bandwidth / 1e9 if bandwidth else None,
+            "memory_rate": rates,
             "settings": asdict(settings), "points": [asdict(p) for p in points],
             "max_batch_in_budget": capacity}
 
@@ -262,6 +277,11 @@ def table(report: dict) -> str:
                      f"{p['decode_ms_median']:.3f} | {p['decode_ms_p90']:.3f} | {p['tokens_per_s']:.0f} | "
                      f"{p['kv_bytes'] / 2**20:.1f} | {_fmt(p['peak_device_mib'], '{:.0f}')} | "
                      f"{_fmt(p['floor_ms'], '{:.3f}')} | {_fmt(p['ratio_to_floor'])} |")
+    rates = report.get("memory_rate")
+    if rates:
+        lines += ["", f"floor ms = (weights + cache read) / {rates['bytes_per_s'] / 1e9:.0f} GB/s, the larger of a "
+                  f"read-only reduction ({rates['read_only_gb_s']:.0f} GB/s read) and a device copy "
+                  f"({rates['copy_traffic_gb_s']:.0f} GB/s read + written)"]
     budget = (f"Max batch in a {report['settings']['memory_budget_gib']} GiB budget "
               "(weights + owner-only KV cache, computed from the cache layout):")
     contexts = report["settings"]["contexts"]

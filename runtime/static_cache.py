@@ -1,10 +1,12 @@
 """Decoding over preallocated owner-only cache buffers, updated in place: no per-step allocation or cache copy.
 
 All owners' K and V live in one tensor [2 * owners, max_batch, kv_heads, max_length, head_dim], allocated once.
-Prefill runs the dynamic graph and writes the prompt's K/V into the buffers once. Each decode step runs the
-static decode graph (model_static.onnx) over the whole buffers, with every input and output bound to a fixed
-address, so ONNX Runtime can capture the step as a CUDA graph and replay it; the step's new K/V come out
-separately and one small copy writes them into the buffers at the current slot. Logits stay on the device.
+Rows are compact: row b's tokens fill slots 0..n_b - 1, so a row's length is its next token's slot and position,
+and rows of different lengths (or requests that joined at different times) share the buffers. Prefill runs the
+dynamic graph and writes each prompt's K/V into its row once, left padding dropped. Each decode step runs the
+static decode graph (model_static.onnx), whose GroupQueryAttention writes the new K/V into the buffers itself;
+every input and output is bound to a fixed address, so ONNX Runtime can capture the step as a CUDA graph and
+replay it. Logits stay on the device.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def bind(binding: ort.IOBinding, name: str, tensor: torch.Tensor, output: bool =
 
 
 def _numpy_dtype(dtype: torch.dtype):
-    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[dtype]
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}[dtype]
 
 
 class StaticKVCache(KVCache):
@@ -61,12 +63,11 @@ class StaticCacheDecoder(Decoder):
         self.kv_dtype = TORCH_DTYPES[model.dtype]
         self.storage = torch.zeros((owners_kv, max_batch, layout.num_kv_heads, self.max_length, layout.head_dim),
                                    dtype=self.kv_dtype, device=self.device)
-        self.new_kv = torch.zeros((owners_kv, max_batch, layout.num_kv_heads, 1, layout.head_dim),
-                                  dtype=self.kv_dtype, device=self.device)
-        # Decode inputs and outputs at fixed addresses; the mask marks written slots (the new token always counts).
+        # Decode inputs and outputs at fixed addresses. total_sequence_length is read on the host when a step is
+        # captured, so it is the constant buffer length; the rows' lengths come from seqlens_k.
         self.input_ids = torch.zeros((max_batch, 1), dtype=torch.int64, device=self.device)
-        self.position_ids = torch.zeros((max_batch, 1), dtype=torch.int64, device=self.device)
-        self.mask = torch.zeros((max_batch, self.max_length), dtype=torch.int64, device=self.device)
+        self.seqlens = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
+        self.total_length = torch.tensor([self.max_length], dtype=torch.int32)
         self.logits = torch.zeros((max_batch, 1, model.facts.vocab_size), dtype=torch.float32, device=self.device)
         self._bindings: dict[int, ort.IOBinding] = {}
         self._run_options: dict[int, ort.RunOptions] = {}
@@ -75,7 +76,6 @@ class StaticCacheDecoder(Decoder):
     def new_cache(self, batch: int) -> StaticKVCache:
         if batch > self.max_batch:
             raise KvexportError(f"batch {batch} exceeds the decoder's max_batch {self.max_batch}")
-        self.mask[:batch].zero_()
         return StaticKVCache(self, batch)
 
     def wrap_past(self, tensor: torch.Tensor):
@@ -84,7 +84,6 @@ class StaticCacheDecoder(Decoder):
     def random_cache(self, batch: int, length: int, generator: torch.Generator) -> StaticKVCache:
         cache = self.new_cache(batch)
         cache.storage[:, :, :, :length].normal_(generator=generator)
-        self.mask[:batch, :length] = 1
         cache.length = length
         return cache
 
@@ -92,13 +91,16 @@ class StaticCacheDecoder(Decoder):
         """One binding per batch size, made once: the addresses never change, as CUDA graph replay needs."""
         if batch not in self._bindings:
             binding = self.decode_session.io_binding()
-            for name, tensor in ((c.INPUT_IDS, self.input_ids), (c.POSITION_IDS, self.position_ids),
-                                 (c.ATTENTION_MASK, self.mask)):
-                bind(binding, name, tensor[:batch])
-            for j, (past, _) in enumerate(self.model.layout.names()):
-                layer, kind = int(past.split(".")[1]), past.split(".")[2]
-                bind(binding, past, self.storage[j, :batch])
-                bind(binding, c.new_name(layer, kind), self.new_kv[j, :batch], output=True)
+            bind(binding, c.INPUT_IDS, self.input_ids[:batch])
+            bind(binding, c.SEQLENS_K, self.seqlens[:batch])
+            bind(binding, c.TOTAL_SEQUENCE_LENGTH, self.total_length)
+            buffer = {past: self.storage[j, :batch] for j, (past, _) in enumerate(self.model.layout.names())}
+            for past, tensor in buffer.items():
+                bind(binding, past, tensor)
+            # Every layer's present is its owner's buffer: the attention op writes the new K/V there in place.
+            for layer, owner in enumerate(self.model.strategy.kv_source):
+                for kind in c.KV_KINDS:
+                    bind(binding, c.present_name(layer, kind), buffer[c.past_name(owner, kind)], output=True)
             bind(binding, c.LOGITS, self.logits[:batch], output=True)
             self._bindings[batch] = binding
             options = ort.RunOptions()
@@ -117,11 +119,8 @@ class StaticCacheDecoder(Decoder):
         if seq != 1:
             raise KvexportError("the static decode graph takes one token per step")
         self.input_ids[:batch].copy_(torch.as_tensor(input_ids))
-        self.position_ids[:batch].copy_(torch.as_tensor(position_ids))
+        self.seqlens[:batch].copy_(torch.as_tensor(position_ids)[:, 0])  # compact rows: position == slot
         self.decode_session.run_with_iobinding(self._decode_binding(batch), self._run_options[batch])
-        slot = cache.length
-        cache.storage[:, :, :, slot].copy_(self.new_kv[:, :batch, :, 0])  # the one write per step
-        self.mask[:batch, slot] = 1
         cache.length += 1
         return self.logits[:batch]
 
@@ -142,7 +141,7 @@ class StaticCacheDecoder(Decoder):
             bind(binding, present, presents[j], output=True)
         bind(binding, c.LOGITS, logits, output=True)
         self.prefill_session.run_with_iobinding(binding)
-        cache.storage[:, :, :, :seq].copy_(presents)
-        self.mask[:batch, :seq].copy_(inputs[c.ATTENTION_MASK])
+        for row, length in enumerate(inputs[c.ATTENTION_MASK].sum(-1).tolist()):  # compact rows: drop the padding
+            cache.storage[:, row, :, :length].copy_(presents[:, row, :, seq - length:])
         cache.length = seq
         return logits

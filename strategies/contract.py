@@ -23,6 +23,10 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+# Static decode graph: each row's cache is compact (row b's tokens fill slots 0..n_b - 1), so a row's length is
+# also the new token's slot and position.
+SEQLENS_K = "seqlens_k"  # int32 [batch]: tokens already cached per row (ORT GroupQueryAttention's name)
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 [1], on the host: the buffers' length
 
 # Symbolic dimension names used in the graph and in docs/design.md.
 BATCH, SEQUENCE, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
@@ -47,14 +51,9 @@ def past_name(layer: int, kind: str) -> str:
 
 
 def present_name(layer: int, kind: str) -> str:
-    """Graph output holding owner `layer`'s keys or values after this step (past + new)."""
+    """Graph output holding owner `layer`'s keys or values after this step (past + new). The static decode graph
+    has one for every layer: a shared layer's is its owner's buffer too (the runtime binds both there)."""
     return f"present.{layer}.{kind}"
-
-
-def new_name(layer: int, kind: str) -> str:
-    """Static decode graph output: only this step's keys or values of owner `layer`, [batch, kv_heads, 1, head_dim],
-    which the runtime writes into its cache buffer in place."""
-    return f"new_key_values.{layer}.{kind}"
 
 
 KV_KINDS = ("key", "value")

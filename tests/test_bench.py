@@ -81,6 +81,7 @@ def test_baseline_cache_filled_in_chunks_decodes_like_one_prefill(tiny_neox, mon
     class Recording:
         def __init__(self, model):
             self.model, self.config, self.last_logits = model, model.config, []
+            self.forward = model.forward  # its signature names the cache argument
 
         def __call__(self, **inputs):
             output = self.model(**inputs)
@@ -111,3 +112,25 @@ def test_bench_on_cuda_without_a_gpu_is_one_clear_error(tiny_neox, tmp_path, cap
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "--provider cpu" in error[0]
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_compiled_static_cache_baseline_decodes_like_transformers(tiny_neox):
+    """hf-compile (StaticCache + torch.compile) computes the same model as eager transformers, and the bench's
+    decode loop times it."""
+    from kvexport.runtime.baselines import baseline_model
+    from kvexport.runtime.bench import time_baseline
+
+    cpu = torch.device("cpu")
+    ids = torch.randint(0, 8192, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), baseline_model("hf", tiny_neox, cpu, torch.float32) as hf, \
+            baseline_model("hf-compile", tiny_neox, cpu, torch.float32) as compiled:
+        cache = compiled.new_cache(12)
+        logits = compiled(ids, cache, 0).logits[:, -1]
+        for step in range(3):
+            token = logits.argmax(-1, keepdim=True)
+            ids = torch.cat([ids, token], dim=1)
+            logits = compiled(token, cache, ids.shape[1] - 1).logits[:, -1]
+            torch.testing.assert_close(logits, hf(input_ids=ids).logits[:, -1], rtol=1e-4, atol=1e-4)
+        prefill_ms, times = time_baseline(compiled, batch=2, context=12, steps=2, warmup=1, device=cpu)
+    assert prefill_ms > 0 and len(times) == 2 and min(times) > 0
