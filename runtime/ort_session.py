@@ -35,6 +35,7 @@ def make_session(path, provider: str = "cpu", device_id: int = 0, cuda_graph: bo
     """An ONNX Runtime session on the CPU or on CUDA. On CUDA it runs on torch's current stream, so that work
     queued by torch (cache writes, sampling) and by ORT is ordered without host synchronisation."""
     check_provider(provider)
+    ort.set_default_logger_severity(3)  # errors only: ORT's start-up notes are not kvexport's output
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
