@@ -30,7 +30,7 @@ def token_windows(tokenizer, text: str, count: int, length: int, from_end: bool 
     Calibration takes them from the start of the text and evaluation from the end, so the two never overlap
     on the shipped held-out text.
     """
-    ids = tokenizer(text)["input_ids"]
+    ids = tokenizer(text, verbose=False)["input_ids"]  # a long text is the point, not a mistake
     needed = count * length
     if len(ids) < needed:
         raise KvexportError(f"the text has {len(ids)} tokens but {count} windows of {length} need {needed}: "

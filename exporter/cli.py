@@ -44,6 +44,12 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"{result.manifest['model']['num_layers']} layers cache K/V, {cache['bytes_per_token']} bytes/token "
           f"vs {cache['full_bytes_per_token']} full")
     if args.max_new_tokens > 0:
+        from kvexport.runtime import ExportedModel
+
+        if not ExportedModel.load(result.directory).has_tokenizer:
+            print(f"skipped the sample generation: {args.model} has no tokenizer files (the export is complete; "
+                  "generate from token ids through the Python API, or add tokenizer files to the model directory)")
+            return 0
         args.directory = result.directory
         return cmd_generate(args)
     return 0

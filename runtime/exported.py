@@ -9,6 +9,8 @@ from pathlib import Path
 from kvexport.strategies import CacheLayout, KvexportError, ModelFacts, Strategy
 from kvexport.strategies import contract as c
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one of them makes a tokenizer
+
 
 @dataclass
 class ExportedModel:
@@ -41,6 +43,10 @@ class ExportedModel:
         layout = CacheLayout(owners=strategy.owners, num_layers=facts.num_layers, num_kv_heads=facts.num_kv_heads,
                              head_dim=facts.head_dim, dtype=manifest["dtype"])
         return cls(directory, manifest, facts, strategy, layout)
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return any((self.directory / name).is_file() for name in TOKENIZER_FILES)
 
     def tokenizer(self):
         from transformers import AutoTokenizer

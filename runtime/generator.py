@@ -91,7 +91,8 @@ class Generator:
         return self._tokenizer
 
     def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
-        encoded = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+        # verbose=False: the length check against the model's positions is ours (stream), not the tokenizer's
+        encoded = [self.tokenizer(p, verbose=False)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
         if not encoded or any(len(ids) == 0 for ids in encoded):
             raise KvexportError("every prompt needs at least one token")
         return encoded

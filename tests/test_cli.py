@@ -63,3 +63,25 @@ def test_generate_rejects_bad_sampling_and_long_prompts(tiny_neox, export_cache,
     assert "top_p" in capsys.readouterr().err
     assert main(["generate", directory, "--prompt", "word " * 200]) == 2
     assert "shorten the prompt" in capsys.readouterr().err
+
+
+def test_model_without_tokenizer_exports_and_skips_generation(tiny_neox, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_neox, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    assert main(["--model", str(bare), "--share", "none", "--output", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped the sample generation" in printed and "has no tokenizer files" in printed
+    assert (tmp_path / "o" / "kvexport.json").is_file()
+
+
+def test_long_texts_print_no_tokenizer_warning(tiny_neox, export_cache):
+    """Past the tokenizer's model_max_length (512): kvexport's own one-line refusal, nothing from transformers."""
+    import subprocess
+    import sys
+
+    directory = str(export_cache(tiny_neox, "none"))
+    run = subprocess.run([sys.executable, "-m", "kvexport", "generate", directory, "--prompt", "word " * 600],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "shorten the prompt" in run.stderr
