@@ -279,9 +279,9 @@ def table(report: dict) -> str:
                      f"{_fmt(p['floor_ms'], '{:.3f}')} | {_fmt(p['ratio_to_floor'])} |")
     rates = report.get("memory_rate")
     if rates:
-        lines += ["", f"floor ms = (weights + cache read) / {rates['bytes_per_s'] / 1e9:.0f} GB/s, the larger of a "
-                  f"read-only reduction ({rates['read_only_gb_s']:.0f} GB/s read) and a device copy "
-                  f"({rates['copy_traffic_gb_s']:.0f} GB/s read + written)"]
+        lines += ["", (f"floor ms = (weights + cache read) / {rates['bytes_per_s'] / 1e9:.0f} GB/s, the larger of a "
+                       f"read-only reduction ({rates['read_only_gb_s']:.0f} GB/s read) and a device copy "
+                       f"({rates['copy_traffic_gb_s']:.0f} GB/s read + written)")]
     budget = (f"Max batch in a {report['settings']['memory_budget_gib']} GiB budget "
               "(weights + owner-only KV cache, computed from the cache layout):")
     contexts = report["settings"]["contexts"]

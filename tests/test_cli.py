@@ -83,5 +83,5 @@ def test_long_texts_print_no_tokenizer_warning(tiny_neox, export_cache):
 
     directory = str(export_cache(tiny_neox, "none"))
     run = subprocess.run([sys.executable, "-m", "kvexport", "generate", directory, "--prompt", "word " * 600],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "shorten the prompt" in run.stderr
