@@ -153,7 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from kvexport.runtime.baselines import BASELINES, optimum_installed, require_optimum
+    from kvexport.runtime.baselines import BASELINES, genai_installed, optimum_installed, require_genai, require_optimum
     from kvexport.runtime.bench import BenchSettings, run_bench, table, write_report
     from kvexport.runtime.ort_session import check_provider
 
@@ -162,12 +162,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     check_provider(args.provider)  # before any export
     backends = args.backends
-    if backends is None:
-        backends = ["hf", *(["optimum"] if optimum_installed() else []), "ort", "ort-static"]
-        if "optimum" not in backends:
-            print("optimum is not installed: its baseline is left out", file=sys.stderr)
-    elif "optimum" in backends:
-        require_optimum()
+    if backends is None:  # the peers a user would pick, where they are installed (hf-compile needs a GPU to matter)
+        peers = {"optimum": optimum_installed(), "ort-genai": genai_installed(), "hf-compile": args.provider == "cuda"}
+        backends = ["hf", *(peer for peer, present in peers.items() if present), "ort", "ort-static"]
+        for peer in ("optimum", "ort-genai"):
+            if not peers[peer]:
+                print(f"{peer} is not installed: its baseline is left out", file=sys.stderr)
+    for backend, require in (("optimum", require_optimum), ("ort-genai", require_genai)):
+        if backend in backends:
+            require()
     if "tensorrt" in backends and args.provider != "cuda":
         raise KvexportError("the tensorrt backend needs --provider cuda")
     output = Path(args.output)
@@ -286,9 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="decode latency and memory per backend, strategy, batch and context")
     bench.add_argument("--model", default=DEFAULT_MODEL)
     bench.add_argument("--share", nargs="+", default=["none", "every:2"], help="strategies to compare")
-    bench.add_argument("--backends", nargs="+", choices=["hf", "hf-compile", "optimum", "ort", "ort-static",
-                                                        "tensorrt"],
-                       help="default: hf, optimum (where installed), ort, ort-static")
+    bench.add_argument("--backends", nargs="+", choices=["hf", "hf-compile", "optimum", "ort-genai", "ort",
+                                                        "ort-static", "tensorrt"],
+                       help="default: hf, the peers that are installed (optimum, ort-genai; hf-compile on cuda), "
+                       "ort, ort-static")
     bench.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
     bench.add_argument("--context", type=int, nargs="+", default=[128, 512, 2048],
                        help="cache length at the end of each point's decode steps")

@@ -1,23 +1,45 @@
 """The baselines `kvexport bench` compares against: Hugging Face transformers (eager, and with its static cache
-under torch.compile) and Optimum's ORTModelForCausalLM.
+under torch.compile), Optimum's ORTModelForCausalLM, and ONNX Runtime GenAI.
 
-All take the Hugging Face checkpoint (no strategy: none can share a cache across layers), and all are driven by
-the same manual decode loop in bench.py, each model with its own cache objects, so only the model differs.
+All take the Hugging Face checkpoint (no strategy: none can share a cache across layers). The transformers and
+Optimum models are driven by the same manual decode loop in bench.py, each with its own cache objects; GenAI
+runs its own generator loop (GenAIDecoder.time).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kvexport.strategies.contract import KvexportError
 
-BASELINES = ("hf", "hf-compile", "optimum")
+BASELINES = ("hf", "hf-compile", "optimum", "ort-genai")
+GENAI_ARCHITECTURES = ("llama", "qwen2", "mistral")  # what GenAI's model builder and kvexport both export
+GENAI_INSTALL = "pip install 'kvexport[genai]' (onnxruntime-genai-cuda, with its model builder)"
+
+
+class PointRefused(KvexportError):
+    """A baseline that cannot run a bench point (a batch limit, an architecture it does not build): the bench
+    records the point as n/a with this reason."""
+
+
+def genai_installed() -> bool:
+    return importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+def require_genai() -> None:
+    if not genai_installed():
+        raise KvexportError(f"the ort-genai backend needs ONNX Runtime GenAI: {GENAI_INSTALL}")
 OPTIMUM_INSTALL = ("install it with pip install 'kvexport[optimum]' (optimum-onnx, which needs transformers < 4.58 "
                    "and onnxruntime-gpu for CUDA)")
 
@@ -75,6 +97,57 @@ class CompiledStaticDecoder:
         return forward(input_ids=input_ids, cache_position=positions, use_cache=True, **{self.cache_name: cache})
 
 
+class GenAIDecoder:
+    """ONNX Runtime GenAI as its users run it: its model builder's export of the same checkpoint (GroupQueryAttention,
+    packed QKV, its own static cache), CUDA graphs at batch 1 (where GenAI allows them), and its generator loop.
+    A step is timed on the host clock around generate_next_token() + get_next_tokens(), which includes GenAI's
+    sampling and the token's copy to the host (more work than kvexport's own points)."""
+
+    def __init__(self, model_dir: Path, workdir: Path, device: torch.device, dtype: torch.dtype):
+        from transformers import AutoConfig
+
+        architecture = AutoConfig.from_pretrained(model_dir).model_type
+        if architecture not in GENAI_ARCHITECTURES:
+            raise PointRefused(f"GenAI's model builder has no {architecture} model in kvexport's set "
+                               f"({', '.join(GENAI_ARCHITECTURES)})")
+        self.cuda = device.type == "cuda"
+        precision = "fp16" if dtype == torch.float16 else "fp32"
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(workdir),
+                   "-p", precision, "-e", "cuda" if self.cuda else "cpu"]
+        built = subprocess.run(command, capture_output=True, text=True, check=False)
+        if built.returncode != 0:
+            last = (built.stderr.strip().splitlines() or ["no message"])[-1]
+            raise PointRefused(f"GenAI's model builder failed: {last}")
+        self.directory = workdir
+
+    def time(self, batch: int, context: int, steps: int, warmup: int) -> tuple[float, list[float]]:
+        """(prefill ms, decode step ms) with the cache at `context` tokens after the last step."""
+        import onnxruntime_genai as og
+
+        config = og.Config(str(self.directory))
+        if self.cuda and batch == 1:
+            config.set_provider_option("cuda", "enable_cuda_graph", "1")
+        prompt = np.random.default_rng(0).integers(0, 1000, (batch, context - steps - warmup - 1), dtype=np.int32)
+        try:
+            model = og.Model(config)
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=context, batch_size=batch)
+            generator = og.Generator(model, params)
+            started = time.perf_counter()
+            generator.append_tokens(prompt)
+            prefill_ms = (time.perf_counter() - started) * 1e3
+            times = []
+            for step in range(warmup + steps + 1):  # the first call only samples the prompt's logits
+                started = time.perf_counter()
+                generator.generate_next_token()
+                generator.get_next_tokens()
+                if step > warmup:
+                    times.append((time.perf_counter() - started) * 1e3)
+        except RuntimeError as error:  # GenAI's limits (batch size, lengths) come as RuntimeError
+            raise PointRefused(str(error).strip().splitlines()[0]) from None
+        return prefill_ms, times
+
+
 def export_optimum(model_dir: Path, workdir: Path, device: torch.device, dtype: torch.dtype, level: str) -> Path:
     """Optimum's export as its users would make it for this device; returns the directory to load.
 
@@ -99,12 +172,17 @@ def export_optimum(model_dir: Path, workdir: Path, device: torch.device, dtype: 
 @contextmanager
 def baseline_model(backend: str, model_dir: Path, device: torch.device, dtype: torch.dtype,
                    optimum_level: str = "O2") -> Iterator[object]:
-    """The baseline model: a Hugging Face-style model (hf, optimum), or a CompiledStaticDecoder (hf-compile)."""
+    """The baseline model: a Hugging Face-style model (hf, optimum), a CompiledStaticDecoder (hf-compile) or a
+    GenAIDecoder (ort-genai)."""
     if backend == "hf":
         yield load_hf(model_dir, device, dtype)
         return
     if backend == "hf-compile":
         yield CompiledStaticDecoder(load_hf(model_dir, device, dtype, attention="sdpa"))
+        return
+    if backend == "ort-genai":
+        with tempfile.TemporaryDirectory(prefix="kvexport-genai-") as workdir:
+            yield GenAIDecoder(model_dir, Path(workdir), device, dtype)
         return
     from optimum.onnxruntime import ORTModelForCausalLM
 

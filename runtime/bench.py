@@ -27,7 +27,7 @@ import torch
 from kvexport.strategies.atomic import atomic_path, write_text_atomic
 from kvexport.strategies.contract import positions_from_mask
 
-from .baselines import BASELINES, CompiledStaticDecoder, baseline_model, cache_argument
+from .baselines import BASELINES, CompiledStaticDecoder, GenAIDecoder, PointRefused, baseline_model, cache_argument
 from .exported import ExportedModel
 from .generator import make_decoder
 from .kv_cache import TORCH_DTYPES
@@ -42,14 +42,15 @@ class BenchPoint:
     batch: int
     context: int
     prefill_ms: float | None
-    decode_ms_median: float
-    decode_ms_p90: float
-    tokens_per_s: float
+    decode_ms_median: float | None  # None: the backend refused this point (see note)
+    decode_ms_p90: float | None
+    tokens_per_s: float | None
     kv_bytes: int
     weight_bytes: int
     peak_device_mib: float | None  # device memory in use at this point's peak, whole device (see run_bench)
     floor_ms: float | None
     ratio_to_floor: float | None
+    note: str | None = None  # why a backend refused the point
 
 
 class Clock:
@@ -225,9 +226,20 @@ def bench_backend(backend: str, strategy: str, model: ExportedModel, model_dir: 
                   settings: BenchSettings, device: torch.device, bandwidth: float | None,
                   progress: Callable[[str], None]) -> list[BenchPoint]:
     """Every batch x context point of one backend on one strategy."""
-    with (baseline_model(backend, model_dir, device, TORCH_DTYPES[model.dtype], settings.optimum_level)
-          if backend in BASELINES else nullcontext()) as reference_model:
-        return bench_points(backend, strategy, model, reference_model, settings, device, bandwidth, progress)
+    try:
+        with (baseline_model(backend, model_dir, device, TORCH_DTYPES[model.dtype], settings.optimum_level)
+              if backend in BASELINES else nullcontext()) as reference_model:
+            return bench_points(backend, strategy, model, reference_model, settings, device, bandwidth, progress)
+    except PointRefused as refusal:  # the baseline cannot run this model at all
+        return [refused_point(backend, strategy, model, batch, context, str(refusal))
+                for context in settings.contexts for batch in settings.batches]
+
+
+def refused_point(backend: str, strategy: str, model: ExportedModel, batch: int, context: int,
+                  reason: str) -> BenchPoint:
+    return BenchPoint(backend, strategy, batch, context, None, None, None, None,
+                      model.layout.bytes_per_token() * batch * context, model.manifest["weight_bytes"], None, None,
+                      None, note=reason)
 
 
 def bench_points(backend: str, strategy: str, model: ExportedModel, reference_model, settings: BenchSettings,
@@ -242,12 +254,18 @@ def bench_points(backend: str, strategy: str, model: ExportedModel, reference_mo
             model, backend, settings.provider, 0, max(settings.batches), settings.cuda_graph, context)
         for batch in settings.batches:
             progress(f"{backend} {strategy} batch {batch} context {context}")
-            if reference_model is not None:
-                prefill, times = time_baseline(reference_model, batch, context, settings.steps,
-                                               settings.warmup, device)
-            else:
-                prefill, times = time_decoder(decoder, batch, context, settings.steps, settings.warmup,
-                                              device, model.facts.vocab_size)
+            try:
+                if isinstance(reference_model, GenAIDecoder):
+                    prefill, times = reference_model.time(batch, context, settings.steps, settings.warmup)
+                elif reference_model is not None:
+                    prefill, times = time_baseline(reference_model, batch, context, settings.steps,
+                                                   settings.warmup, device)
+                else:
+                    prefill, times = time_decoder(decoder, batch, context, settings.steps, settings.warmup,
+                                                  device, model.facts.vocab_size)
+            except PointRefused as refusal:
+                points.append(refused_point(backend, strategy, model, batch, context, str(refusal)))
+                continue
             median = statistics.median(times)
             kv_bytes = model.layout.bytes_per_token() * batch * context
             read_bytes = weight_bytes + model.layout.full_bytes_per_token * batch * context
@@ -273,6 +291,10 @@ def table(report: dict) -> str:
               "peak MiB | floor ms | measured/floor |")
     lines = [header, "|" + "---|" * 12]
     for p in report["points"]:
+        if p["decode_ms_median"] is None:
+            lines.append(f"| {p['backend']} | {p['strategy']} | {p['batch']} | {p['context']} | n/a: {p['note']} |"
+                         + " |" * 7)
+            continue
         lines.append(f"| {p['backend']} | {p['strategy']} | {p['batch']} | {p['context']} | {_fmt(p['prefill_ms'])} | "
                      f"{p['decode_ms_median']:.3f} | {p['decode_ms_p90']:.3f} | {p['tokens_per_s']:.0f} | "
                      f"{p['kv_bytes'] / 2**20:.1f} | {_fmt(p['peak_device_mib'], '{:.0f}')} | "
@@ -298,7 +320,7 @@ def plot(report: dict, output: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points, paths = report["points"], []
+    points, paths = [p for p in report["points"] if p["decode_ms_median"] is not None], []
     largest = max(p["batch"] for p in points)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key in sorted({(p["backend"], p["strategy"]) for p in points}):

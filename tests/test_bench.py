@@ -134,3 +134,27 @@ def test_compiled_static_cache_baseline_decodes_like_transformers(tiny_neox):
             torch.testing.assert_close(logits, hf(input_ids=ids).logits[:, -1], rtol=1e-4, atol=1e-4)
         prefill_ms, times = time_baseline(compiled, batch=2, context=12, steps=2, warmup=1, device=cpu)
     assert prefill_ms > 0 and len(times) == 2 and min(times) > 0
+
+
+def test_a_baseline_that_cannot_run_the_model_is_recorded_as_n_a(tiny_neox, export_cache):
+    """GenAI's builder has no GPT-NeoX: every point of that backend is n/a with the reason, and the rest runs."""
+    from kvexport.runtime import ExportedModel
+    from kvexport.runtime.bench import BenchSettings, run_bench, table
+
+    settings = BenchSettings(backends=("ort-genai", "ort"), batches=(1,), contexts=(16,), steps=2, warmup=1)
+    report = run_bench({"none": export_cache(tiny_neox, "none")}, tiny_neox, settings)
+    genai, ort = report["points"]
+    assert genai["decode_ms_median"] is None and "no gpt_neox model" in genai["note"]
+    assert ort["decode_ms_median"] > 0 and ort["note"] is None
+    assert "| ort-genai | none | 1 | 16 | n/a: GenAI's model builder has no gpt_neox" in table(report)
+    assert ExportedModel.load(export_cache(tiny_neox, "none")).facts.architecture == "gpt_neox"
+
+
+def test_genai_baseline_runs_on_llama(tiny_llama, export_cache):
+    pytest.importorskip("onnxruntime_genai", reason="ONNX Runtime GenAI is not installed (pip install "
+                        "onnxruntime-genai, or 'kvexport[genai]' on a GPU)")
+    from kvexport.runtime.bench import BenchSettings, run_bench
+
+    settings = BenchSettings(backends=("ort-genai",), batches=(1, 2), contexts=(16,), steps=2, warmup=1)
+    points = run_bench({"none": export_cache(tiny_llama, "none")}, tiny_llama, settings)["points"]
+    assert [p["batch"] for p in points] == [1, 2] and all(p["decode_ms_median"] > 0 for p in points)
