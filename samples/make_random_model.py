@@ -1,5 +1,6 @@
 """Write a random-weight model with the exact configuration of a public model, for GPU benchmarks where the hub
-is unreachable (latency and memory do not depend on the weights' values).
+is unreachable (latency and memory do not depend on the weights' values). It gets the shipped model's tokenizer,
+since tools such as GenAI's model builder want one (its 8192 ids fit either vocabulary).
 
     python samples/make_random_model.py pythia-160m /tmp/pythia-160m-random
     python samples/make_random_model.py llama-160m /tmp/llama-160m-random
@@ -8,7 +9,9 @@ is unreachable (latency and memory do not depend on the weights' values).
 import sys
 
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from kvexport.models import DEFAULT_MODEL, shipped_directory
 
 # The public config.json of each model (EleutherAI/pythia-160m, JackFram/llama-160m), field by field.
 CONFIGS = {
@@ -28,4 +31,5 @@ if __name__ == "__main__":
     config_class, model_class, fields = CONFIGS[sys.argv[1]]
     torch.manual_seed(0)
     model_class(config_class(**fields)).to(torch.float16).save_pretrained(sys.argv[2])
+    AutoTokenizer.from_pretrained(shipped_directory(DEFAULT_MODEL)).save_pretrained(sys.argv[2])
     print(f"wrote {sys.argv[2]}")
