@@ -58,15 +58,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvexport.runtime import Generator, SamplingConfig
 
+    # `generate` checks every file's hash by default; right after an export there is nothing to check.
     generator = Generator(args.directory, provider=args.provider, backend=getattr(args, "backend", "ort"),
-                          max_batch=len(args.prompt or [DEFAULT_PROMPT]), cuda_graph=getattr(args, "cuda_graph", False))
+                          max_batch=len(args.prompt or [DEFAULT_PROMPT]), cuda_graph=getattr(args, "cuda_graph", False),
+                          verify=not getattr(args, "no_verify", True))
     prompts = args.prompt or [DEFAULT_PROMPT]
-    try:
-        config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed,
-                                stop_token_ids=generator.model.facts.eos_token_ids)
-    except ValueError as error:
-        raise KvexportError(str(error)) from None
+    config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop_token_ids=generator.model.facts.eos_token_ids)
     if getattr(args, "stream", False) and len(prompts) == 1:
         print(prompts[0], end="", flush=True)
         for event in generator.stream(prompts, config):
@@ -102,6 +100,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if validation:
         print(f"validation          max relative logit error {validation['worst']:.2e} "
               f"(tolerance {validation['tolerance']:.0e})")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import time
+
+    from kvexport.runtime import ExportedModel
+    from kvexport.runtime.ort_session import open_graph
+
+    started = time.perf_counter()
+    model = ExportedModel.load(args.directory, verify_hashes=True)
+    hashed_s = time.perf_counter() - started
+    files = model.manifest["files"]
+    graphs = [name for name in (files["onnx"], files.get("static_decode")) if name]
+    for name in graphs:  # parses in ONNX Runtime, with the inputs and outputs of the strategy
+        open_graph(model, name)
+    records = model.manifest["integrity"]["files"]
+    size_mib = sum(record["bytes"] for record in records.values()) / 2**20
+    print(f"{args.directory}: ok: {len(records)} files ({size_mib:.1f} MiB) match their sizes and sha256 "
+          f"({hashed_s:.2f} s); {' and '.join(graphs)} load with the inputs and outputs of the export's strategy "
+          f"({len(model.strategy.owners)} of {model.strategy.num_layers} layers own a cache)")
     return 0
 
 
@@ -252,12 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
     generate.add_argument("--json", help="write the run's latency and memory report to this file")
     generate.add_argument("--backend", choices=["ort", "ort-static", "tensorrt"], default="ort")
+    generate.add_argument("--no-verify", action="store_true",
+                          help="skip the sha256 check of the export's files (sizes are still checked)")
     generate.add_argument("--cuda-graph", action="store_true", help="ort-static on CUDA: replay each step as a CUDA graph")
     generate.set_defaults(func=cmd_generate)
 
     inspect = sub.add_parser("inspect", help="print an export's strategy, owners and KV bytes per token")
     inspect.add_argument("directory", type=Path)
     inspect.set_defaults(func=cmd_inspect)
+
+    verify = sub.add_parser("verify", help="check an export: every file's size and sha256, and its graphs")
+    verify.add_argument("directory", type=Path)
+    verify.set_defaults(func=cmd_verify)
 
     search = sub.add_parser("search", help="KVSharer search: find layers that can share a cache")
     search.add_argument("--model", default=DEFAULT_MODEL)

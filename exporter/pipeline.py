@@ -1,7 +1,9 @@
 """Export a model under a strategy: build the graph, write the artifact directory, validate, publish.
 
 Everything is written into a hidden sibling directory first; only a complete, validated export is
-renamed to the requested name, so a failure never leaves a half-written artifact behind.
+renamed to the requested name, so a failure never leaves a half-written artifact behind. A sibling left by a
+process that was killed is removed by the next export to the same name. The manifest records every file's size
+and sha256 and the graphs' inputs and outputs, and is sealed with its own digest (strategies/integrity.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import onnx
 
 from kvexport.strategies import KvexportError, ModelFacts, Strategy, make_strategy
 from kvexport.strategies import contract as c
+from kvexport.strategies.integrity import record_files, seal
 
 from .loading import SIDE_FILES, LoadedModel, load_config, load_model
 from .models import DecoderDescription, describe
@@ -56,6 +59,28 @@ def write_onnx(model: onnx.ModelProto, directory: Path, name: str, weight_bytes:
     return external
 
 
+def graph_io(model: onnx.ModelProto) -> dict[str, list[str]]:
+    return {"inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output]}
+
+
+def remove_stale_partials(target: Path) -> None:
+    """Staging directories of earlier exports to the same name whose process is gone (killed mid-export)."""
+    for partial in target.parent.glob(f".{target.name}.partial-*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def export(
     model: str | LoadedModel,
     strategy: str | Strategy,
@@ -82,6 +107,7 @@ def export(
     log(f"exporting {loaded.reference} ({description.architecture}, {description.num_layers} layers) with "
         f"{len(strategy.owners)} cache owners, {dtype}")
 
+    remove_stale_partials(target)
     staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -89,10 +115,13 @@ def export(
         graph = build_decoder(description, strategy, dtype)
         weight_bytes = description.parameter_bytes(layout.bytes_per_element)
         external = write_onnx(graph, staging, c.MODEL_FILE, weight_bytes)
+        graphs = {c.MODEL_FILE: graph_io(graph)}
         del graph
         if static:
-            write_onnx(build_decoder(description, strategy, dtype, static=True), staging, c.STATIC_MODEL_FILE,
-                       weight_bytes)
+            static_graph = build_decoder(description, strategy, dtype, static=True)
+            write_onnx(static_graph, staging, c.STATIC_MODEL_FILE, weight_bytes)
+            graphs[c.STATIC_MODEL_FILE] = graph_io(static_graph)
+            del static_graph
         for name in SIDE_FILES:
             if (loaded.directory / name).is_file():
                 shutil.copy2(loaded.directory / name, staging / name)
@@ -119,8 +148,10 @@ def export(
             "files": {"onnx": c.MODEL_FILE, "external_data": c.WEIGHTS_FILE if external else None,
                       "static_decode": c.STATIC_MODEL_FILE if static else None},
             "validation": report.to_dict() if report else None,
+            "integrity": {"files": record_files(staging, [f.name for f in staging.iterdir() if f.is_file()]),
+                          "graphs": graphs},
         }
-        (staging / c.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        (staging / c.MANIFEST_FILE).write_text(json.dumps(seal(manifest), indent=2) + "\n")
         publish(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

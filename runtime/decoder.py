@@ -13,6 +13,8 @@ from .kv_cache import TORCH_DTYPES, KVCache
 
 class Decoder(ABC):
     model: ExportedModel
+    max_batch: int | None = None  # sequences one cache holds; None: no limit of the decoder's own
+    max_length: int | None = None  # tokens per sequence the cache holds; None: the model's positions
 
     @abstractmethod
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,

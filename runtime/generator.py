@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvexport.strategies import KvexportError
+from kvexport.strategies import InputError, KvexportError
 from kvexport.strategies.contract import positions_from_mask
 
 from .decoder import Decoder
 from .exported import ExportedModel
 from .ort_session import OrtDecoder
-from .sampling import SamplingConfig, choose_tokens
+from .sampling import SamplingConfig, choose_tokens, is_integer
 
 Prompt = str | Sequence[int]
 
@@ -77,9 +77,15 @@ def make_decoder(model: ExportedModel, backend: str = "ort", provider: str = "cp
 
 
 class Generator:
+    """Every request is checked in full (prompts, token ids, sampling settings, batch and lengths against the export
+    and the decoder) before anything runs, so a bad one raises an InputError and leaves nothing half done."""
+
     def __init__(self, model: ExportedModel | str | Path, provider: str = "cpu", device_id: int = 0,
-                 backend: str = "ort", max_batch: int = 8, cuda_graph: bool = False, max_length: int | None = None):
-        self.model = model if isinstance(model, ExportedModel) else ExportedModel.load(model)
+                 backend: str = "ort", max_batch: int = 8, cuda_graph: bool = False, max_length: int | None = None,
+                 verify: bool = False):
+        """verify: check every file's sha256 against the manifest when loading a directory (about a second per GB;
+        sizes and the graphs' inputs and outputs are always checked)."""
+        self.model = model if isinstance(model, ExportedModel) else ExportedModel.load(model, verify_hashes=verify)
         self.decoder = make_decoder(self.model, backend, provider, device_id, max_batch, cuda_graph, max_length)
         self._tokenizer = None
         self.last_stats: GenerationStats | None = None
@@ -91,11 +97,47 @@ class Generator:
         return self._tokenizer
 
     def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
-        # verbose=False: the length check against the model's positions is ours (stream), not the tokenizer's
-        encoded = [self.tokenizer(p, verbose=False)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
-        if not encoded or any(len(ids) == 0 for ids in encoded):
-            raise KvexportError("every prompt needs at least one token")
+        """Token ids per prompt: a list of prompts, each a str or a sequence of token ids in the vocabulary."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)):
+            raise InputError(f"prompts must be a list of prompts (each a str or a list of token ids), got a "
+                             f"{type(prompts).__name__}: pass [prompt] for one")
+        if len(prompts) == 0:
+            raise InputError("no prompts: pass at least one")
+        vocab = self.model.facts.vocab_size
+        encoded = []
+        for index, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                # verbose=False: the length check against the model's positions is ours (stream), not the tokenizer's
+                ids = self.tokenizer(prompt, verbose=False)["input_ids"]
+            elif isinstance(prompt, (Sequence, np.ndarray)) and not isinstance(prompt, bytes):
+                ids = list(prompt)
+                if not all(map(is_integer, ids)):
+                    bad = next(t for t in ids if not is_integer(t))
+                    raise InputError(f"prompt {index} has token id {bad!r}, not an integer: token ids are integers")
+            else:
+                raise InputError(f"prompt {index} is a {type(prompt).__name__}: give a str or a list of token ids")
+            if len(ids) == 0:
+                raise InputError(f"prompt {index} has no tokens: every prompt needs at least one")
+            outside = [int(t) for t in ids if not 0 <= t < vocab]
+            if outside:
+                raise InputError(f"prompt {index} has token id {outside[0]} outside the vocabulary [0, {vocab})")
+            encoded.append([int(t) for t in ids])
         return encoded
+
+    def check_request(self, batch: int, prompt_length: int, config: SamplingConfig) -> None:
+        vocab = self.model.facts.vocab_size
+        outside = [t for t in config.stop_token_ids if not 0 <= t < vocab]
+        if outside:
+            raise InputError(f"stop token id {outside[0]} is outside the vocabulary [0, {vocab})")
+        if self.decoder.max_batch is not None and batch > self.decoder.max_batch:
+            raise InputError(f"{batch} prompts exceed the decoder's max_batch {self.decoder.max_batch}: send fewer "
+                             "or create the Generator with a larger max_batch")
+        limits = [(self.model.facts.max_positions, "the model's positions"),
+                  (self.decoder.max_length, "the decoder's cache length")]
+        for limit, what in limits:
+            if limit is not None and prompt_length + config.max_new_tokens > limit:
+                raise InputError(f"prompt of {prompt_length} tokens plus {config.max_new_tokens} new tokens exceeds "
+                                 f"{what} ({limit}): shorten the prompt or lower max_new_tokens")
 
     @property
     def pad_token_id(self) -> int:
@@ -120,14 +162,11 @@ class Generator:
 
     def stream(self, prompts: Sequence[Prompt], config: SamplingConfig | None = None) -> Iterator[StreamEvent]:
         config = config or SamplingConfig(stop_token_ids=self.model.facts.eos_token_ids)
+        if not isinstance(config, SamplingConfig):
+            raise InputError(f"config must be a SamplingConfig, got a {type(config).__name__}")
         encoded = self.encode(prompts)
         ids, mask = self._left_pad(encoded)
-        limit = self.model.facts.max_positions
-        if ids.shape[1] + config.max_new_tokens > limit:
-            raise KvexportError(
-                f"prompt of {ids.shape[1]} tokens plus {config.max_new_tokens} new tokens exceeds the model's "
-                f"{limit} positions: shorten the prompt or lower max_new_tokens"
-            )
+        self.check_request(len(encoded), ids.shape[1], config)
         batch = len(encoded)
         rng = None
         stops = np.array(sorted(set(config.stop_token_ids)), dtype=np.int64)

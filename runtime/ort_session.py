@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from kvexport.strategies import KvexportError
+from kvexport.strategies import ContractMismatchError, ExportDirectoryError, KvexportError
 from kvexport.strategies import contract as c
 
 from .decoder import Decoder
@@ -50,10 +50,32 @@ def make_session(path, provider: str = "cpu", device_id: int = 0, cuda_graph: bo
     return ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", cuda_options)])
 
 
+def open_graph(model: ExportedModel, name: str, provider: str = "cpu", device_id: int = 0,
+               cuda_graph: bool = False) -> ort.InferenceSession:
+    """A session on one of the export's graphs, whose inputs and outputs must be those of the export's strategy
+    (a graph copied in from another export is refused before it runs)."""
+    check_provider(provider)
+    path = model.directory / name
+    try:
+        session = make_session(path, provider, device_id, cuda_graph)
+    except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own pybind types for an unreadable graph
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ExportDirectoryError(f"ONNX Runtime cannot load {path} ({first[:300]}): the export is damaged; "
+                                   f"re-export it ('kvexport verify {model.directory}' checks it)") from None
+    expected_inputs, expected_outputs = c.graph_io_names(model.strategy.kv_source, static=name == c.STATIC_MODEL_FILE)
+    inputs, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+    if set(inputs) != set(expected_inputs) or set(outputs) != set(expected_outputs):
+        missing = sorted(set(expected_inputs + expected_outputs) - set(inputs + outputs))
+        unexpected = sorted(set(inputs + outputs) - set(expected_inputs + expected_outputs))
+        raise ContractMismatchError(f"{path} is not the graph of this export's strategy (missing {missing[:3]}, "
+                                    f"unexpected {unexpected[:3]}): it was copied from another export; re-export")
+    return session
+
+
 class OrtDecoder(Decoder):
     def __init__(self, model: ExportedModel, provider: str = "cpu", device_id: int = 0):
         self.model, self.provider, self.device_id = model, provider, device_id
-        self.session = make_session(model.onnx_path, provider, device_id)
+        self.session = open_graph(model, model.manifest["files"]["onnx"], provider, device_id)
 
     def wrap_past(self, tensor):
         array = tensor.cpu().numpy()

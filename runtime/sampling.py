@@ -5,9 +5,22 @@ Written in torch so that it runs where the logits are: on the GPU, only the chos
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
+
+from kvexport.strategies import InputError
+
+
+def is_integer(value) -> bool:
+    """An int or numpy integer, not a bool (True is an int in Python, never a meant token id or count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_finite_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -20,10 +33,19 @@ class SamplingConfig:
     stop_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        """Every setting is checked here, so a bad one is refused before anything runs."""
+        if not is_integer(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer of at least 1, got {self.max_new_tokens!r}")
+        if not is_finite_real(self.temperature) or self.temperature < 0:
+            raise InputError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature!r}")
+        if not is_finite_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not is_integer(self.top_k) or self.top_k < 0:
+            raise InputError(f"top_k must be an integer >= 0 (0: no limit), got {self.top_k!r}")
+        if self.seed is not None and not is_integer(self.seed):
+            raise InputError(f"seed must be an integer or None, got {self.seed!r}")
+        if isinstance(self.stop_token_ids, (str, bytes)) or not all(map(is_integer, self.stop_token_ids)):
+            raise InputError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
 
     @property
     def greedy(self) -> bool:

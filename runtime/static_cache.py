@@ -15,13 +15,13 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from kvexport.strategies import KvexportError
+from kvexport.strategies import InputError, KvexportError
 from kvexport.strategies import contract as c
 
 from .decoder import Decoder
 from .exported import ExportedModel
 from .kv_cache import TORCH_DTYPES, KVCache
-from .ort_session import make_session
+from .ort_session import open_graph
 
 
 def bind(binding: ort.IOBinding, name: str, tensor: torch.Tensor, output: bool = False) -> None:
@@ -57,8 +57,8 @@ class StaticCacheDecoder(Decoder):
         self.model, self.max_batch = model, max_batch
         self.max_length = max_length or model.facts.max_positions
         self.device = torch.device("cuda", device_id) if provider == "cuda" else torch.device("cpu")
-        self.prefill_session = make_session(model.onnx_path, provider, device_id)
-        self.decode_session = make_session(model.directory / static, provider, device_id, cuda_graph)
+        self.prefill_session = open_graph(model, model.manifest["files"]["onnx"], provider, device_id)
+        self.decode_session = open_graph(model, static, provider, device_id, cuda_graph)
         layout, owners_kv = model.layout, len(model.layout.names())
         self.kv_dtype = TORCH_DTYPES[model.dtype]
         self.storage = torch.zeros((owners_kv, max_batch, layout.num_kv_heads, self.max_length, layout.head_dim),
@@ -75,7 +75,7 @@ class StaticCacheDecoder(Decoder):
 
     def new_cache(self, batch: int) -> StaticKVCache:
         if batch > self.max_batch:
-            raise KvexportError(f"batch {batch} exceeds the decoder's max_batch {self.max_batch}")
+            raise InputError(f"batch {batch} exceeds the decoder's max_batch {self.max_batch}")
         return StaticKVCache(self, batch)
 
     def wrap_past(self, tensor: torch.Tensor):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 FORMAT_NAME = "kvexport"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: GroupQueryAttention static graph (compact rows), integrity section
 
 MODEL_FILE = "model.onnx"
 STATIC_MODEL_FILE = "model_static.onnx"  # optional decode-only graph over fixed-size cache buffers
@@ -42,7 +42,26 @@ def positions_from_mask(attention_mask):
 
 
 class KvexportError(Exception):
-    """An error kvexport reports as one line: what is wrong and how to fix it."""
+    """An error kvexport reports as one line: what is wrong and how to fix it. The CLI prints it and exits 2;
+    the Python API raises one of its subclasses for anything a user can cause."""
+
+
+class ExportDirectoryError(KvexportError):
+    """An export directory that cannot be used as it is: missing, damaged, or from another kvexport version."""
+
+
+class IntegrityError(ExportDirectoryError):
+    """A file of an export differs from what its manifest records (missing, another size, another hash)."""
+
+
+class ContractMismatchError(ExportDirectoryError):
+    """An export whose parts disagree: a graph whose inputs and outputs are not the ones its strategy needs, or a
+    strategy.json that is not the manifest's strategy."""
+
+
+class InputError(KvexportError, ValueError):
+    """A request the runtime refuses before running anything: bad prompts, token ids, sampling settings or sizes.
+    Also a ValueError, as Python code expects for a bad argument."""
 
 
 def past_name(layer: int, kind: str) -> str:
@@ -57,6 +76,16 @@ def present_name(layer: int, kind: str) -> str:
 
 
 KV_KINDS = ("key", "value")
+
+
+def graph_io_names(kv_source: tuple[int, ...], static: bool) -> tuple[list[str], list[str]]:
+    """(input names, output names) that the dynamic graph, or the static decode graph, of a strategy has."""
+    owners = [i for i, source in enumerate(kv_source) if source == i]
+    pasts = [past_name(i, kind) for i in owners for kind in KV_KINDS]
+    present_layers = range(len(kv_source)) if static else owners
+    presents = [present_name(i, kind) for i in present_layers for kind in KV_KINDS]
+    step_inputs = [SEQLENS_K, TOTAL_SEQUENCE_LENGTH] if static else [ATTENTION_MASK, POSITION_IDS]
+    return [INPUT_IDS, *step_inputs, *pasts], [LOGITS, *presents]
 
 
 @dataclass(frozen=True)

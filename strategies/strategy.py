@@ -169,6 +169,8 @@ def load_strategy(path: str | os.PathLike[str]) -> Strategy:
         data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise StrategyError(f"strategy file {file} is not valid JSON ({error.msg} at line {error.lineno})") from None
+    except UnicodeDecodeError:
+        raise StrategyError(f"strategy file {file} is not UTF-8 text: pass a strategy.json") from None
     try:
         return Strategy.from_dict(data)
     except StrategyError as error:
