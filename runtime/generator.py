@@ -207,9 +207,10 @@ class Generator:
         )
 
     def generate(self, prompts: Sequence[Prompt], config: SamplingConfig | None = None) -> GenerationResult:
-        generated: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        for event in self.stream(prompts, config):
+        encoded = self.encode(prompts)  # validated before anything else touches them
+        generated: list[list[int]] = [[] for _ in encoded]
+        done = [False] * len(encoded)
+        for event in self.stream(encoded, config):
             for row, token in enumerate(event.token_ids):
                 if not done[row]:
                     generated[row].append(int(token))

@@ -23,6 +23,9 @@ def is_finite_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class SamplingConfig:
     max_new_tokens: int = 32
@@ -49,7 +52,8 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures this close to 0 are greedy: dividing by them overflows the logits (as in vLLM)."""
+        return self.temperature < GREEDY_BELOW
 
     def generator(self, device: torch.device) -> torch.Generator:
         generator = torch.Generator(device=device)

@@ -136,3 +136,10 @@ def test_manifest_describes_the_export(tiny_neox, export_cache):
     assert model.layout.owners == (0, 2)
     assert model.layout.bytes_per_token() * 2 == model.layout.full_bytes_per_token
     assert model.facts.max_positions == 128 and model.facts.eos_token_ids == [0]
+
+
+def test_a_tiny_temperature_samples_the_top_token():
+    """Found by the property tests: logits / 1e-209 overflowed to inf and the softmax to NaN."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.25]])
+    config = SamplingConfig(max_new_tokens=1, temperature=2e-209, seed=0)
+    assert choose_tokens(logits, config, config.generator(torch.device("cpu"))).tolist() == [1, 0]
