@@ -1,4 +1,4 @@
-"""Train the small GPT-NeoX that kvexport uses as its offline default model.
+"""Train the small models kvexport ships as offline defaults: tiny-neox (GPT-NeoX) and tiny-llama (Llama).
 
 Two steps, because the text lives in a Debian package on the CPU machine and training wants a GPU:
 
@@ -8,12 +8,13 @@ Two steps, because the text lives in a Debian package on the CPU machine and tra
       train / held-out split fixed here (every 20th document, by sorted path, is held out).
 
   python samples/train_tiny.py train --corpus .train/corpus.jsonl.gz --out kvexport/models/tiny-neox-pydoc
-      Trains a byte-level BPE tokenizer (8192 tokens) on the training split, then a Pythia-architecture
-      GPT-NeoX (parallel residual, 25% rotary) for a fixed time budget, keeps the checkpoint with the
-      best held-out loss, and writes it in Hugging Face format (fp16 safetensors) with the tokenizer and
-      a held-out text sample into --out (the package data kvexport ships), and the training log and a
-      loss-curve PNG into --provenance (default samples/models/NAME, which stays out of the wheel).
-"""
+  python samples/train_tiny.py train --architecture llama --corpus .train/corpus.jsonl.gz \
+      --out kvexport/models/tiny-llama-pydoc
+      Trains a byte-level BPE tokenizer (8192 tokens) on the training split, then the model (see make_model)
+      for a fixed time budget, keeps the checkpoint with the best held-out loss, and writes it in Hugging Face
+      format (fp16 safetensors) with the tokenizer and a held-out text sample into --out (the package data
+      kvexport ships), and the training log and a loss-curve PNG into --provenance (default
+      samples/models/NAME, which stays out of the wheel)."""
 
 from __future__ import annotations
 
@@ -109,9 +110,28 @@ def heldout_loss(model, ids, context: int, device: str) -> float:
     return total / count
 
 
+def make_model(args: argparse.Namespace, tokenizer):
+    """neox: the Pythia architecture (parallel residual, 25% rotary, LayerNorm, GELU); llama: the Llama
+    architecture with full multi-head attention (so there are KV heads to compress), RMSNorm, SwiGLU, full rotary."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    shared = {"vocab_size": len(tokenizer), "hidden_size": args.hidden, "num_hidden_layers": args.layers,
+              "num_attention_heads": args.heads, "max_position_embeddings": args.context,
+              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+              "tie_word_embeddings": False, "attention_dropout": args.dropout}  # the corpus is small: regularise
+    if args.architecture == "neox":
+        return GPTNeoXForCausalLM(GPTNeoXConfig(
+            **shared, intermediate_size=4 * args.hidden, rotary_pct=0.25, rotary_emb_base=10000,
+            use_parallel_residual=True, hidden_act="gelu", hidden_dropout=args.dropout))
+    # SwiGLU's three matrices at 8/3 of the hidden size hold as many weights as a 4x GELU MLP's two.
+    intermediate = -(-8 * args.hidden // 3 // 64) * 64
+    return LlamaForCausalLM(LlamaConfig(
+        **shared, num_key_value_heads=args.heads, intermediate_size=intermediate, hidden_act="silu",
+        rms_norm_eps=1e-5, rope_theta=10000.0))
+
+
 def train(args: argparse.Namespace) -> None:
     import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -121,14 +141,7 @@ def train(args: argparse.Namespace) -> None:
     unigram_ppl = unigram_perplexity(train_ids, heldout_ids, len(tokenizer))
     print(f"tokens: train {len(train_ids)}, held-out {len(heldout_ids)}; unigram held-out ppl {unigram_ppl:.1f}")
 
-    config = GPTNeoXConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, intermediate_size=4 * args.hidden, max_position_embeddings=args.context,
-        rotary_pct=0.25, rotary_emb_base=10000, use_parallel_residual=True, hidden_act="gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
-        hidden_dropout=args.dropout, attention_dropout=args.dropout,  # the corpus is small: regularise
-    )
-    model = GPTNeoXForCausalLM(config).to(device)
+    model = make_model(args, tokenizer).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     windows = len(train_ids) // (args.context + 1)
     generator = torch.Generator().manual_seed(args.seed)
@@ -166,7 +179,9 @@ def train(args: argparse.Namespace) -> None:
                 best_loss = eval_loss
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
-    model.config.hidden_dropout = model.config.attention_dropout = 0.0  # inference has no dropout
+    model.config.attention_dropout = 0.0  # inference has no dropout
+    if args.architecture == "neox":
+        model.config.hidden_dropout = 0.0
     write_model(args, model, tokenizer, heldout_texts, log,
                 {"unigram_heldout_ppl": unigram_ppl, "best_heldout_ppl": math.exp(best_loss), "steps": step,
                  "train_tokens": len(train_ids), "heldout_tokens": len(heldout_ids), "device": device,
@@ -216,6 +231,7 @@ def main() -> None:
     tr = sub.add_parser("train", help="train the tokenizer and the model")
     tr.add_argument("--corpus", type=Path, required=True)
     tr.add_argument("--out", type=Path, required=True)
+    tr.add_argument("--architecture", choices=["neox", "llama"], default="neox")
     tr.add_argument("--provenance", type=Path, help="where the log and loss curve go (default samples/models/NAME)")
     tr.add_argument("--minutes", type=float, default=5.0)
     tr.add_argument("--layers", type=int, default=8)
