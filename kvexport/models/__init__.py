@@ -11,7 +11,7 @@ from importlib.resources import files
 from pathlib import Path
 
 # alias -> directory of package data
-SHIPPED = {"tiny-neox": "tiny-neox-pydoc"}
+SHIPPED = {"tiny-neox": "tiny-neox-pydoc", "tiny-llama": "tiny-llama-pydoc"}
 DEFAULT_MODEL = "tiny-neox"
 HELDOUT_FILE = "heldout.txt"  # held-out text of the model's corpus: default calibration and evaluation text
 
