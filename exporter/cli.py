@@ -152,6 +152,32 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress_heads(args: argparse.Namespace) -> int:
+    from .calibration import read_text, token_windows
+    from .compress_heads import check_kv_heads, compress_heads, write_compressed
+    from .loading import load_model
+    from .models import describe
+
+    if args.output.exists():  # before any work
+        raise KvexportError(f"{args.output} exists: choose another -o")
+    loaded = load_model(args.model)
+    description = describe(loaded.config, loaded.weights)
+    check_kv_heads(description, args.kv_heads)
+    windows = token_windows(loaded.tokenizer(), read_text(args.calib), args.samples, args.length)
+    compressed, errors = compress_heads(description, windows, args.kv_heads, args.method)
+    record = {"method": args.method, "source": loaded.reference, "kv_heads": args.kv_heads,
+              "original_kv_heads": description.num_kv_heads,
+              "calibration": {"text": str(args.calib or "the default model's held-out text"), "samples": args.samples,
+                              "length": args.length, "from": "start"},
+              "layers": errors}
+    write_compressed(compressed, loaded.directory, loaded.config, args.output, record)
+    mean = {kind: sum(e[f"relative_{kind}_error"] for e in errors) / len(errors) for kind in ("key", "value")}
+    print(f"wrote {args.output}: {args.kv_heads} of {description.num_kv_heads} KV heads per layer ({args.method}); "
+          f"mean relative reconstruction error on the calibration text: keys {mean['key']:.3f}, "
+          f"values {mean['value']:.3f}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .calibration import read_text, token_windows
     from .evaluate import evaluate, table, write_report
@@ -300,6 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="walk the most dissimilar pairs first (KVSharer) or the most similar (for comparison)")
     search.add_argument("-o", "--output", type=Path, default=Path(c.STRATEGY_FILE))
     search.set_defaults(func=cmd_search)
+
+    heads = sub.add_parser("compress-heads", help="fewer KV heads: turn multi-head into grouped-query attention")
+    heads.add_argument("--model", default=DEFAULT_MODEL)
+    heads.add_argument("--kv-heads", type=int, required=True, help="KV heads per layer after compression")
+    heads.add_argument("--method", choices=["rope-svd", "mean"], default="rope-svd",
+                       help="rope-svd: fitted to calibration K/V, commuting with rotary; mean: GQA's mean-pooling")
+    heads.add_argument("--calib", help="calibration text file (default: the default model's held-out text)")
+    heads.add_argument("--samples", type=int, default=32, help="calibration windows")
+    heads.add_argument("--length", type=int, default=128, help="tokens per calibration window")
+    heads.add_argument("-o", "--output", type=Path, required=True)
+    heads.set_defaults(func=cmd_compress_heads)
 
     evaluation = sub.add_parser("eval", help="perplexity and accuracy of strategies on held-out text")
     evaluation.add_argument("--model", default=DEFAULT_MODEL)
