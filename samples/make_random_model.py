@@ -4,9 +4,10 @@ since tools such as GenAI's model builder want one (its 8192 ids fit either voca
 
     python samples/make_random_model.py pythia-160m /tmp/pythia-160m-random
     python samples/make_random_model.py llama-160m /tmp/llama-160m-random
+    python samples/make_random_model.py llama-160m /tmp/llama-160m-kv4 --kv-heads 4    # grouped-query attention
 """
 
-import sys
+import argparse
 
 import torch
 from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -28,8 +29,15 @@ CONFIGS = {
 }
 
 if __name__ == "__main__":
-    config_class, model_class, fields = CONFIGS[sys.argv[1]]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shape", choices=sorted(CONFIGS))
+    parser.add_argument("output")
+    parser.add_argument("--kv-heads", type=int, help="Llama shapes: KV heads per layer (default: the model's)")
+    args = parser.parse_args()
+    config_class, model_class, fields = CONFIGS[args.shape]
+    if args.kv_heads:
+        fields = {**fields, "num_key_value_heads": args.kv_heads}
     torch.manual_seed(0)
-    model_class(config_class(**fields)).to(torch.float16).save_pretrained(sys.argv[2])
-    AutoTokenizer.from_pretrained(shipped_directory(DEFAULT_MODEL)).save_pretrained(sys.argv[2])
-    print(f"wrote {sys.argv[2]}")
+    model_class(config_class(**fields)).to(torch.float16).save_pretrained(args.output)
+    AutoTokenizer.from_pretrained(shipped_directory(DEFAULT_MODEL)).save_pretrained(args.output)
+    print(f"wrote {args.output}")
