@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from kvexport.strategies import Strategy
 from kvexport.strategies import contract as c
 
-from .models import DecoderDescription, Layer, Linear, Norm
+from .models import DecoderDescription, Layer, Linear, Norm, UnsupportedModelError
 from .reference import MASKED
 
 OPSET = 17
@@ -352,4 +352,8 @@ def build_decoder(description: DecoderDescription, strategy: Strategy, dtype: st
     """The dynamic graph, or with static=True the decode-only graph over preallocated cache buffers."""
     if dtype not in ONNX_TYPES:
         raise ValueError(f"dtype must be one of {sorted(ONNX_TYPES)}")
+    if static and description.head_dim % 8:
+        raise UnsupportedModelError(f"the static decode graph needs a head dim that is a multiple of 8 (ONNX "
+                                    f"Runtime's GroupQueryAttention); this model's is {description.head_dim}: "
+                                    "export without --static")
     return DecoderGraph(description, strategy, dtype, static).build()

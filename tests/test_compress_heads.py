@@ -73,3 +73,16 @@ def test_bad_kv_heads_is_one_line_and_nothing_is_written(tiny_mha_llama, tmp_pat
 def test_gpt_neox_is_refused_clearly(tiny_neox, tmp_path, capsys):
     assert main(["compress-heads", "--model", str(tiny_neox), "--kv-heads", "2", "-o", str(tmp_path / "o")]) == 2
     assert "not supported yet" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_search_and_eval_work_on_a_compressed_model(tiny_mha_llama, tmp_path, capsys):
+    out = compress(tiny_mha_llama, tmp_path / "g2", 2)
+    strategy = tmp_path / "s.json"
+    assert main(["search", "--model", str(out), "--shared-layers", "1", "--samples", "4", "--length", "32",
+                 "-o", str(strategy)]) == 0
+    assert main(["eval", "--model", str(out), "--share", str(strategy), "--windows", "2", "--length", "64",
+                 "--output", str(tmp_path / "eval")]) == 0
+    rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["rows"]
+    assert [r["kv_bytes_per_token"] for r in rows] == [1024, 768]  # 2 KV heads; then 3 of 4 layers cache
+    assert main(["inspect", str(export(str(out), str(strategy), tmp_path / "e", log=lambda _: None).directory)]) == 0
+    assert "4 heads / 2 KV heads" in capsys.readouterr().out

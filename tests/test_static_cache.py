@@ -120,3 +120,15 @@ def test_compare_handles_device_side_logits(static_export):
     result = compare_decoders(OrtDecoder(model), StaticCacheDecoder(model, max_batch=2, max_length=32),
                               batch=2, prompt=5, decode_steps=4)
     assert result.max_abs < 1e-4 and result.greedy_agreement == 1.0
+
+
+def test_static_graph_refuses_a_head_dim_its_attention_kernel_cannot_take(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvexport.exporter.cli import main
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=36, num_hidden_layers=1, num_attention_heads=3,
+                                 intermediate_size=32)).save_pretrained(tmp_path / "odd")
+    assert main(["--model", str(tmp_path / "odd"), "--share", "none", "--static", "--output", str(tmp_path / "o"),
+                 "--max-new-tokens", "0"]) == 2
+    assert "head dim that is a multiple of 8" in capsys.readouterr().err and not (tmp_path / "o").exists()
