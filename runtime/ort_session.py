@@ -60,8 +60,8 @@ def open_graph(model: ExportedModel, name: str, provider: str = "cpu", device_id
         session = make_session(path, provider, device_id, cuda_graph)
     except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own pybind types for an unreadable graph
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ExportDirectoryError(f"ONNX Runtime cannot load {path} ({first[:300]}): the export is damaged; "
-                                   f"re-export it ('kvexport verify {model.directory}' checks it)") from None
+        raise ExportDirectoryError(f"ONNX Runtime cannot load {path} ({first[:300]}): 'kvexport verify "
+                                   f"{model.directory}' says whether the export is damaged; re-export it") from None
     expected_inputs, expected_outputs = c.graph_io_names(model.strategy.kv_source, static=name == c.STATIC_MODEL_FILE)
     inputs, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
     if set(inputs) != set(expected_inputs) or set(outputs) != set(expected_outputs):

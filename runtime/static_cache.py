@@ -54,6 +54,9 @@ class StaticCacheDecoder(Decoder):
             raise KvexportError(f"{model.directory} has no static decode graph: export with --static")
         if cuda_graph and provider != "cuda":
             raise KvexportError("CUDA graphs need the cuda provider")
+        if provider == "cuda" and model.dtype != "float16":
+            raise KvexportError(f"the static decode graph runs on CUDA in float16 only (ONNX Runtime's "
+                                f"GroupQueryAttention has no {model.dtype} CUDA kernel): export with --dtype float16")
         self.model, self.max_batch = model, max_batch
         self.max_length = max_length or model.facts.max_positions
         self.device = torch.device("cuda", device_id) if provider == "cuda" else torch.device("cpu")
