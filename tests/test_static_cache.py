@@ -132,3 +132,8 @@ def test_static_graph_refuses_a_head_dim_its_attention_kernel_cannot_take(tmp_pa
     assert main(["--model", str(tmp_path / "odd"), "--share", "none", "--static", "--output", str(tmp_path / "o"),
                  "--max-new-tokens", "0"]) == 2
     assert "head dim that is a multiple of 8" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_float32_static_graph_on_cuda_is_refused_before_anything_runs(static_export):
+    with pytest.raises(KvexportError, match="runs on CUDA in float16 only"):
+        StaticCacheDecoder(ExportedModel.load(static_export), provider="cuda")
