@@ -40,7 +40,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     result = export(args.model, args.share, output, dtype=args.dtype, validate=not args.no_validate,
                     static=args.static)
     cache = result.manifest["cache"]
-    print(f"wrote {result.directory} in {result.seconds:.1f} s: {len(cache['owners'])} of "
+    print(f"wrote {result.directory} in {result.seconds:.1f} s (peak host memory "
+          f"{result.peak_host_bytes / 2**30:.2f} GiB): {len(cache['owners'])} of "
           f"{result.manifest['model']['num_layers']} layers cache K/V, {cache['bytes_per_token']} bytes/token "
           f"vs {cache['full_bytes_per_token']} full")
     if args.max_new_tokens > 0:

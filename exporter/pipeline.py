@@ -35,6 +35,7 @@ class ExportResult:
     manifest: dict
     validation: ValidationReport | None
     seconds: float
+    peak_host_bytes: int  # the process's peak resident memory so far (it includes what ran before the export)
 
 
 def model_facts(loaded: LoadedModel, description: DecoderDescription) -> ModelFacts:
@@ -57,6 +58,12 @@ def write_onnx(model: onnx.ModelProto, directory: Path, name: str, weight_bytes:
     onnx.save_model(model, directory / name, save_as_external_data=external,
                     all_tensors_to_one_file=True, location=f"{name}.data", size_threshold=1024)
     return external
+
+
+def peak_host_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def graph_io(model: onnx.ModelProto) -> dict[str, list[str]]:
@@ -128,11 +135,13 @@ def export(
         strategy.save(staging / c.STRATEGY_FILE)
         report = None
         if validate:
+            validation_started = time.perf_counter()
             report = validate_export(staging / c.MODEL_FILE, description, strategy, dtype,
                                      hf_model=loaded.hf_model if not strategy.shared else None)
             if static:
                 static_report = validate_static(staging / c.STATIC_MODEL_FILE, description, strategy, dtype)
                 report.steps += static_report.steps
+            report.seconds = round(time.perf_counter() - validation_started, 2)
             log(report.summary())
             if not report.passed:
                 raise ValidationError(
@@ -156,7 +165,7 @@ def export(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return ExportResult(target, manifest, report, time.perf_counter() - started)
+    return ExportResult(target, manifest, report, time.perf_counter() - started, peak_host_bytes())
 
 
 def publish(staging: Path, target: Path) -> None:

@@ -36,6 +36,7 @@ class ValidationReport:
     tolerance: float
     steps: list[dict] = field(default_factory=list)  # per step: kind, max_abs_diff, relative
     hf_relative: float | None = None
+    seconds: float | None = None  # wall time of the whole validation
 
     @property
     def worst(self) -> float:
@@ -51,6 +52,8 @@ class ValidationReport:
                 f"(tolerance {self.tolerance:.0e})")
         if self.hf_relative is not None:
             text += f"; reference vs Hugging Face {self.hf_relative:.2e} (tolerance {HF_TOLERANCE:.0e})"
+        if self.seconds is not None:
+            text += f"; {self.seconds:.1f} s"
         return text
 
     def to_dict(self) -> dict:
