@@ -219,6 +219,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             require()
     if "tensorrt" in backends and args.provider != "cuda":
         raise KvexportError("the tensorrt backend needs --provider cuda")
+    if args.allocate and (args.provider != "cuda" or "ort-static" not in backends):
+        raise KvexportError("--allocate measures device memory with the ort-static backend: add --provider cuda "
+                            "and --backends ort-static")
     output = Path(args.output)
     loaded = load_model(args.model)
     exports = {}
@@ -237,7 +240,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(backends=tuple(backends), batches=tuple(args.batch), contexts=tuple(args.context),
                              provider=args.provider, steps=args.steps, warmup=args.warmup,
                              cuda_graph=args.cuda_graph, memory_budget_gib=args.memory_budget_gib,
-                             optimum_level=args.optimum_level)
+                             optimum_level=args.optimum_level, allocate=args.allocate)
     runs = sum(1 for strategy in exports for backend in backends if backend not in BASELINES or strategy == "none")
     total = runs * len(args.batch) * len(args.context)
     with tqdm(total=total, desc="bench", unit="point") as bar:
@@ -365,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=4)
     bench.add_argument("--cuda-graph", action="store_true", help="ort-static: replay decode steps as CUDA graphs")
     bench.add_argument("--memory-budget-gib", type=float, default=16.0)
+    bench.add_argument("--allocate", action="store_true",
+                       help="allocate each strategy's computed max batch in the budget and measure its device memory")
     bench.add_argument("--optimum-level", choices=["O1", "O2", "O3", "O4"], default="O2",
                        help="ORTOptimizer level for the optimum baseline (float16 is converted at any level)")
     bench.add_argument("--output", default="bench-results")

@@ -192,6 +192,7 @@ class BenchSettings:
     cuda_graph: bool = False
     memory_budget_gib: float = 16.0
     optimum_level: str = "O2"
+    allocate: bool = False  # also allocate each strategy's computed max batch and measure it (CUDA, ort-static)
 
 
 def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchSettings,
@@ -205,12 +206,15 @@ def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchS
     device_in_use_mib(device)  # resets torch's peak counter
     budget = settings.memory_budget_gib * 2**30
     points: list[BenchPoint] = []
-    capacity = {}
+    capacity, allocated = {}, {}
     for strategy, directory in exports.items():
         model = ExportedModel.load(directory)
         weight_bytes = model.manifest["weight_bytes"]
         capacity[strategy] = {ctx: int((budget - weight_bytes) // (model.layout.bytes_per_token() * ctx))
                               for ctx in settings.contexts}
+        if settings.allocate:
+            allocated[strategy] = {ctx: allocated_mib(model, batch, ctx, settings, device)
+                                   for ctx, batch in capacity[strategy].items()}
         for backend in settings.backends:
             if backend in BASELINES and (strategy != "none" or model_dir is None):
                 continue  # the baselines cannot share a cache: they run for `none` only
@@ -219,7 +223,24 @@ def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchS
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "memory_rate": rates,
             "settings": asdict(settings), "points": [asdict(p) for p in points],
-            "max_batch_in_budget": capacity}
+            "max_batch_in_budget": capacity, "allocated_mib_at_max_batch": allocated or None}
+
+
+def allocated_mib(model: ExportedModel, batch: int, context: int, settings: BenchSettings,
+                  device: torch.device) -> float:
+    """Device MiB that `batch` full sequences of `context` tokens take when really allocated: the static decoder
+    (its sessions with their weights, its cache buffers, logits) and one decode step over full rows (its
+    transients), above what was in use before."""
+    release(device)
+    before = device_in_use_mib(device)
+    decoder = make_decoder(model, "ort-static", settings.provider, 0, batch, False, context)
+    cache = decoder.random_cache(batch, context - 1, torch.Generator(device=device).manual_seed(0))
+    decoder.step(np.zeros((batch, 1), dtype=np.int64), np.ones((batch, context), dtype=np.int64),
+                 np.full((batch, 1), context - 1, dtype=np.int64), cache)
+    used = device_in_use_mib(device) - before
+    del decoder, cache
+    release(device)
+    return used
 
 
 def bench_backend(backend: str, strategy: str, model: ExportedModel, model_dir: Path | None,
@@ -311,6 +332,11 @@ def table(report: dict) -> str:
               "|---|" + "---|" * len(contexts)]
     for strategy, by_context in report["max_batch_in_budget"].items():
         lines.append(f"| {strategy} | " + " | ".join(str(v) for v in by_context.values()) + " |")
+    if report.get("allocated_mib_at_max_batch"):
+        lines += ["", "Allocated at that batch (ort-static: sessions, cache buffers, one decode step), device MiB:", "",
+                  "| strategy | " + " | ".join(f"context {c}" for c in contexts) + " |", "|---|" + "---|" * len(contexts)]
+        for strategy, by_context in report["allocated_mib_at_max_batch"].items():
+            lines.append(f"| {strategy} | " + " | ".join(f"{v:.0f}" for v in by_context.values()) + " |")
     return "\n".join(lines)
 
 

@@ -158,3 +158,9 @@ def test_genai_baseline_runs_on_llama(tiny_llama, export_cache):
     settings = BenchSettings(backends=("ort-genai",), batches=(1, 2), contexts=(16,), steps=2, warmup=1)
     points = run_bench({"none": export_cache(tiny_llama, "none")}, tiny_llama, settings)["points"]
     assert [p["batch"] for p in points] == [1, 2] and all(p["decode_ms_median"] > 0 for p in points)
+
+
+def test_allocate_needs_cuda_and_the_static_backend(tiny_neox, tmp_path, capsys):
+    assert main(["bench", "--model", str(tiny_neox), "--share", "none", "--backends", "ort", "--allocate",
+                 "--provider", "cpu", "--output", str(tmp_path / "b")]) == 2
+    assert "--allocate measures device memory" in capsys.readouterr().err and not (tmp_path / "b").exists()
