@@ -154,27 +154,14 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_compress_heads(args: argparse.Namespace) -> int:
-    from .calibration import read_text, token_windows
-    from .compress_heads import check_kv_heads, compress_heads, write_compressed
-    from .loading import load_model
-    from .models import describe
+    from .compress_heads import run_compress_heads
 
-    if args.output.exists():  # before any work
-        raise KvexportError(f"{args.output} exists: choose another -o")
-    loaded = load_model(args.model)
-    description = describe(loaded.config, loaded.weights)
-    check_kv_heads(description, args.kv_heads)
-    windows = token_windows(loaded.tokenizer(), read_text(args.calib), args.samples, args.length)
-    compressed, errors = compress_heads(description, windows, args.kv_heads, args.method)
-    record = {"method": args.method, "source": loaded.reference, "kv_heads": args.kv_heads,
-              "original_kv_heads": description.num_kv_heads,
-              "calibration": {"text": str(args.calib or "the default model's held-out text"), "samples": args.samples,
-                              "length": args.length, "from": "start"},
-              "layers": errors}
-    write_compressed(compressed, loaded.directory, loaded.config, args.output, record)
+    record = run_compress_heads(args.model, args.kv_heads, args.method, args.calib, args.samples, args.length,
+                                args.output)
+    errors = record["layers"]
     mean = {kind: sum(e[f"relative_{kind}_error"] for e in errors) / len(errors) for kind in ("key", "value")}
-    print(f"wrote {args.output}: {args.kv_heads} of {description.num_kv_heads} KV heads per layer ({args.method}); "
-          f"mean relative reconstruction error on the calibration text: keys {mean['key']:.3f}, "
+    print(f"wrote {args.output}: {args.kv_heads} of {record['original_kv_heads']} KV heads per layer "
+          f"({args.method}); mean relative reconstruction error on the calibration text: keys {mean['key']:.3f}, "
           f"values {mean['value']:.3f}")
     return 0
 

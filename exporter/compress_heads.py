@@ -152,6 +152,30 @@ def llama_state_dict(description: DecoderDescription) -> dict[str, torch.Tensor]
     return {name: tensor.contiguous() for name, tensor in state.items()}
 
 
+def run_compress_heads(model: str, kv_heads: int, method: str, calib: str | None, samples: int, length: int,
+                       output: Path) -> dict:
+    """`kvexport compress-heads`: load, check, calibrate, compress and write; returns the record it wrote.
+    Everything a user can get wrong is refused before the calibration runs."""
+    from .calibration import read_text, token_windows
+    from .loading import load_model
+    from .models import describe
+
+    if output.exists():
+        raise KvexportError(f"{output} exists: choose another -o")
+    loaded = load_model(model)
+    description = describe(loaded.config, loaded.weights)
+    check_kv_heads(description, kv_heads)
+    windows = token_windows(loaded.tokenizer(), read_text(calib), samples, length)
+    compressed, errors = compress_heads(description, windows, kv_heads, method)
+    record = {"method": method, "source": loaded.reference, "kv_heads": kv_heads,
+              "original_kv_heads": description.num_kv_heads,
+              "calibration": {"text": str(calib or "the default model's held-out text"), "samples": samples,
+                              "length": length, "from": "start"},
+              "layers": errors}
+    write_compressed(compressed, loaded.directory, loaded.config, output, record)
+    return record
+
+
 def write_compressed(description: DecoderDescription, source_dir: Path, config, output: Path, record: dict) -> Path:
     """A Hugging Face checkpoint with num_key_value_heads = G that transformers loads, written under a temporary
     name and renamed when complete, with kvexport_compression.json (method, calibration, per-layer errors)."""
@@ -164,8 +188,6 @@ def write_compressed(description: DecoderDescription, source_dir: Path, config, 
     if description.architecture not in ("llama", "qwen2"):
         raise KvexportError(f"compress-heads writes Llama-family checkpoints; {description.architecture} has no "
                             "grouped-query attention in transformers to load it: use a Llama-family model")
-    if output.exists():
-        raise KvexportError(f"{output} exists: choose another -o")
     partial = output.with_name(f".{output.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
