@@ -165,17 +165,18 @@ def time_baseline(model, batch: int, context: int, steps: int, warmup: int,
     timed_prefill = batch * start <= PREFILL_TOKEN_LIMIT
     chunk = start if timed_prefill else max(1, PREFILL_TOKEN_LIMIT // batch)
     compiled = isinstance(model, CompiledStaticDecoder)
+    run_step = compiled_step if compiled else baseline_step
     with torch.no_grad():
         past = model.new_cache(context) if compiled else None
         for begin in range(0, start, chunk):
             end = min(start, begin + chunk)
             step_args = (ids[:, begin:end], past, begin) if compiled else (ids[:, begin:end], masks[0][:, :end], past)
-            prefill_ms, (_, past) = clock.time(compiled_step if compiled else baseline_step, model, *step_args)
+            prefill_ms, (_, past) = clock.time(run_step, model, *step_args)
         token = torch.zeros((batch, 1), dtype=torch.long, device=device)
         times = []
         for step in range(warmup + steps):
             step_args = (token, past, start + step) if compiled else (token, masks[step + 1], past)
-            ms, (_, past) = clock.time(compiled_step if compiled else baseline_step, model, *step_args)
+            ms, (_, past) = clock.time(run_step, model, *step_args)
             if step >= warmup:
                 times.append(ms)
     return (prefill_ms if timed_prefill else None), times
@@ -258,9 +259,11 @@ def bench_backend(backend: str, strategy: str, model: ExportedModel, model_dir: 
 
 def refused_point(backend: str, strategy: str, model: ExportedModel, batch: int, context: int,
                   reason: str) -> BenchPoint:
-    return BenchPoint(backend, strategy, batch, context, None, None, None, None,
-                      model.layout.bytes_per_token() * batch * context, model.manifest["weight_bytes"], None, None,
-                      None, note=reason)
+    return BenchPoint(backend=backend, strategy=strategy, batch=batch, context=context, prefill_ms=None,
+                      decode_ms_median=None, decode_ms_p90=None, tokens_per_s=None,
+                      kv_bytes=model.layout.bytes_per_token() * batch * context,
+                      weight_bytes=model.manifest["weight_bytes"], peak_device_mib=None, floor_ms=None,
+                      ratio_to_floor=None, note=reason)
 
 
 def bench_points(backend: str, strategy: str, model: ExportedModel, reference_model, settings: BenchSettings,
