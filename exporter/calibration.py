@@ -12,7 +12,6 @@ from kvexport.models import DEFAULT_MODEL, HELDOUT_FILE, shipped_directory
 from kvexport.strategies import KvexportError, Strategy, no_sharing
 
 from .loading import LoadedModel
-from .models import describe
 from .reference import ReferenceDecoder
 
 
@@ -51,7 +50,7 @@ class Calibration:
     """Runs windows through the reference once without sharing, then scores candidate strategies."""
 
     def __init__(self, loaded: LoadedModel, windows: torch.Tensor, dtype: torch.dtype = torch.float32):
-        self.description = describe(loaded.config, loaded.weights)
+        self.description = loaded.description
         self.windows, self.dtype = windows, dtype
         self.mask = torch.ones_like(windows)
         self.positions = torch.arange(windows.shape[1]).expand_as(windows)

@@ -158,12 +158,11 @@ def run_compress_heads(model: str, kv_heads: int, method: str, calib: str | None
     Everything a user can get wrong is refused before the calibration runs."""
     from .calibration import read_text, token_windows
     from .loading import load_model
-    from .models import describe
 
     if output.exists():
         raise KvexportError(f"{output} exists: choose another -o")
     loaded = load_model(model)
-    description = describe(loaded.config, loaded.weights)
+    description = loaded.description
     check_kv_heads(description, kv_heads)
     windows = token_windows(loaded.tokenizer(), read_text(calib), samples, length)
     compressed, errors = compress_heads(description, windows, kv_heads, method)

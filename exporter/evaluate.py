@@ -23,7 +23,6 @@ from kvexport.strategies.contract import positions_from_mask
 
 from .calibration import next_token_stats
 from .loading import LoadedModel
-from .models import describe
 from .onnx_graph import cache_layout
 from .pipeline import export
 from .reference import ReferenceDecoder
@@ -59,7 +58,7 @@ def onnx_logits(directory: Path, windows: torch.Tensor) -> torch.Tensor:
 def evaluate(loaded: LoadedModel, strategies: dict[str, Strategy], windows: torch.Tensor,
              with_torch: bool = False, log=print) -> list[EvalRow]:
     """Rows for the full model ('none') followed by each named strategy."""
-    description = describe(loaded.config, loaded.weights)
+    description = loaded.description
     named = {"none": no_sharing(description.num_layers), **strategies}
     rows: list[EvalRow] = []
     with tempfile.TemporaryDirectory(prefix="kvexport-eval-") as tmp:

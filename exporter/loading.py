@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from kvexport.models import SHIPPED, shipped_directory
 from kvexport.strategies import KvexportError
+
+from .checkpoint import Checkpoint
+from .models import DecoderDescription
 
 # Short names users type for hub models; the shipped models' aliases are kvexport.models.SHIPPED.
 HUB_ALIASES = {f"pythia-{size}": f"EleutherAI/pythia-{size}" for size in
@@ -26,14 +30,31 @@ class ModelNotFoundError(KvexportError):
 
 @dataclass
 class LoadedModel:
+    """A model's config and memory-mapped checkpoint; the Hugging Face model is loaded only when it is asked for."""
+
     reference: str  # what the user asked for, normalised (shipped model's alias, hub id or absolute path)
     directory: Path
     config: object
-    hf_model: torch.nn.Module  # float32, eval mode; the ground truth for the `none` strategy
+    checkpoint: Checkpoint = field(repr=False)
 
-    @property
-    def weights(self) -> dict[str, torch.Tensor]:
-        return {name: tensor.detach() for name, tensor in self.hf_model.state_dict().items()}
+    @cached_property
+    def description(self) -> DecoderDescription:
+        """The architecture-neutral description over the checkpoint's tensors, in their stored dtype."""
+        from .models import describe
+
+        return describe(self.config, self.checkpoint.tensors, self.checkpoint.release)
+
+    @cached_property
+    def hf_model(self) -> torch.nn.Module:
+        """The Hugging Face model in float32, eval mode: the ground truth for the `none` strategy (4 bytes per
+        parameter: only loaded where it is needed)."""
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        # transformers 5 renamed torch_dtype to dtype.
+        dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        transformers.utils.logging.disable_progress_bar()
+        return AutoModelForCausalLM.from_pretrained(self.directory, **{dtype_arg: torch.float32}).eval()
 
     def tokenizer(self):
         from transformers import AutoTokenizer
@@ -110,14 +131,7 @@ def load_config(reference: str) -> tuple[str, object]:
 
 
 def load_model(reference: str) -> LoadedModel:
-    """Load config and float32 weights; an unsupported architecture is refused before the weights are read."""
-    import transformers
-    from transformers import AutoModelForCausalLM
-
+    """Config and memory-mapped weights; an unsupported architecture is refused before the weights are mapped."""
     canonical, config = load_config(reference)
     directory = resolve_model(reference)[1]
-    # transformers 5 renamed torch_dtype to dtype.
-    dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    transformers.utils.logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(directory, **{dtype_arg: torch.float32}).eval()
-    return LoadedModel(canonical, directory, config, model)
+    return LoadedModel(canonical, directory, config, Checkpoint(directory))

@@ -19,6 +19,7 @@ from kvexport.strategies import Strategy
 from kvexport.strategies import contract as c
 
 from .models import DecoderDescription, Layer, Linear, Norm, UnsupportedModelError
+from .onnx_weights import WeightFile
 from .reference import MASKED
 
 OPSET = 17
@@ -28,10 +29,11 @@ NUMPY_TYPES = {"float32": np.float32, "float16": np.float16}
 
 
 class GraphBuilder:
-    """Appends nodes and initializers with unique names; each op call returns its output name(s)."""
+    """Appends nodes and initializers with unique names; each op call returns its output name(s). Weights go to
+    the export's external-data file as they are added; small constants stay in the graph."""
 
-    def __init__(self, dtype: str):
-        self.dtype = dtype
+    def __init__(self, dtype: str, weights: WeightFile):
+        self.dtype, self.weights = dtype, weights
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._constants: dict[tuple, str] = {}
@@ -41,9 +43,8 @@ class GraphBuilder:
         self._count += 1
         return f"{hint}_{self._count}"
 
-    def weight(self, name: str, tensor: torch.Tensor | np.ndarray, dtype: str | None = None) -> str:
-        array = tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else tensor
-        self.initializers.append(numpy_helper.from_array(array.astype(NUMPY_TYPES[dtype or self.dtype]), name))
+    def weight(self, name: str, tensor: torch.Tensor | np.ndarray) -> str:
+        self.initializers.append(self.weights.initializer(name, tensor, self.dtype))
         return name
 
     def const(self, values, dtype=np.int64) -> str:
@@ -70,10 +71,11 @@ class DecoderGraph:
     static=True: the decode-only graph over preallocated cache buffers (see docs/design.md).
     """
 
-    def __init__(self, description: DecoderDescription, strategy: Strategy, dtype: str, static: bool = False):
+    def __init__(self, description: DecoderDescription, strategy: Strategy, dtype: str, weights: WeightFile,
+                 static: bool = False):
         self.d, self.strategy, self.dtype, self.static = description, strategy, dtype, static
-        self.g = GraphBuilder(dtype)
-        self.positions: str | None = None  # static graph: [batch, 1] int64 from seqlens_k, made when first used
+        self.g = GraphBuilder(dtype, weights)
+        self.positions: str | None = None  # static graph: [batch, seq] int64 from seqlens_k, made when first used
 
     # -- building blocks ---------------------------------------------------------------------------
     def linear(self, x: str, lin: Linear, name: str, bias: bool = True) -> str:
@@ -141,8 +143,11 @@ class DecoderGraph:
         in the static graph [batch, 1, heads * head_dim]."""
         g, rot, head_dim = self.g, self.d.rotary_dim, self.d.head_dim
         if self.static:  # ONNX Runtime's fused kernel (ORT-only graph), at each row's own position
-            if self.positions is None:  # a row's position is its cache length (compact rows)
-                self.positions = g.op("Unsqueeze", g.op("Cast", c.SEQLENS_K, to=TensorProto.INT64), g.const([1]))
+            if self.positions is None:  # compact rows: the new tokens sit at seqlens_k + 1 - seq .. seqlens_k
+                seq = g.op("Gather", g.op("Shape", c.INPUT_IDS), g.const([1]), axis=0)
+                last = g.op("Unsqueeze", g.op("Cast", c.SEQLENS_K, to=TensorProto.INT64), g.const([1]))
+                offsets = g.op("Range", g.const(1), g.op("Add", g.op("Squeeze", seq), g.const(1)), g.const(1))
+                self.positions = g.op("Add", g.op("Sub", last, seq), offsets)
             return g.op("RotaryEmbedding", x, self.positions, cos, sin, domain="com.microsoft", interleaved=0,
                         num_heads=heads, rotary_embedding_dim=rot if rot < head_dim else 0)
         if rot < head_dim:
@@ -163,10 +168,10 @@ class DecoderGraph:
         inv_freq = 1.0 / (d.rope_theta ** (np.arange(0, d.rotary_dim, 2, dtype=np.float64) / d.rotary_dim))
         angles = np.arange(d.max_positions, dtype=np.float64)[:, None] * inv_freq
         if self.static:
-            return g.weight("cos_cache", np.cos(angles)), g.weight("sin_cache", np.sin(angles))
+            return g.weight("rotary.cos_half", np.cos(angles)), g.weight("rotary.sin_half", np.sin(angles))
         angles = np.concatenate([angles, angles], axis=-1)
         tables = []
-        for name, values in (("cos_cache", np.cos(angles)), ("sin_cache", np.sin(angles))):
+        for name, values in (("rotary.cos", np.cos(angles)), ("rotary.sin", np.sin(angles))):
             gathered = g.op("Gather", g.weight(name, values), c.POSITION_IDS, axis=0)
             tables.append(g.op("Unsqueeze", gathered, g.const([1])))
         return tables[0], tables[1]
@@ -308,25 +313,34 @@ class DecoderGraph:
                                           f"layers.{i}.post_attention_norm")
                 mlp = self.mlp(h, layer, i, down_bias=not fold)
                 h, x = self.residual_norm(x, [mlp], [layer.down.bias], following, following_name)
-        logits = self.linear(h, d.lm_head, "lm_head")
+        logits = self.linear(self.kept_positions(h), d.lm_head, "lm_head")
         g.op("Cast", logits, to=TensorProto.FLOAT, outputs=[c.LOGITS])
+        d.release()
         return self._model()
+
+    def kept_positions(self, h: str) -> str:
+        """The positions whose logits are computed: the last one in the static graph (it generates), the last
+        logits_to_keep ones in the dynamic graph (0: all, for evaluation). The full-vocabulary logits of every
+        prompt position would otherwise be the largest tensor of a prefill."""
+        g = self.g
+        start = g.const([-1]) if self.static else g.op("Neg", c.LOGITS_TO_KEEP)
+        return g.op("Slice", h, start, g.const([np.iinfo(np.int64).max]), g.const([1]))
 
     def _model(self) -> onnx.ModelProto:
         d, kv_type, static = self.d, ONNX_TYPES[self.dtype], self.static
         value_info = helper.make_tensor_value_info
-        seq = 1 if static else c.SEQUENCE
         past_dims = [c.BATCH, d.num_kv_heads, c.CACHE if static else c.PAST, d.head_dim]
         present_dims = [c.BATCH, d.num_kv_heads, c.CACHE if static else c.TOTAL, d.head_dim]
-        inputs = [value_info(c.INPUT_IDS, TensorProto.INT64, [c.BATCH, seq])]
+        inputs = [value_info(c.INPUT_IDS, TensorProto.INT64, [c.BATCH, c.SEQUENCE])]
         if static:
             inputs += [value_info(c.SEQLENS_K, TensorProto.INT32, [c.BATCH]),
                        value_info(c.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [1])]
         else:
             inputs += [value_info(c.ATTENTION_MASK, TensorProto.INT64, [c.BATCH, c.TOTAL]),
-                       value_info(c.POSITION_IDS, TensorProto.INT64, [c.BATCH, seq])]
+                       value_info(c.POSITION_IDS, TensorProto.INT64, [c.BATCH, c.SEQUENCE]),
+                       value_info(c.LOGITS_TO_KEEP, TensorProto.INT64, [1])]
         inputs += [value_info(past, kv_type, past_dims) for past, _ in self.layout().names()]
-        outputs = [value_info(c.LOGITS, TensorProto.FLOAT, [c.BATCH, seq, d.vocab_size])]
+        outputs = [value_info(c.LOGITS, TensorProto.FLOAT, [c.BATCH, 1 if static else c.KEPT, d.vocab_size])]
         present_layers = range(d.num_layers) if static else self.strategy.owners
         outputs += [value_info(c.present_name(i, kind), kv_type, present_dims)
                     for i in present_layers for kind in c.KV_KINDS]
@@ -347,13 +361,14 @@ def cache_layout(description: DecoderDescription, strategy: Strategy, dtype: str
                          num_kv_heads=description.num_kv_heads, head_dim=description.head_dim, dtype=dtype)
 
 
-def build_decoder(description: DecoderDescription, strategy: Strategy, dtype: str = "float32",
+def build_decoder(description: DecoderDescription, strategy: Strategy, dtype: str, weights: WeightFile,
                   static: bool = False) -> onnx.ModelProto:
-    """The dynamic graph, or with static=True the decode-only graph over preallocated cache buffers."""
+    """The dynamic graph, or with static=True the decode-only graph over preallocated cache buffers; their weights
+    are appended to `weights` (shared by both graphs of an export)."""
     if dtype not in ONNX_TYPES:
         raise ValueError(f"dtype must be one of {sorted(ONNX_TYPES)}")
     if static and description.head_dim % 8:
         raise UnsupportedModelError(f"the static decode graph needs a head dim that is a multiple of 8 (ONNX "
                                     f"Runtime's GroupQueryAttention); this model's is {description.head_dim}: "
                                     "export without --static")
-    return DecoderGraph(description, strategy, dtype, static).build()
+    return DecoderGraph(description, strategy, dtype, weights, static).build()

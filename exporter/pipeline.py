@@ -1,6 +1,8 @@
 """Export a model under a strategy: build the graph, write the artifact directory, validate, publish.
 
-Everything is written into a hidden sibling directory first; only a complete, validated export is
+Weights stream from the memory-mapped checkpoint into one external-data file shared by the graphs, tensor by
+tensor, so an export holds about one layer of the model in memory besides what ONNX Runtime's validation
+session needs. Everything is written into a hidden sibling directory first; only a complete, validated export is
 renamed to the requested name, so a failure never leaves a half-written artifact behind. A sibling left by a
 process that was killed is removed by the next export to the same name. The manifest records every file's size
 and sha256 and the graphs' inputs and outputs, and is sealed with its own digest (strategies/integrity.py).
@@ -22,11 +24,17 @@ from kvexport.strategies import contract as c
 from kvexport.strategies.integrity import record_files, seal
 
 from .loading import SIDE_FILES, LoadedModel, load_config, load_model
-from .models import DecoderDescription, describe
+from .models import DecoderDescription
 from .onnx_graph import build_decoder, cache_layout
-from .validate import ValidationError, ValidationReport, validate_export, validate_static
-
-EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a model at 2 GiB; keep weights outside well before that
+from .onnx_weights import WeightFile
+from .validate import (
+    HF_CHECK_BYTES,
+    ValidationError,
+    ValidationReport,
+    reference_case,
+    validate_export,
+    validate_static,
+)
 
 
 @dataclass
@@ -50,14 +58,6 @@ def model_facts(loaded: LoadedModel, description: DecoderDescription) -> ModelFa
         bos_token_id=config.bos_token_id, eos_token_ids=eos_ids,
         pad_token_id=config.pad_token_id if config.pad_token_id is not None else (eos_ids or [0])[0],
     )
-
-
-def write_onnx(model: onnx.ModelProto, directory: Path, name: str, weight_bytes: int) -> bool:
-    """Write NAME, with its weights in NAME.data when they are large. Returns that choice."""
-    external = weight_bytes >= EXTERNAL_DATA_BYTES
-    onnx.save_model(model, directory / name, save_as_external_data=external,
-                    all_tensors_to_one_file=True, location=f"{name}.data", size_threshold=1024)
-    return external
 
 
 def peak_host_bytes() -> int:
@@ -109,7 +109,7 @@ def export(
     else:
         strategy.check_model(config.num_hidden_layers, reference)
     loaded = load_model(model) if isinstance(model, str) else model
-    description = describe(loaded.config, loaded.weights)
+    description = loaded.description
     layout = cache_layout(description, strategy, dtype)
     log(f"exporting {loaded.reference} ({description.architecture}, {description.num_layers} layers) with "
         f"{len(strategy.owners)} cache owners, {dtype}")
@@ -119,16 +119,13 @@ def export(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        graph = build_decoder(description, strategy, dtype)
+        graphs = {}
+        with WeightFile(staging / c.WEIGHTS_FILE) as weights:
+            for name, is_static in ((c.MODEL_FILE, False), (c.STATIC_MODEL_FILE, True))[:2 if static else 1]:
+                graph = build_decoder(description, strategy, dtype, weights, static=is_static)
+                (staging / name).write_bytes(graph.SerializeToString())  # references only: no weight bytes
+                graphs[name] = graph_io(graph)
         weight_bytes = description.parameter_bytes(layout.bytes_per_element)
-        external = write_onnx(graph, staging, c.MODEL_FILE, weight_bytes)
-        graphs = {c.MODEL_FILE: graph_io(graph)}
-        del graph
-        if static:
-            static_graph = build_decoder(description, strategy, dtype, static=True)
-            write_onnx(static_graph, staging, c.STATIC_MODEL_FILE, weight_bytes)
-            graphs[c.STATIC_MODEL_FILE] = graph_io(static_graph)
-            del static_graph
         for name in SIDE_FILES:
             if (loaded.directory / name).is_file():
                 shutil.copy2(loaded.directory / name, staging / name)
@@ -136,11 +133,15 @@ def export(
         report = None
         if validate:
             validation_started = time.perf_counter()
-            report = validate_export(staging / c.MODEL_FILE, description, strategy, dtype,
-                                     hf_model=loaded.hf_model if not strategy.shared else None)
+            case = reference_case(description, strategy)
+            hf_check = not strategy.shared and description.parameter_bytes(4) <= HF_CHECK_BYTES
+            report = validate_export(staging / c.MODEL_FILE, case, description, strategy, dtype,
+                                     hf_model=loaded.hf_model if hf_check else None)
+            if not strategy.shared and not hf_check:
+                report.hf_skipped = f"float32 weights above {HF_CHECK_BYTES >> 30} GiB"
             if static:
-                static_report = validate_static(staging / c.STATIC_MODEL_FILE, description, strategy, dtype)
-                report.steps += static_report.steps
+                report.steps += validate_static(staging / c.STATIC_MODEL_FILE, case, description, strategy,
+                                                dtype).steps
             report.seconds = round(time.perf_counter() - validation_started, 2)
             log(report.summary())
             if not report.passed:
@@ -154,10 +155,12 @@ def export(
             "cache": {"owners": list(layout.owners), "num_kv_heads": layout.num_kv_heads,
                       "head_dim": layout.head_dim, "bytes_per_token": layout.bytes_per_token(),
                       "full_bytes_per_token": layout.full_bytes_per_token},
-            "files": {"onnx": c.MODEL_FILE, "external_data": c.WEIGHTS_FILE if external else None,
+            "files": {"onnx": c.MODEL_FILE, "external_data": c.WEIGHTS_FILE,
                       "static_decode": c.STATIC_MODEL_FILE if static else None},
             "validation": report.to_dict() if report else None,
-            "integrity": {"files": record_files(staging, [f.name for f in staging.iterdir() if f.is_file()]),
+            "integrity": {"files": {**record_files(staging, [f.name for f in staging.iterdir()
+                                                             if f.is_file() and f.name != c.WEIGHTS_FILE]),
+                                    c.WEIGHTS_FILE: weights.record()},
                           "graphs": graphs},
         }
         (staging / c.MANIFEST_FILE).write_text(json.dumps(seal(manifest), indent=2) + "\n")

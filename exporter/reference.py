@@ -1,7 +1,8 @@
 """PyTorch reference of a decoder under a KV-sharing strategy: explicit tensors in, explicit tensors out.
 
-It computes what the exported graph computes, op for op, in any dtype (float64 for validation), and can
-also hand back every layer's K/V and the final hidden state for the strategy search.
+It computes what the exported graph computes, op for op, in any dtype (float64 for validation) and on any
+device, and can also hand back every layer's K/V and the final hidden state for the strategy search. Weights
+are cast when they are used and not kept, so a pass holds one layer's weights in the compute dtype at a time.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from kvexport.strategies import Strategy
 
 from .models import DecoderDescription, Linear, Norm
 
+LINEAR_BLOCK_ELEMENTS = 1 << 25  # weights cast at a time by the reference: 256 MiB in float64
 MASKED = -1e9  # additive bias for masked keys; finite so fully padded rows stay NaN-free
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -31,15 +33,16 @@ class ReferenceOutput:
 def attention_bias(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
     """[batch, 1, seq, total] additive bias: causal over absolute positions, and padding from the mask."""
     total = attention_mask.shape[1]
-    query_pos = torch.arange(total - seq_len, total).unsqueeze(1)
-    key_pos = torch.arange(total).unsqueeze(0)
+    query_pos = torch.arange(total - seq_len, total, device=attention_mask.device).unsqueeze(1)
+    key_pos = torch.arange(total, device=attention_mask.device).unsqueeze(0)
     allowed = (key_pos <= query_pos)[None, None] & (attention_mask[:, None, None, :] == 1)
     return torch.where(allowed, 0.0, MASKED).to(dtype)
 
 
 def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype) -> KV:
     """cos and sin, [batch, 1, seq, rotary_dim], in the rotate-half convention."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    steps = torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=position_ids.device)
+    inv_freq = 1.0 / (theta ** (steps / rotary_dim))
     freqs = position_ids.to(torch.float64).unsqueeze(-1) * inv_freq
     angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -54,22 +57,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class ReferenceDecoder:
-    def __init__(self, description: DecoderDescription, strategy: Strategy, dtype: torch.dtype = torch.float64):
+    def __init__(self, description: DecoderDescription, strategy: Strategy, dtype: torch.dtype = torch.float64,
+                 device: torch.device | str = "cpu"):
         self.d = description
         self.strategy = strategy
         self.dtype = dtype
-        self._cast = {}  # id(tensor) -> tensor in self.dtype, made once
+        self.device = torch.device(device)
 
     def _t(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
-        if tensor is None:
-            return None
-        key = id(tensor)
-        if key not in self._cast:
-            self._cast[key] = tensor.to(self.dtype)
-        return self._cast[key]
+        return None if tensor is None else tensor.to(device=self.device, dtype=self.dtype)
 
     def _linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
-        y = x @ self._t(lin.weight)
+        """x W + b, over blocks of W's columns: a large weight (the LM head) is never cast whole."""
+        columns = lin.weight.shape[1]
+        block = max(1, LINEAR_BLOCK_ELEMENTS // lin.weight.shape[0])
+        y = torch.cat([x @ self._t(lin.weight[:, j:j + block]) for j in range(0, columns, block)], dim=-1)
         return y if lin.bias is None else y + self._t(lin.bias)
 
     def _norm(self, x: torch.Tensor, norm: Norm) -> torch.Tensor:
@@ -95,8 +97,9 @@ class ReferenceDecoder:
         collect_layer_kv: bool = False,
     ) -> ReferenceOutput:
         d, past = self.d, past or {}
+        input_ids, attention_mask, position_ids = (t.to(self.device) for t in (input_ids, attention_mask, position_ids))
         batch, seq = input_ids.shape
-        x = self._t(d.embed)[input_ids]
+        x = d.embed[input_ids.cpu()].to(device=self.device, dtype=self.dtype)  # only the rows used
         bias = attention_bias(attention_mask, seq, self.dtype)
         cos, sin = rotary_tables(position_ids, d.rotary_dim, d.rope_theta, self.dtype)
         present: dict[int, KV] = {}
@@ -126,7 +129,9 @@ class ReferenceDecoder:
                 x = x + attn
                 x = x + self._mlp(self._norm(x, layer.post_attention_norm), layer)
         final = self._norm(x, d.final_norm)
-        return ReferenceOutput(self._linear(final, d.lm_head), present, final, layer_kv)
+        logits = self._linear(final, d.lm_head)
+        d.release()
+        return ReferenceOutput(logits, present, final, layer_kv)
 
     def _mlp(self, h: torch.Tensor, layer) -> torch.Tensor:
         if layer.gate is None:

@@ -188,6 +188,7 @@ def build_engine(directory: str | Path, options: BuildOptions, log=print) -> Bui
         profile = builder.create_optimization_profile()
         for tensor, (low, opt, high) in profile_shapes(model.layout, name, options.max_batch, options.max_length).items():
             profile.set_shape(tensor, low, opt, high)
+        profile.set_shape_input(c.LOGITS_TO_KEEP, (0,), (1,), (1,))  # values, not a shape: 0 (all) or 1 (last)
         profile_index[name] = config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

@@ -1,8 +1,12 @@
-"""Check an exported graph against the float64 PyTorch reference of the same strategy.
+"""Check exported graphs against the float64 PyTorch reference of the same strategy.
 
-A batch of two left-padded prompts is prefilled from an empty past, then decoded for a few steps with the
-presents fed back as pasts; logits are compared at every real (unpadded) position. With the `none`
-strategy the reference itself is also checked against the Hugging Face model.
+One case serves every graph: two left-padded prompts and a few tokens decoded after them. The reference runs
+once over the whole sequences (causal attention makes that equal to prefill then decode), layer by layer, on the
+GPU when there is one, so validation holds one layer's weights in float64 at a time. The dynamic graph prefills
+the prompts from an empty past and decodes the tokens with its presents fed back as pasts; the static graph
+prefills each row in two chunks into preallocated buffers and decodes both rows together. Logits are compared at
+every real (unpadded) position. With the `none` strategy the reference itself is also checked against the Hugging
+Face model, where its float32 weights fit in HF_CHECK_BYTES.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .reference import ReferenceDecoder
 # Max |onnx - reference| over max(1, max |reference|): float32 arithmetic lands near 1e-6 here, float16 near 1e-3.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 HF_TOLERANCE = 1e-4  # the float64 reference against the float32 Hugging Face model
+HF_CHECK_BYTES = 1 << 30  # the check loads the Hugging Face model in float32: only up to this size
 
 
 class ValidationError(KvexportError):
@@ -36,7 +41,9 @@ class ValidationReport:
     tolerance: float
     steps: list[dict] = field(default_factory=list)  # per step: kind, max_abs_diff, relative
     hf_relative: float | None = None
+    hf_skipped: str | None = None  # why the Hugging Face check did not run, where it could have
     seconds: float | None = None  # wall time of the whole validation
+    device: str = "cpu"  # where the reference ran
 
     @property
     def worst(self) -> float:
@@ -52,8 +59,10 @@ class ValidationReport:
                 f"(tolerance {self.tolerance:.0e})")
         if self.hf_relative is not None:
             text += f"; reference vs Hugging Face {self.hf_relative:.2e} (tolerance {HF_TOLERANCE:.0e})"
+        if self.hf_skipped:
+            text += f"; reference vs Hugging Face skipped ({self.hf_skipped})"
         if self.seconds is not None:
-            text += f"; {self.seconds:.1f} s"
+            text += f"; {self.seconds:.1f} s (reference on {self.device})"
         return text
 
     def to_dict(self) -> dict:
@@ -65,97 +74,124 @@ def _relative(actual: np.ndarray, expected: np.ndarray, valid: np.ndarray) -> tu
     return diff, diff / max(1.0, float(np.abs(expected[valid]).max()))
 
 
-def validate_export(
-    onnx_path: Path,
-    description: DecoderDescription,
-    strategy: Strategy,
-    dtype: str,
-    hf_model: torch.nn.Module | None = None,
-    decode_steps: int = 3,
-    seed: int = 0,
-) -> ValidationReport:
+@dataclass
+class ValidationCase:
+    """Left-padded prompts followed by decoded tokens, and the reference's logits and owners' K/V for all."""
+
+    ids: np.ndarray  # [batch, prompt + steps] int64
+    mask: np.ndarray  # [batch, prompt + steps], 0 on the left padding
+    lengths: list[int]  # each row's prompt tokens
+    prompt: int  # padded prompt length
+    logits: np.ndarray  # [batch, prompt + steps, vocab] float64
+    present: dict[int, tuple[np.ndarray, np.ndarray]]  # owner -> keys, values [batch, kv_heads, total, head_dim]
+    device: str
+
+    @property
+    def positions(self) -> np.ndarray:
+        return c.positions_from_mask(self.mask)
+
+
+def reference_case(description: DecoderDescription, strategy: Strategy, decode_steps: int = 3,
+                   seed: int = 0) -> ValidationCase:
     rng = np.random.default_rng(seed)
     lengths = [min(9, description.max_positions - decode_steps), 5]
-    batch, seq = len(lengths), max(lengths)
-    input_ids = rng.integers(0, description.vocab_size, size=(batch, seq), dtype=np.int64)
-    mask = np.zeros((batch, seq), dtype=np.int64)
+    batch, prompt = len(lengths), max(lengths)
+    ids = rng.integers(0, description.vocab_size, size=(batch, prompt + decode_steps), dtype=np.int64)
+    mask = np.ones_like(ids)
     for row, length in enumerate(lengths):
-        mask[row, seq - length:] = 1
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    reference = ReferenceDecoder(description, strategy, torch.float64)
+        mask[row, :prompt - length] = 0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reference = ReferenceDecoder(description, strategy, torch.float64, device)
+    out = reference.forward(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(c.positions_from_mask(mask)))
+    present = {owner: tuple(t.cpu().numpy() for t in kv) for owner, kv in out.present.items()}
+    return ValidationCase(ids, mask, lengths, prompt, out.logits.cpu().numpy(), present, device)
+
+
+def session_for(path: Path, dtype: str, static: bool) -> ort.InferenceSession:
+    """ONNX Runtime on CUDA where it can run the graph (the weights then leave host memory), else on the CPU.
+
+    On the CPU a float16 graph runs its MatMuls through Cast nodes, which full optimization would fold into a
+    float32 copy of every weight (twice the model in host memory), and which the default order runs ahead of
+    their MatMuls; basic optimization, priority order and no memory arena cast one weight at a time, just before
+    it is used. The kernels are the same: the graph's contrib ops are explicit."""
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+    if cuda and not (static and dtype == "float32"):
+        return ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.enable_cpu_mem_arena = False
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run(session: ort.InferenceSession, feeds: dict) -> dict[str, np.ndarray]:
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
+def validate_export(onnx_path: Path, case: ValidationCase, description: DecoderDescription, strategy: Strategy,
+                    dtype: str, hf_model: torch.nn.Module | None = None) -> ValidationReport:
+    session = session_for(onnx_path, dtype, static=False)
     layout = cache_layout(description, strategy, dtype)
+    batch, prompt = case.ids.shape[0], case.prompt
     past = {name: np.zeros(layout.buffer_shape(batch, 0), dtype=NUMPY_TYPES[dtype]) for name, _ in layout.names()}
-    ref_past = None
-    report = ValidationReport(dtype, TOLERANCE[dtype])
-    step_ids, step_mask = input_ids, mask
-    for step in range(decode_steps + 1):
-        positions = c.positions_from_mask(step_mask)[:, -step_ids.shape[1]:]
-        feeds = {c.INPUT_IDS: step_ids, c.ATTENTION_MASK: step_mask, c.POSITION_IDS: positions, **past}
-        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
-        ref = reference.forward(*(torch.from_numpy(a) for a in (step_ids, step_mask, positions)), past=ref_past)
-        expected = ref.logits.numpy()
-        valid = step_mask[:, -step_ids.shape[1]:] == 1
-        diff, relative = _relative(outputs[c.LOGITS], expected, valid)
-        report.steps.append({"kind": "prefill" if step == 0 else "decode", "max_abs_diff": diff, "relative": relative})
-        if step == 0 and hf_model is not None:
-            with torch.no_grad():
-                hf_logits = hf_model(input_ids=torch.from_numpy(step_ids), attention_mask=torch.from_numpy(step_mask),
-                                     position_ids=torch.from_numpy(positions)).logits.double().numpy()
-            report.hf_relative = _relative(hf_logits, expected, valid)[1]
-        # Feed the reference's greedy choice to both, so that both decode the same sequence.
-        step_ids = expected[:, -1].argmax(-1)[:, None].astype(np.int64)
-        step_mask = np.concatenate([step_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+    report = ValidationReport(dtype, TOLERANCE[dtype], device=case.device)
+    positions = case.positions
+    spans = [(0, prompt)] + [(t, t + 1) for t in range(prompt, case.ids.shape[1])]  # the prefill, then decode steps
+    for begin, end in spans:
+        feeds = {c.INPUT_IDS: case.ids[:, begin:end], c.ATTENTION_MASK: case.mask[:, :end],
+                 c.POSITION_IDS: positions[:, begin:end], c.LOGITS_TO_KEEP: np.array([0 if begin == 0 else 1]),
+                 **past}
+        outputs = run(session, feeds)
+        diff, relative = _relative(outputs[c.LOGITS], case.logits[:, begin:end], case.mask[:, begin:end] == 1)
+        report.steps.append({"kind": "prefill" if begin == 0 else "decode", "max_abs_diff": diff,
+                             "relative": relative})
         past = {past_name: outputs[present] for past_name, present in layout.names()}
-        ref_past = ref.present
+    if hf_model is not None:
+        with torch.no_grad():
+            hf_logits = hf_model(input_ids=torch.from_numpy(case.ids), attention_mask=torch.from_numpy(case.mask),
+                                 position_ids=torch.from_numpy(positions)).logits.double().numpy()
+        report.hf_relative = _relative(hf_logits, case.logits, case.mask == 1)[1]
     return report
 
 
-def validate_static(
-    static_path: Path,
-    description: DecoderDescription,
-    strategy: Strategy,
-    dtype: str,
-    decode_steps: int = 3,
-    seed: int = 1,
-) -> ValidationReport:
-    """The static decode graph over preallocated buffers, filled from the reference's prefill, against the
-    reference's decode steps. Rows have different lengths and the buffers are longer than needed, with noise in
-    the unwritten slots, as reused buffers would have: the graph must read only each row's own slots. Every
-    shared layer's write into its owner's buffer must equal the owner's own."""
+def validate_static(static_path: Path, case: ValidationCase, description: DecoderDescription, strategy: Strategy,
+                    dtype: str, seed: int = 1) -> ValidationReport:
+    """The static graph over buffers longer than needed, with noise in the unwritten slots as reused buffers have
+    (it must read only each row's own slots): each row's prompt prefilled alone in two chunks, then the decoded
+    tokens for both rows at once. Every shared layer's write into its owner's buffer must equal the owner's own."""
     rng = np.random.default_rng(seed)
+    batch, prompt = case.ids.shape[0], case.prompt
     max_length = min(16, description.max_positions)
-    lengths = [min(7, max_length - decode_steps), 4]
-    batch, seq = len(lengths), max(lengths)
-    ids = rng.integers(0, description.vocab_size, size=(batch, seq), dtype=np.int64)
-    mask = np.zeros((batch, seq), dtype=np.int64)
-    for row, length in enumerate(lengths):
-        mask[row, seq - length:] = 1
-    reference = ReferenceDecoder(description, strategy, torch.float64)
-    ref = reference.forward(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(c.positions_from_mask(mask)))
     layout = cache_layout(description, strategy, dtype)
-    buffers = {}
-    for owner in strategy.owners:
-        for kind, tensor in zip(c.KV_KINDS, ref.present[owner]):
-            buffers[owner, kind] = rng.normal(size=layout.buffer_shape(batch, max_length)).astype(NUMPY_TYPES[dtype])
-            for row, length in enumerate(lengths):  # compact rows: the left padding is dropped
-                buffers[owner, kind][row, :, :length] = tensor[row, :, seq - length:].numpy()
-    session = ort.InferenceSession(str(static_path), providers=["CPUExecutionProvider"])
-    report = ValidationReport(dtype, TOLERANCE[dtype])
-    for _ in range(decode_steps):
-        token = ref.logits[:, -1].argmax(-1)[:, None]
-        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-        positions = c.positions_from_mask(mask)[:, -1:]
-        ref = reference.forward(token, torch.from_numpy(mask), torch.from_numpy(positions), past=ref.present)
-        feeds = {c.INPUT_IDS: token.numpy(), c.SEQLENS_K: positions[:, 0].astype(np.int32),
+    buffers = {name: rng.normal(size=layout.buffer_shape(batch, max_length)).astype(NUMPY_TYPES[dtype])
+               for name, _ in layout.names()}
+    session = session_for(static_path, dtype, static=True)
+    report = ValidationReport(dtype, TOLERANCE[dtype], device=case.device)
+
+    def step(rows: slice, ids: np.ndarray, seqlens: np.ndarray, expected: np.ndarray, label: str) -> None:
+        feeds = {c.INPUT_IDS: ids, c.SEQLENS_K: seqlens.astype(np.int32),
                  c.TOTAL_SEQUENCE_LENGTH: np.array([max_length], dtype=np.int32),
-                 **{c.past_name(o, k): buffer for (o, k), buffer in buffers.items()}}
-        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
-        diff, relative = _relative(outputs[c.LOGITS], ref.logits.numpy(), np.ones((batch, 1), dtype=bool))
-        report.steps.append({"kind": "static decode", "max_abs_diff": diff, "relative": relative})
+                 **{name: buffer[rows] for name, buffer in buffers.items()}}
+        outputs = run(session, feeds)
+        diff, relative = _relative(outputs[c.LOGITS][:, 0], expected, np.ones(expected.shape, dtype=bool))
+        report.steps.append({"kind": label, "max_abs_diff": diff, "relative": relative})
         for layer, owner in enumerate(strategy.kv_source):
             for kind in c.KV_KINDS:
                 if not np.array_equal(outputs[c.present_name(layer, kind)], outputs[c.present_name(owner, kind)]):
                     raise ValidationError(f"the static graph's layer {layer} would write other {kind}s into layer "
                                           f"{owner}'s cache than layer {owner} does: report this with the model")
-        buffers = {(o, k): outputs[c.present_name(o, k)] for (o, k) in buffers}
+        for past_name, present in layout.names():
+            buffers[past_name][rows] = outputs[present]
+
+    for row, length in enumerate(case.lengths):  # compact rows: the left padding is not fed
+        tokens = case.ids[row, prompt - length:prompt]
+        split = max(1, length // 2)
+        for begin, end in ((0, split), (split, length)):
+            if begin < end:
+                step(slice(row, row + 1), tokens[None, begin:end], np.array([end - 1]),
+                     case.logits[row:row + 1, prompt - length + end - 1], "static prefill")
+    lengths = np.array(case.lengths)
+    for t in range(case.ids.shape[1] - prompt):
+        step(slice(None), case.ids[:, prompt + t:prompt + t + 1], lengths + t, case.logits[:, prompt + t],
+             "static decode")
     return report

@@ -51,6 +51,10 @@ class BenchPoint:
     floor_ms: float | None
     ratio_to_floor: float | None
     note: str | None = None  # why a backend refused the point
+    # What the peak consists of, above what the device held before the backend was made (CUDA context): the
+    # weights (as exported), the cache allocated (static: the whole buffers) and the rest (the transient).
+    cache_mib: float | None = None
+    transient_mib: float | None = None
 
 
 class Clock:
@@ -230,11 +234,12 @@ def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchS
 def allocated_mib(model: ExportedModel, batch: int, context: int, settings: BenchSettings,
                   device: torch.device) -> float:
     """Device MiB that `batch` full sequences of `context` tokens take when really allocated: the static decoder
-    (its sessions with their weights, its cache buffers, logits) and one decode step over full rows (its
-    transients), above what was in use before."""
+    (its session with the weights, its cache buffers, logits), a full row's prefill and one decode step over full
+    rows (their transients), above what was in use before."""
     release(device)
     before = device_in_use_mib(device)
     decoder = make_decoder(model, "ort-static", settings.provider, 0, batch, False, context)
+    decoder.prefill_row(0, torch.zeros(context - 1, dtype=torch.int64))  # a full row's prefill transient
     cache = decoder.random_cache(batch, context - 1, torch.Generator(device=device).manual_seed(0))
     decoder.step(np.zeros((batch, 1), dtype=np.int64), np.ones((batch, context), dtype=np.int64),
                  np.full((batch, 1), context - 1, dtype=np.int64), cache)
@@ -248,10 +253,12 @@ def bench_backend(backend: str, strategy: str, model: ExportedModel, model_dir: 
                   settings: BenchSettings, device: torch.device, bandwidth: float | None,
                   progress: Callable[[str], None]) -> list[BenchPoint]:
     """Every batch x context point of one backend on one strategy."""
+    before = device_in_use_mib(device)
     try:
         with (baseline_model(backend, model_dir, device, TORCH_DTYPES[model.dtype], settings.optimum_level)
               if backend in BASELINES else nullcontext()) as reference_model:
-            return bench_points(backend, strategy, model, reference_model, settings, device, bandwidth, progress)
+            return bench_points(backend, strategy, model, reference_model, settings, device, bandwidth, progress,
+                                before)
     except PointRefused as refusal:  # the baseline cannot run this model at all
         return [refused_point(backend, strategy, model, batch, context, str(refusal))
                 for context in settings.contexts for batch in settings.batches]
@@ -267,9 +274,10 @@ def refused_point(backend: str, strategy: str, model: ExportedModel, batch: int,
 
 
 def bench_points(backend: str, strategy: str, model: ExportedModel, reference_model, settings: BenchSettings,
-                 device: torch.device, bandwidth: float | None,
-                 progress: Callable[[str], None]) -> list[BenchPoint]:
-    """The points of one backend: reference_model is the baseline's model, None for kvexport's decoders."""
+                 device: torch.device, bandwidth: float | None, progress: Callable[[str], None],
+                 before_mib: float | None) -> list[BenchPoint]:
+    """The points of one backend: reference_model is the baseline's model, None for kvexport's decoders.
+    before_mib: device memory in use before the backend was made."""
     weight_bytes = model.manifest["weight_bytes"]
     points = []
     for context in settings.contexts:
@@ -294,13 +302,17 @@ def bench_points(backend: str, strategy: str, model: ExportedModel, reference_mo
             kv_bytes = model.layout.bytes_per_token() * batch * context
             read_bytes = weight_bytes + model.layout.full_bytes_per_token * batch * context
             floor = read_bytes / bandwidth * 1e3 if bandwidth else None
+            peak = device_in_use_mib(device)
+            # The static decoder's buffers are allocated for its largest batch, whichever batch runs.
+            cache_mib = (decoder.storage.numel() * decoder.storage.element_size() if hasattr(decoder, "storage")
+                         else kv_bytes) / 2**20
+            transient = None if peak is None else peak - before_mib - weight_bytes / 2**20 - cache_mib
             points.append(BenchPoint(
                 backend=backend, strategy=strategy, batch=batch, context=context, prefill_ms=prefill,
                 decode_ms_median=median, decode_ms_p90=float(np.percentile(times, 90)),
                 tokens_per_s=batch / (median / 1e3), kv_bytes=kv_bytes, weight_bytes=weight_bytes,
-                peak_device_mib=device_in_use_mib(device),
-                floor_ms=floor,
-                ratio_to_floor=median / floor if floor else None))
+                peak_device_mib=peak, floor_ms=floor, ratio_to_floor=median / floor if floor else None,
+                cache_mib=cache_mib if peak is not None else None, transient_mib=transient))
         del decoder
         release(device)
     return points
@@ -310,18 +322,24 @@ def _fmt(value: float | None, spec: str = "{:.2f}") -> str:
     return "-" if value is None else spec.format(value)
 
 
+def breakdown(point: dict) -> str:
+    if point.get("transient_mib") is None:
+        return "-"
+    return f"{point['weight_bytes'] / 2**20:.0f} + {point['cache_mib']:.0f} + {point['transient_mib']:.0f}"
+
+
 def table(report: dict) -> str:
     header = ("| backend | strategy | batch | context | prefill ms | decode ms (median) | p90 | tokens/s | KV MiB | "
-              "peak MiB | floor ms | measured/floor |")
-    lines = [header, "|" + "---|" * 12]
+              "peak MiB | = weights + cache + transient | floor ms | measured/floor |")
+    lines = [header, "|" + "---|" * 13]
     for p in report["points"]:
         if p["decode_ms_median"] is None:
             lines.append(f"| {p['backend']} | {p['strategy']} | {p['batch']} | {p['context']} | n/a: {p['note']} |"
-                         + " |" * 7)
+                         + " |" * 8)
             continue
         lines.append(f"| {p['backend']} | {p['strategy']} | {p['batch']} | {p['context']} | {_fmt(p['prefill_ms'])} | "
                      f"{p['decode_ms_median']:.3f} | {p['decode_ms_p90']:.3f} | {p['tokens_per_s']:.0f} | "
-                     f"{p['kv_bytes'] / 2**20:.1f} | {_fmt(p['peak_device_mib'], '{:.0f}')} | "
+                     f"{p['kv_bytes'] / 2**20:.1f} | {_fmt(p['peak_device_mib'], '{:.0f}')} | {breakdown(p)} | "
                      f"{_fmt(p['floor_ms'], '{:.3f}')} | {_fmt(p['ratio_to_floor'])} |")
     rates = report.get("memory_rate")
     if rates:
@@ -336,7 +354,8 @@ def table(report: dict) -> str:
     for strategy, by_context in report["max_batch_in_budget"].items():
         lines.append(f"| {strategy} | " + " | ".join(str(v) for v in by_context.values()) + " |")
     if report.get("allocated_mib_at_max_batch"):
-        lines += ["", "Allocated at that batch (ort-static: sessions, cache buffers, one decode step), device MiB:", "",
+        caption = "Allocated at that batch (ort-static: session, cache buffers, a row's prefill, one decode step), MiB:"
+        lines += ["", caption, "",
                   "| strategy | " + " | ".join(f"context {c}" for c in contexts) + " |", "|---|" + "---|" * len(contexts)]
         for strategy, by_context in report["allocated_mib_at_max_batch"].items():
             lines.append(f"| {strategy} | " + " | ".join(f"{v:.0f}" for v in by_context.values()) + " |")

@@ -18,9 +18,9 @@ class Decoder(ABC):
 
     @abstractmethod
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                cache: KVCache) -> np.ndarray | torch.Tensor:
-        """One forward pass: advance the cache and return all positions' logits [batch, seq, vocab]
-        (numpy on the host, or a torch tensor where the backend keeps logits on the device)."""
+                cache: KVCache, logits_to_keep: int = 0) -> np.ndarray | torch.Tensor:
+        """One forward pass: advance the cache and return the last `logits_to_keep` positions' logits (0: all)
+        [batch, kept, vocab] (numpy on the host, or a torch tensor where the backend keeps logits on the device)."""
 
     @abstractmethod
     def wrap_past(self, tensor: torch.Tensor):
@@ -46,4 +46,4 @@ class Decoder(ABC):
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              cache: KVCache) -> np.ndarray | torch.Tensor:
         """One forward pass returning only the last position's logits [batch, vocab]."""
-        return self.forward(input_ids, attention_mask, position_ids, cache)[:, -1, :]
+        return self.forward(input_ids, attention_mask, position_ids, cache, logits_to_keep=1)[:, -1, :]

@@ -82,21 +82,20 @@ class OrtDecoder(Decoder):
         return array if self.provider == "cpu" else ort.OrtValue.ortvalue_from_numpy(array, "cuda", self.device_id)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                cache: KVCache) -> np.ndarray:
+                cache: KVCache, logits_to_keep: int = 0) -> np.ndarray:
+        inputs = {c.INPUT_IDS: input_ids, c.ATTENTION_MASK: attention_mask, c.POSITION_IDS: position_ids,
+                  c.LOGITS_TO_KEEP: np.array([logits_to_keep], dtype=np.int64)}
         if self.provider == "cpu":
-            feeds = {c.INPUT_IDS: input_ids, c.ATTENTION_MASK: attention_mask, c.POSITION_IDS: position_ids,
-                     **cache.values}
             names = [o.name for o in self.session.get_outputs()]
-            outputs = dict(zip(names, self.session.run(None, feeds)))
+            outputs = dict(zip(names, self.session.run(None, {**inputs, **cache.values})))
         else:
-            outputs = self._step_bound(input_ids, attention_mask, position_ids, cache)
+            outputs = self._step_bound(inputs, cache)
         cache.update(outputs, input_ids.shape[1])
         return outputs[c.LOGITS]
 
-    def _step_bound(self, input_ids, attention_mask, position_ids, cache: KVCache) -> dict:
+    def _step_bound(self, inputs: dict[str, np.ndarray], cache: KVCache) -> dict:
         binding = self.session.io_binding()
-        for name, array in ((c.INPUT_IDS, input_ids), (c.ATTENTION_MASK, attention_mask),
-                            (c.POSITION_IDS, position_ids)):
+        for name, array in inputs.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         for past, value in cache.values.items():
             binding.bind_ortvalue_input(past, value)

@@ -2,11 +2,12 @@
 
 All owners' K and V live in one tensor [2 * owners, max_batch, kv_heads, max_length, head_dim], allocated once.
 Rows are compact: row b's tokens fill slots 0..n_b - 1, so a row's length is its next token's slot and position,
-and rows of different lengths (or requests that joined at different times) share the buffers. Prefill runs the
-dynamic graph and writes each prompt's K/V into its row once, left padding dropped. Each decode step runs the
-static decode graph (model_static.onnx), whose GroupQueryAttention writes the new K/V into the buffers itself;
-every input and output is bound to a fixed address, so ONNX Runtime can capture the step as a CUDA graph and
-replay it. Logits stay on the device.
+and rows of different lengths (or requests that joined at different times) share the buffers. One graph and one
+session (the weights are on the device once) serve both phases of model_static.onnx: prefill feeds one row's
+prompt at a time, left padding dropped, in chunks of at most prefill_chunk tokens, and GroupQueryAttention writes
+their K/V into that row in place without materializing attention scores; only the last position's logits are
+computed. Each decode step runs one token for every row; all its inputs and outputs are bound to fixed addresses,
+so ONNX Runtime can capture the step as a CUDA graph and replay it. Logits stay on the device.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class StaticKVCache(KVCache):
 
 class StaticCacheDecoder(Decoder):
     def __init__(self, model: ExportedModel, provider: str = "cpu", device_id: int = 0, max_batch: int = 8,
-                 cuda_graph: bool = False, max_length: int | None = None):
+                 cuda_graph: bool = False, max_length: int | None = None, prefill_chunk: int = 512):
         static = model.manifest["files"].get("static_decode")
         if not static:
             raise KvexportError(f"{model.directory} has no static decode graph: export with --static")
@@ -57,11 +58,10 @@ class StaticCacheDecoder(Decoder):
         if provider == "cuda" and model.dtype != "float16":
             raise KvexportError(f"the static decode graph runs on CUDA in float16 only (ONNX Runtime's "
                                 f"GroupQueryAttention has no {model.dtype} CUDA kernel): export with --dtype float16")
-        self.model, self.max_batch = model, max_batch
+        self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
         self.max_length = max_length or model.facts.max_positions
         self.device = torch.device("cuda", device_id) if provider == "cuda" else torch.device("cpu")
-        self.prefill_session = open_graph(model, model.manifest["files"]["onnx"], provider, device_id)
-        self.decode_session = open_graph(model, static, provider, device_id, cuda_graph)
+        self.session = open_graph(model, static, provider, device_id, cuda_graph)
         layout, owners_kv = model.layout, len(model.layout.names())
         self.kv_dtype = TORCH_DTYPES[model.dtype]
         self.storage = torch.zeros((owners_kv, max_batch, layout.num_kv_heads, self.max_length, layout.head_dim),
@@ -93,58 +93,63 @@ class StaticCacheDecoder(Decoder):
     def _decode_binding(self, batch: int) -> ort.IOBinding:
         """One binding per batch size, made once: the addresses never change, as CUDA graph replay needs."""
         if batch not in self._bindings:
-            binding = self.decode_session.io_binding()
-            bind(binding, c.INPUT_IDS, self.input_ids[:batch])
-            bind(binding, c.SEQLENS_K, self.seqlens[:batch])
-            bind(binding, c.TOTAL_SEQUENCE_LENGTH, self.total_length)
-            buffer = {past: self.storage[j, :batch] for j, (past, _) in enumerate(self.model.layout.names())}
-            for past, tensor in buffer.items():
-                bind(binding, past, tensor)
-            # Every layer's present is its owner's buffer: the attention op writes the new K/V there in place.
-            for layer, owner in enumerate(self.model.strategy.kv_source):
-                for kind in c.KV_KINDS:
-                    bind(binding, c.present_name(layer, kind), buffer[c.past_name(owner, kind)], output=True)
-            bind(binding, c.LOGITS, self.logits[:batch], output=True)
-            self._bindings[batch] = binding
+            self._bindings[batch] = self._binding(self.input_ids[:batch], self.seqlens[:batch], slice(0, batch),
+                                                  self.logits[:batch])
             options = ort.RunOptions()
             if self.cuda_graph:  # ORT keeps one captured graph per id: one per batch size (shapes differ)
                 options.add_run_config_entry("gpu_graph_id", str(batch))
             self._run_options[batch] = options
         return self._bindings[batch]
 
-    def forward(self, input_ids, attention_mask, position_ids, cache: StaticKVCache) -> torch.Tensor:
+    def _binding(self, input_ids: torch.Tensor, seqlens: torch.Tensor, rows: slice,
+                 logits: torch.Tensor) -> ort.IOBinding:
+        binding = self.session.io_binding()
+        bind(binding, c.INPUT_IDS, input_ids)
+        bind(binding, c.SEQLENS_K, seqlens)
+        bind(binding, c.TOTAL_SEQUENCE_LENGTH, self.total_length)
+        buffer = {past: self.storage[j, rows] for j, (past, _) in enumerate(self.model.layout.names())}
+        for past, tensor in buffer.items():
+            bind(binding, past, tensor)
+        # Every layer's present is its owner's buffer: the attention op writes the new K/V there in place.
+        for layer, owner in enumerate(self.model.strategy.kv_source):
+            for kind in c.KV_KINDS:
+                bind(binding, c.present_name(layer, kind), buffer[c.past_name(owner, kind)], output=True)
+        bind(binding, c.LOGITS, logits, output=True)
+        return binding
+
+    def forward(self, input_ids, attention_mask, position_ids, cache: StaticKVCache,
+                logits_to_keep: int = 1) -> torch.Tensor:
+        """The last position's logits [batch, 1, vocab] (the static graph computes no others)."""
         batch, seq = input_ids.shape
         if cache.length + seq > self.max_length:
             raise KvexportError(f"the static cache holds {self.max_length} tokens; this step needs "
                                 f"{cache.length + seq}: create the decoder with a larger max_length")
         if cache.length == 0:
-            return self._prefill(input_ids, attention_mask, position_ids, cache)
+            return self._prefill(input_ids, attention_mask, cache)
         if seq != 1:
-            raise KvexportError("the static decode graph takes one token per step")
+            raise KvexportError("the static graph decodes one token per row after the prefill")
         self.input_ids[:batch].copy_(torch.as_tensor(input_ids))
         self.seqlens[:batch].copy_(torch.as_tensor(position_ids)[:, 0])  # compact rows: position == slot
-        self.decode_session.run_with_iobinding(self._decode_binding(batch), self._run_options[batch])
+        self.session.run_with_iobinding(self._decode_binding(batch), self._run_options[batch])
         cache.length += 1
         return self.logits[:batch]
 
-    def _prefill(self, input_ids, attention_mask, position_ids, cache: StaticKVCache) -> torch.Tensor:
-        batch, seq = input_ids.shape
-        layout = self.model.layout
-        binding = self.prefill_session.io_binding()
-        inputs = {c.INPUT_IDS: input_ids, c.ATTENTION_MASK: attention_mask, c.POSITION_IDS: position_ids}
-        inputs = {name: torch.as_tensor(array).to(self.device).contiguous() for name, array in inputs.items()}
-        empty = torch.zeros(layout.buffer_shape(batch, 0), dtype=self.kv_dtype, device=self.device)
-        presents = torch.empty((len(layout.names()), *layout.buffer_shape(batch, seq)), dtype=self.kv_dtype,
-                               device=self.device)
-        logits = torch.empty((batch, seq, self.model.facts.vocab_size), dtype=torch.float32, device=self.device)
-        for name, tensor in inputs.items():
-            bind(binding, name, tensor)
-        for j, (past, present) in enumerate(layout.names()):
-            bind(binding, past, empty)
-            bind(binding, present, presents[j], output=True)
-        bind(binding, c.LOGITS, logits, output=True)
-        self.prefill_session.run_with_iobinding(binding)
-        for row, length in enumerate(inputs[c.ATTENTION_MASK].sum(-1).tolist()):  # compact rows: drop the padding
-            cache.storage[:, row, :, :length].copy_(presents[:, row, :, seq - length:])
-        cache.length = seq
-        return logits
+    def prefill_row(self, row: int, tokens: torch.Tensor, cached: int = 0) -> torch.Tensor:
+        """Append `tokens` to row `row`, which holds `cached` tokens, in chunks; the last token's logits [1, 1,
+        vocab] (a view of the decoder's logits buffer, valid until the next step)."""
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", "-1")  # shapes vary: never captured
+        tokens = torch.as_tensor(tokens, dtype=torch.int64).to(self.device)
+        for begin in range(0, len(tokens), self.prefill_chunk):
+            chunk = tokens[begin:begin + self.prefill_chunk].view(1, -1)
+            seqlens = torch.tensor([cached + begin + chunk.shape[1] - 1], dtype=torch.int32, device=self.device)
+            binding = self._binding(chunk, seqlens, slice(row, row + 1), self.logits[row:row + 1])
+            self.session.run_with_iobinding(binding, options)
+        return self.logits[row:row + 1]
+
+    def _prefill(self, input_ids, attention_mask, cache: StaticKVCache) -> torch.Tensor:
+        ids, mask = torch.as_tensor(input_ids), torch.as_tensor(attention_mask)
+        for row in range(ids.shape[0]):  # compact rows: the left padding is not fed
+            self.prefill_row(row, ids[row][mask[row] == 1])
+        cache.length = ids.shape[1]
+        return self.logits[:ids.shape[0]]

@@ -43,7 +43,7 @@ class TensorRTDecoder(Decoder):
     def _address(self, tensor: torch.Tensor) -> int:
         return tensor.data_ptr() if tensor.numel() else self._placeholder.data_ptr()
 
-    def forward(self, input_ids, attention_mask, position_ids, cache: KVCache) -> np.ndarray:
+    def forward(self, input_ids, attention_mask, position_ids, cache: KVCache, logits_to_keep: int = 0) -> np.ndarray:
         profile = "prefill" if cache.length == 0 else "decode"
         if profile not in self.info["profile_index"]:
             raise KvexportError(f"the engine has no {profile} profile: rebuild with --profiles prefill,decode")
@@ -54,6 +54,9 @@ class TensorRTDecoder(Decoder):
         for name, tensor in inputs.items():
             self.context.set_input_shape(name, tuple(tensor.shape))
             self.context.set_tensor_address(name, self._address(tensor))
+        keep = np.array([logits_to_keep], dtype=np.int64)  # a shape tensor: TensorRT reads it on the host
+        self.context.set_input_shape(c.LOGITS_TO_KEEP, keep.shape)
+        self.context.set_tensor_address(c.LOGITS_TO_KEEP, keep.ctypes.data)
         outputs = {}
         for name in [c.LOGITS] + [present for _, present in self.model.layout.names()]:
             dtype = torch.float32 if name == c.LOGITS else self.kv_dtype

@@ -5,13 +5,18 @@ since tools such as GenAI's model builder want one (its 8192 ids fit either voca
     python samples/make_random_model.py pythia-160m /tmp/pythia-160m-random
     python samples/make_random_model.py llama-160m /tmp/llama-160m-random
     python samples/make_random_model.py llama-160m /tmp/llama-160m-kv4 --kv-heads 4    # grouped-query attention
+    python samples/make_random_model.py llama-7b /tmp/llama-7b-random                  # 13.5 GB, about a minute
+
+Weights are drawn tensor by tensor (normal, std 0.02) and streamed into model.safetensors, so a 13B shape needs
+no more memory than its largest tensor.
 """
 
 import argparse
+from pathlib import Path
 
-import torch
 from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from kvexport.exporter.checkpoint import write_random_checkpoint
 from kvexport.models import DEFAULT_MODEL, shipped_directory
 
 # The public config.json of each model (EleutherAI/pythia-160m, JackFram/llama-160m), field by field.
@@ -27,6 +32,19 @@ CONFIGS = {
         "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "bos_token_id": 0, "eos_token_id": 2,
         "tie_word_embeddings": False}),
 }
+PYTHIA = CONFIGS["pythia-160m"][2]
+LLAMA = CONFIGS["llama-160m"][2]
+CONFIGS.update({  # the public configs of EleutherAI/pythia-1.4b, meta-llama/Llama-2-7b-hf and -13b-hf
+    "pythia-1.4b": (GPTNeoXConfig, GPTNeoXForCausalLM, {
+        **PYTHIA, "hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16,
+        "intermediate_size": 8192}),
+    "llama-7b": (LlamaConfig, LlamaForCausalLM, {
+        **LLAMA, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "intermediate_size": 11008, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "bos_token_id": 1}),
+    "llama-13b": (LlamaConfig, LlamaForCausalLM, {
+        **LLAMA, "hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
+        "intermediate_size": 13824, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "bos_token_id": 1}),
+})
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,7 +55,8 @@ if __name__ == "__main__":
     config_class, model_class, fields = CONFIGS[args.shape]
     if args.kv_heads:
         fields = {**fields, "num_key_value_heads": args.kv_heads}
-    torch.manual_seed(0)
-    model_class(config_class(**fields)).to(torch.float16).save_pretrained(args.output)
-    AutoTokenizer.from_pretrained(shipped_directory(DEFAULT_MODEL)).save_pretrained(args.output)
-    print(f"wrote {args.output}")
+    config = config_class(**fields, dtype="float16")
+    output = Path(args.output)
+    size = write_random_checkpoint(model_class, config, output)
+    AutoTokenizer.from_pretrained(shipped_directory(DEFAULT_MODEL)).save_pretrained(output)
+    print(f"wrote {output}: {size / 1e9:.2f} GB of float16 weights")

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 FORMAT_NAME = "kvexport"
-FORMAT_VERSION = 2  # 2: GroupQueryAttention static graph (compact rows), integrity section
+FORMAT_VERSION = 3  # 2: GroupQueryAttention static graph, integrity; 3: one weights file, prefill in the static graph
 
 MODEL_FILE = "model.onnx"
 STATIC_MODEL_FILE = "model_static.onnx"  # optional decode-only graph over fixed-size cache buffers
-WEIGHTS_FILE = "model.onnx.data"  # external data, written when the weights are large
+WEIGHTS_FILE = "model.onnx.data"  # the weights of both graphs (ONNX external data)
 MANIFEST_FILE = "kvexport.json"
 STRATEGY_FILE = "strategy.json"
 ENGINE_FILE = "model.engine"  # TensorRT engine, built next to the ONNX
@@ -23,14 +23,16 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
-# Static decode graph: each row's cache is compact (row b's tokens fill slots 0..n_b - 1), so a row's length is
-# also the new token's slot and position.
-SEQLENS_K = "seqlens_k"  # int32 [batch]: tokens already cached per row (ORT GroupQueryAttention's name)
+LOGITS_TO_KEEP = "logits_to_keep"  # int64 [1]: logits of the last N positions only; 0: all (as transformers' own)
+# Static graph: each row's cache is compact (row b's tokens fill slots 0..n_b - 1), so a row's length is also its
+# next token's slot and position. It decodes one token per row, or prefills a chunk of tokens for one row.
+SEQLENS_K = "seqlens_k"  # int32 [batch]: tokens cached per row after this step, minus one (as in ORT's GQA)
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 [1], on the host: the buffers' length
 
 # Symbolic dimension names used in the graph and in docs/design.md.
 BATCH, SEQUENCE, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
-CACHE = "cache_length"  # static decode graph: length of the preallocated buffers; its attention_mask marks valid slots
+KEPT = "kept_sequence_length"  # logits' positions: logits_to_keep, or sequence_length when it is 0
+CACHE = "cache_length"  # static graph: length of the preallocated buffers
 
 
 def positions_from_mask(attention_mask):
@@ -84,7 +86,7 @@ def graph_io_names(kv_source: tuple[int, ...], static: bool) -> tuple[list[str],
     pasts = [past_name(i, kind) for i in owners for kind in KV_KINDS]
     present_layers = range(len(kv_source)) if static else owners
     presents = [present_name(i, kind) for i in present_layers for kind in KV_KINDS]
-    step_inputs = [SEQLENS_K, TOTAL_SEQUENCE_LENGTH] if static else [ATTENTION_MASK, POSITION_IDS]
+    step_inputs = [SEQLENS_K, TOTAL_SEQUENCE_LENGTH] if static else [ATTENTION_MASK, POSITION_IDS, LOGITS_TO_KEEP]
     return [INPUT_IDS, *step_inputs, *pasts], [LOGITS, *presents]
 
 

@@ -6,8 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from kvexport.exporter import ReferenceDecoder, describe, export, load_model
-from kvexport.exporter import pipeline as export_module
+from kvexport.exporter import ReferenceDecoder, export, load_model
 from kvexport.exporter import validate as validate_module
 from kvexport.strategies import Strategy
 from kvexport.strategies import contract as c
@@ -41,7 +40,7 @@ def test_graph_has_kv_io_and_projections_for_owners_only(tiny_neox, export_cache
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
     owners = IRREGULAR.owners
-    assert inputs == ["input_ids", "attention_mask", "position_ids"] + [
+    assert inputs == ["input_ids", "attention_mask", "position_ids", "logits_to_keep"] + [
         f"past_key_values.{i}.{k}" for i in owners for k in ("key", "value")]
     assert outputs == ["logits"] + [f"present.{i}.{k}" for i in owners for k in ("key", "value")]
     weights = {init.name: init for init in model.graph.initializer}
@@ -62,7 +61,7 @@ def test_onnx_matches_a_longer_independent_decode(tiny_neox, export_cache):
     directory = export_cache(tiny_neox, "every:2")
     loaded = load_model(str(tiny_neox))
     strategy = Strategy.from_dict(json.loads((directory / c.STRATEGY_FILE).read_text()))
-    reference = ReferenceDecoder(describe(loaded.config, loaded.weights), strategy, torch.float64)
+    reference = ReferenceDecoder(loaded.description, strategy, torch.float64)
     session = ort.InferenceSession(str(directory / c.MODEL_FILE), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 8192, (3, 6))
@@ -72,7 +71,8 @@ def test_onnx_matches_a_longer_independent_decode(tiny_neox, export_cache):
     ref_past = None
     for _ in range(10):
         pos = c.positions_from_mask(mask)[:, -ids.shape[1]:]
-        out = session.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past})
+        out = session.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                                 "logits_to_keep": np.array([0]), **past})
         ref = reference.forward(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos), ref_past)
         np.testing.assert_allclose(out[0], ref.logits.numpy(), atol=1e-4, rtol=1e-4)
         names = [o.name for o in session.get_outputs()]
@@ -90,12 +90,15 @@ def test_failed_validation_leaves_nothing_behind(tiny_neox, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
-def test_large_weights_go_to_external_data(tiny_neox, tmp_path, monkeypatch):
-    monkeypatch.setattr(export_module, "EXTERNAL_DATA_BYTES", 0)
-    result = export(str(tiny_neox), "every:2", tmp_path / "out", log=lambda _: None)
-    assert (result.directory / c.WEIGHTS_FILE).stat().st_size > 1_000_000
-    assert (result.directory / c.MODEL_FILE).stat().st_size < 200_000
-    assert result.validation.passed  # validated through the external file
+def test_both_graphs_share_one_weights_file_and_hold_no_weight_bytes(tiny_neox, tmp_path):
+    result = export(str(tiny_neox), "every:2", tmp_path / "out", static=True, log=lambda _: None)
+    weights = (result.directory / c.WEIGHTS_FILE).stat().st_size
+    # Written once for both graphs (two copies would be twice the model's weights).
+    assert 0.5 * result.manifest["weight_bytes"] < weights < 1.2 * result.manifest["weight_bytes"]
+    for name in (c.MODEL_FILE, c.STATIC_MODEL_FILE):
+        assert (result.directory / name).stat().st_size < 100_000
+    assert result.manifest["integrity"]["files"][c.WEIGHTS_FILE]["bytes"] == weights  # hashed as it was written
+    assert result.validation.passed
 
 
 def test_export_dir_is_like_optimum(tiny_neox, export_cache):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvexport.exporter import ReferenceDecoder, describe, load_model
+from kvexport.exporter import ReferenceDecoder, load_model
 from kvexport.runtime import ExportedModel, Generator, SamplingConfig, choose_tokens
 from kvexport.strategies import KvexportError, Strategy
 from kvexport.strategies.contract import positions_from_mask
@@ -13,7 +13,7 @@ IRREGULAR = Strategy((0, 0, 2, 0), method="explicit")
 def reference_greedy(model_dir, strategy, prompt: list[int], new_tokens: int) -> list[int]:
     """Greedy decoding with the float64 PyTorch reference of the same strategy, cache fed back as in the runtime."""
     loaded = load_model(str(model_dir))
-    reference = ReferenceDecoder(describe(loaded.config, loaded.weights), strategy, torch.float64)
+    reference = ReferenceDecoder(loaded.description, strategy, torch.float64)
     ids = torch.tensor([prompt])
     mask = torch.ones_like(ids)
     past, out = None, []

@@ -42,6 +42,31 @@ def test_static_decode_gives_the_dynamic_graphs_logits(static_export):
         mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
 
 
+def test_chunked_prefill_of_one_row_leaves_the_other_rows_alone(static_export):
+    """Prefill runs one row at a time in chunks, through the same graph as decode: chunks of 2 tokens give the
+    logits of a single chunk, and the other rows' cache slots are not touched."""
+    model = ExportedModel.load(static_export)
+    whole, chunked = (StaticCacheDecoder(model, max_batch=3, max_length=32, prefill_chunk=n) for n in (512, 2))
+    chunked.storage.normal_()
+    others = chunked.storage[:, [0, 2]].clone()
+    expected = whole.prefill_row(1, torch.tensor(PROMPTS[0])).clone()
+    np.testing.assert_allclose(chunked.prefill_row(1, torch.tensor(PROMPTS[0])), expected, atol=2e-5, rtol=1e-4)
+    assert torch.equal(chunked.storage[:, [0, 2]], others)
+    length = len(PROMPTS[0])
+    np.testing.assert_allclose(chunked.storage[:, 1, :, :length], whole.storage[:, 1, :, :length], atol=1e-5)
+
+
+def test_dynamic_graph_computes_only_the_logits_asked_for(static_export):
+    model = ExportedModel.load(static_export)
+    decoder = OrtDecoder(model)
+    ids = np.array([PROMPTS[0]], dtype=np.int64)
+    mask = np.ones_like(ids)
+    every = decoder.forward(ids, mask, positions_from_mask(mask), decoder.new_cache(1), logits_to_keep=0)
+    last = decoder.forward(ids, mask, positions_from_mask(mask), decoder.new_cache(1), logits_to_keep=1)
+    assert every.shape[1] == len(PROMPTS[0]) and last.shape[1] == 1
+    np.testing.assert_allclose(last[:, 0], every[:, -1], atol=1e-5)
+
+
 def test_static_graph_uses_fused_kernels(static_export):
     """The decode graph's kernel count is what makes batch 1 fast on the GPU (docs/results.md): one fused
     attention per layer that reads the cache once and writes the new K/V in place, each residual add fused into

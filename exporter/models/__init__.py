@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from . import gpt_neox, llama
-from .description import DecoderDescription, Layer, Linear, Norm, UnsupportedModelError
+from .description import DecoderDescription, Layer, LazyLayers, Linear, Norm, UnsupportedModelError
 
 READERS: dict[str, Callable[..., DecoderDescription]] = {
     "gpt_neox": gpt_neox.describe,
@@ -16,14 +16,16 @@ READERS: dict[str, Callable[..., DecoderDescription]] = {
 }
 
 
-def describe(config, weights: dict[str, torch.Tensor]) -> DecoderDescription:
-    """Read a decoder description from a Hugging Face config and its (float32) state dict."""
+def describe(config, weights: dict[str, torch.Tensor], release: Callable[[], None] = lambda: None
+             ) -> DecoderDescription:
+    """A decoder description from a Hugging Face config and its tensors (any dtype; views are not copied).
+    `release` is called between layers of a pass (Checkpoint.release)."""
     reader = READERS.get(config.model_type)
     if reader is None:
         raise UnsupportedModelError(
             f"architecture '{config.model_type}' is not supported: kvexport exports {', '.join(sorted(READERS))}"
         )
-    return reader(config, {name: tensor.float() for name, tensor in weights.items()})
+    return reader(config, weights, release)
 
 
-__all__ = ["READERS", "DecoderDescription", "Layer", "Linear", "Norm", "UnsupportedModelError", "describe"]
+__all__ = ["READERS", "DecoderDescription", "Layer", "LazyLayers", "Linear", "Norm", "UnsupportedModelError", "describe"]

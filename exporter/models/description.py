@@ -2,11 +2,13 @@
 
 Each architecture's reader (gpt_neox.py, llama.py) fills one of these from a Hugging Face config and state
 dict; the ONNX builder and the PyTorch reference both work from it, so they cannot drift apart.
-Linear weights are stored as [in_features, out_features] so that y = x @ W + b.
+Linear weights are stored as [in_features, out_features] so that y = x @ W + b. Tensors keep the checkpoint's
+dtype and may be views of a memory-mapped file: consumers cast what they use, and never write into them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,8 +28,8 @@ class Linear:
 
     @classmethod
     def from_hf(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-        """nn.Linear stores [out, in]."""
-        return cls(weight.t().contiguous(), None if bias is None else bias.contiguous())
+        """nn.Linear stores [out, in]; the transpose is a view (the checkpoint is not copied)."""
+        return cls(weight.t(), bias)
 
 
 @dataclass
@@ -49,6 +51,33 @@ class Layer:
     gate: Linear | None = None  # SwiGLU: down(act(gate(x)) * up(x)); None: down(act(up(x)))
 
 
+class LazyLayers(Sequence[Layer]):
+    """Layers read from the checkpoint when they are used, not kept: a pass over a large model holds one layer.
+
+    Iterating returns the checkpoint's pages read for the previous layer (`release`), so a sequential pass (the
+    ONNX builder, the reference) keeps about one layer resident.
+    """
+
+    def __init__(self, count: int, read: Callable[[int], Layer], release: Callable[[], None] = lambda: None):
+        self._count, self._read, self._release = count, read, release
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._read(i) for i in range(self._count)[index]]
+        if not -self._count <= index < self._count:
+            raise IndexError(index)
+        return self._read(index % self._count)
+
+    def __iter__(self) -> Iterator[Layer]:
+        for i in range(self._count):
+            self._release()
+            yield self._read(i)
+        self._release()
+
+
 @dataclass
 class DecoderDescription:
     architecture: str
@@ -66,9 +95,11 @@ class DecoderDescription:
     activation: Literal["gelu", "silu"]
     parallel_residual: bool  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
     embed: torch.Tensor  # [vocab, hidden]
-    layers: list[Layer]
+    layers: Sequence[Layer]  # a list, or LazyLayers read from a checkpoint
     final_norm: Norm
     lm_head: Linear  # [hidden, vocab]
+    # Returns the checkpoint pages a pass has read (Checkpoint.release); passes call it when they are done.
+    release: Callable[[], None] = lambda: None
 
     @property
     def kv_groups(self) -> int:

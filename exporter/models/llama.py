@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .description import DecoderDescription, Layer, Linear, Norm, UnsupportedModelError, rope_settings
+from .description import DecoderDescription, Layer, LazyLayers, Linear, Norm, UnsupportedModelError, rope_settings
 
 
-def describe(config, weights: dict[str, torch.Tensor]) -> DecoderDescription:
+def describe(config, weights: dict[str, torch.Tensor], release=lambda: None) -> DecoderDescription:
     hidden, heads = config.hidden_size, config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
@@ -20,22 +20,26 @@ def describe(config, weights: dict[str, torch.Tensor]) -> DecoderDescription:
     def linear(name: str) -> Linear:
         return Linear.from_hf(weights[f"{name}.weight"], weights.get(f"{name}.bias"))
 
-    layers = []
-    for i in range(config.num_hidden_layers):
+    def layer(i: int) -> Layer:
         p = f"model.layers.{i}."
-        layers.append(Layer(
+        return Layer(
             input_norm=Norm(weights[p + "input_layernorm.weight"]),
             post_attention_norm=Norm(weights[p + "post_attention_layernorm.weight"]),
             q=linear(p + "self_attn.q_proj"), k=linear(p + "self_attn.k_proj"), v=linear(p + "self_attn.v_proj"),
             o=linear(p + "self_attn.o_proj"), gate=linear(p + "mlp.gate_proj"), up=linear(p + "mlp.up_proj"),
             down=linear(p + "mlp.down_proj"),
-        ))
+        )
+
+    missing = [name for name in ("model.embed_tokens.weight", "model.norm.weight") if name not in weights]
+    if missing:
+        raise UnsupportedModelError(f"the checkpoint has no {', '.join(missing)}: it is not a Llama-family "
+                                    "causal LM checkpoint (AutoModelForCausalLM.save_pretrained writes one)")
     lm_head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])  # tied embeddings
     return DecoderDescription(
         architecture=config.model_type, num_layers=config.num_hidden_layers, hidden_size=hidden, num_heads=heads,
         num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=config.vocab_size,
         max_positions=config.max_position_embeddings, rotary_dim=int(head_dim * fraction), rope_theta=theta,
         norm="rmsnorm", norm_eps=config.rms_norm_eps, activation="silu", parallel_residual=False,
-        embed=weights["model.embed_tokens.weight"], layers=layers,
-        final_norm=Norm(weights["model.norm.weight"]), lm_head=Linear.from_hf(lm_head),
+        embed=weights["model.embed_tokens.weight"], layers=LazyLayers(config.num_hidden_layers, layer, release),
+        final_norm=Norm(weights["model.norm.weight"]), lm_head=Linear.from_hf(lm_head), release=release,
     )
