@@ -97,17 +97,20 @@ def memory_rate(device: torch.device) -> dict | None:
     return {"read_only_gb_s": read / 1e9, "copy_traffic_gb_s": copy / 1e9, "bytes_per_s": max(read, copy)}
 
 
-def device_in_use_mib(device: torch.device) -> float | None:
-    """Device memory in use by everything (torch's peak reservation, ONNX Runtime's arenas, the CUDA context).
+def device_in_use_mib(device: torch.device, peak: bool = True) -> float | None:
+    """Device memory in use by everything (torch's reservation, ONNX Runtime's arenas, the CUDA context): at its
+    peak since the last call (peak=True), or now.
 
-    The torch peak counter is reset, so the next reading covers the next point only.
+    The torch peak counter is reset, so the next peak reading covers what happens after this call only.
     """
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()  # memory torch cached for earlier points is not this point's
     free, total = torch.cuda.mem_get_info(device)
-    in_use = (total - free) - torch.cuda.memory_reserved(device) + torch.cuda.max_memory_reserved(device)
+    in_use = total - free
+    if peak:
+        in_use += torch.cuda.max_memory_reserved(device) - torch.cuda.memory_reserved(device)
     torch.cuda.reset_peak_memory_stats(device)
     return in_use / 2**20
 
@@ -237,7 +240,7 @@ def allocated_mib(model: ExportedModel, batch: int, context: int, settings: Benc
     (its session with the weights, its cache buffers, logits), a full row's prefill and one decode step over full
     rows (their transients), above what was in use before."""
     release(device)
-    before = device_in_use_mib(device)
+    before = device_in_use_mib(device, peak=False)
     decoder = make_decoder(model, "ort-static", settings.provider, 0, batch, False, context)
     decoder.prefill_row(0, torch.zeros(context - 1, dtype=torch.int64))  # a full row's prefill transient
     cache = decoder.random_cache(batch, context - 1, torch.Generator(device=device).manual_seed(0))
@@ -253,7 +256,7 @@ def bench_backend(backend: str, strategy: str, model: ExportedModel, model_dir: 
                   settings: BenchSettings, device: torch.device, bandwidth: float | None,
                   progress: Callable[[str], None]) -> list[BenchPoint]:
     """Every batch x context point of one backend on one strategy."""
-    before = device_in_use_mib(device)
+    before = device_in_use_mib(device, peak=False)
     try:
         with (baseline_model(backend, model_dir, device, TORCH_DTYPES[model.dtype], settings.optimum_level)
               if backend in BASELINES else nullcontext()) as reference_model:
