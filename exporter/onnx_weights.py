@@ -2,12 +2,18 @@
 
 A graph proto then holds only references (location, offset, length), never weight bytes, so building and saving
 it costs no memory of the model's size. The dynamic and the static graph share the file: a weight both use (same
-name, same values) is written once. The file's sha256 is computed as it is written, for the manifest.
+name, same values) is written once. A tensor's place in the file follows from its shape, so conversions (mostly
+transposes, which torch runs on one core) go to a pool of threads and are written in order as they finish, with at
+most WINDOW tensors in flight; the file's sha256 is computed as it is written, for the manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -20,6 +26,15 @@ from onnx import helper
 TORCH_TYPES = {"float32": torch.float32, "float16": torch.float16}
 ALIGNMENT = 4096  # large tensors start on a page, so that ONNX Runtime can map them instead of copying
 SMALL = 1 << 16
+THREADS = min(8, os.cpu_count() or 1)
+WINDOW = 2 * THREADS
+
+
+def converted(tensor: torch.Tensor | np.ndarray, dtype: str) -> np.ndarray:
+    """C-contiguous values in `dtype`; torch converts (numpy has no bfloat16)."""
+    if isinstance(tensor, torch.Tensor):
+        return tensor.detach().to(device="cpu", dtype=TORCH_TYPES[dtype]).contiguous().numpy()
+    return np.ascontiguousarray(tensor, dtype=np.dtype(dtype))
 
 
 class WeightFile:
@@ -27,40 +42,51 @@ class WeightFile:
         self.path = path
         self._file = path.open("wb")
         self._digest = hashlib.sha256()
-        self.size = 0
+        self.size = 0  # bytes the file will have once every queued tensor is written
         self._written: dict[str, onnx.TensorProto] = {}
+        self._pool = ThreadPoolExecutor(max_workers=THREADS)
+        self._queue: deque[tuple[int, int, Future]] = deque()  # (padding, bytes, conversion) in file order
 
     def initializer(self, name: str, tensor: torch.Tensor | np.ndarray, dtype: str) -> onnx.TensorProto:
         """An initializer that refers to `tensor`'s values, converted to `dtype` ("float32" | "float16"), in the
         file. Names identify values: a name written before is not written again."""
         if name in self._written:
             return self._written[name]
-        if isinstance(tensor, torch.Tensor):  # converted by torch: numpy has no bfloat16
-            array = tensor.detach().to(device="cpu", dtype=TORCH_TYPES[dtype]).contiguous().numpy()
-        else:
-            array = np.ascontiguousarray(tensor, dtype=np.dtype(dtype))
-        self._write(bytes(-self.size % (ALIGNMENT if array.nbytes >= SMALL else 64)))
-        offset = self.size
-        self._write(array.reshape(-1).view(np.uint8).data)
-        proto = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
-                                 dims=array.shape, data_location=onnx.TensorProto.EXTERNAL)
-        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
+        shape = tuple(tensor.shape)
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        padding = -self.size % (ALIGNMENT if nbytes >= SMALL else 64)
+        offset = self.size + padding
+        self.size = offset + nbytes
+        self._queue.append((padding, nbytes, self._pool.submit(converted, tensor, dtype)))
+        while len(self._queue) > WINDOW:
+            self._write_next()
+        proto = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
+                                 dims=shape, data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(nbytes))):
             entry = proto.external_data.add()
             entry.key, entry.value = key, value
         self._written[name] = proto
         return proto
 
-    def _write(self, data: bytes | memoryview) -> None:
-        self._file.write(data)
-        self._digest.update(data)
-        self.size += memoryview(data).nbytes
+    def _write_next(self) -> None:
+        padding, nbytes, conversion = self._queue.popleft()
+        data = conversion.result().reshape(-1).view(np.uint8).data
+        assert data.nbytes == nbytes
+        for chunk in (bytes(padding), data):
+            self._file.write(chunk)
+            self._digest.update(chunk)
 
     def record(self) -> dict:
         """The file's manifest record ({"bytes", "sha256"}), once it is closed."""
         return {"bytes": self.size, "sha256": self._digest.hexdigest()}
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            while self._queue:
+                self._write_next()
+        finally:
+            self._pool.shutdown(cancel_futures=True)
+            self._file.close()
 
     def __enter__(self) -> Self:
         return self

@@ -65,7 +65,13 @@ class ReferenceDecoder:
         self.device = torch.device(device)
 
     def _t(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else tensor.to(device=self.device, dtype=self.dtype)
+        """The tensor on the compute device in the compute dtype: moved in its stored dtype and cast there, and a
+        transposed view (Linear.from_hf) moved as the contiguous tensor it views, not gathered on the host."""
+        if tensor is None:
+            return None
+        if tensor.dim() == 2 and not tensor.is_contiguous() and tensor.t().is_contiguous():
+            return tensor.t().to(self.device).to(self.dtype).t()
+        return tensor.to(self.device).to(self.dtype)
 
     def _linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
         """x W + b, over blocks of W's columns: a large weight (the LM head) is never cast whole."""

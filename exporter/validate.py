@@ -11,6 +11,7 @@ Face model, where its float32 weights fit in HF_CHECK_BYTES.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class ValidationReport:
     hf_skipped: str | None = None  # why the Hugging Face check did not run, where it could have
     seconds: float | None = None  # wall time of the whole validation
     device: str = "cpu"  # where the reference ran
+    reference_seconds: float | None = None  # of which the reference's
 
     @property
     def worst(self) -> float:
@@ -62,7 +64,7 @@ class ValidationReport:
         if self.hf_skipped:
             text += f"; reference vs Hugging Face skipped ({self.hf_skipped})"
         if self.seconds is not None:
-            text += f"; {self.seconds:.1f} s (reference on {self.device})"
+            text += f"; {self.seconds:.1f} s (reference {self.reference_seconds or 0:.1f} s on {self.device})"
         return text
 
     def to_dict(self) -> dict:
@@ -85,6 +87,7 @@ class ValidationCase:
     logits: np.ndarray  # [batch, prompt + steps, vocab] float64
     present: dict[int, tuple[np.ndarray, np.ndarray]]  # owner -> keys, values [batch, kv_heads, total, head_dim]
     device: str
+    seconds: float
 
     @property
     def positions(self) -> np.ndarray:
@@ -101,10 +104,12 @@ def reference_case(description: DecoderDescription, strategy: Strategy, decode_s
     for row, length in enumerate(lengths):
         mask[row, :prompt - length] = 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    started = time.perf_counter()
     reference = ReferenceDecoder(description, strategy, torch.float64, device)
     out = reference.forward(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(c.positions_from_mask(mask)))
     present = {owner: tuple(t.cpu().numpy() for t in kv) for owner, kv in out.present.items()}
-    return ValidationCase(ids, mask, lengths, prompt, out.logits.cpu().numpy(), present, device)
+    return ValidationCase(ids, mask, lengths, prompt, out.logits.cpu().numpy(), present, device,
+                          round(time.perf_counter() - started, 2))
 
 
 def session_for(path: Path, dtype: str, static: bool) -> ort.InferenceSession:
@@ -135,7 +140,7 @@ def validate_export(onnx_path: Path, case: ValidationCase, description: DecoderD
     layout = cache_layout(description, strategy, dtype)
     batch, prompt = case.ids.shape[0], case.prompt
     past = {name: np.zeros(layout.buffer_shape(batch, 0), dtype=NUMPY_TYPES[dtype]) for name, _ in layout.names()}
-    report = ValidationReport(dtype, TOLERANCE[dtype], device=case.device)
+    report = ValidationReport(dtype, TOLERANCE[dtype], device=case.device, reference_seconds=case.seconds)
     positions = case.positions
     spans = [(0, prompt)] + [(t, t + 1) for t in range(prompt, case.ids.shape[1])]  # the prefill, then decode steps
     for begin, end in spans:
