@@ -166,6 +166,23 @@ def cmd_compress_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_uptrain(args: argparse.Namespace) -> int:
+    from kvexport.training import UptrainSettings, run_uptrain
+
+    settings = UptrainSettings(
+        steps=args.steps, batch_size=args.batch_size, length=args.length, accumulate=args.accumulate, lr=args.lr,
+        warmup=args.warmup, eval_every=args.eval_every, eval_windows=args.eval_windows, patience=args.patience,
+        seed=args.seed)
+    record = run_uptrain(args.kv_heads_model or args.model, args.share, args.data, args.output, settings,
+                         eval_data=args.eval_data, resume=args.resume, device=args.device)
+    before, best = record["before"], record["best"]
+    print(f"wrote {args.output}: held-out perplexity {before['heldout_ppl']:.2f} -> {best['heldout_ppl']:.2f} "
+          f"(accuracy {before['heldout_accuracy']:.3f} -> {best['heldout_accuracy']:.3f}) in "
+          f"{record['steps_run']} steps, {record['seconds']:.0f} s on {record['device']}; export it with "
+          f"--share {args.output / c.STRATEGY_FILE}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .calibration import read_text, token_windows
     from .evaluate import evaluate, table, write_report
@@ -328,6 +345,28 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--length", type=int, default=128, help="tokens per calibration window")
     heads.add_argument("-o", "--output", type=Path, required=True)
     heads.set_defaults(func=cmd_compress_heads)
+
+    uptrain = sub.add_parser("uptrain", help="continue training a model with a sharing strategy in force")
+    uptrain.add_argument("--model", default=DEFAULT_MODEL)
+    uptrain.add_argument("--kv-heads-model", help="start from this compress-heads output instead of --model")
+    uptrain.add_argument("--share", required=True, help=f"the strategy to train for: {SPEC_HELP}")
+    uptrain.add_argument("--data", nargs="+", required=True, help="training text files, or folders of them")
+    uptrain.add_argument("--eval-data", nargs="+", help="held-out text (default: the last 2%% of --data)")
+    uptrain.add_argument("--steps", type=int, required=True)
+    uptrain.add_argument("--batch-size", type=int, default=16)
+    uptrain.add_argument("--length", type=int, default=256, help="tokens per training window")
+    uptrain.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
+    uptrain.add_argument("--lr", type=float, default=3e-4)
+    uptrain.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps")
+    uptrain.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default: steps/10)")
+    uptrain.add_argument("--eval-windows", type=int, default=64, help="held-out windows per evaluation")
+    uptrain.add_argument("--patience", type=int, default=0,
+                         help="stop after this many evaluations without improvement (default: never)")
+    uptrain.add_argument("--seed", type=int, default=0)
+    uptrain.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
+    uptrain.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
+    uptrain.add_argument("-o", "--output", type=Path, required=True)
+    uptrain.set_defaults(func=cmd_uptrain)
 
     evaluation = sub.add_parser("eval", help="perplexity and accuracy of strategies on held-out text")
     evaluation.add_argument("--model", default=DEFAULT_MODEL)

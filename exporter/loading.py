@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 
 from kvexport.models import SHIPPED, shipped_directory
-from kvexport.strategies import KvexportError
+from kvexport.strategies import KvexportError, Strategy
 
 from .checkpoint import Checkpoint
 from .models import DecoderDescription
@@ -24,8 +25,24 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
+UPTRAIN_RECORD = "kvexport_uptrain.json"  # in a model directory written by `kvexport uptrain`: its strategy
+
+
 class ModelNotFoundError(KvexportError):
     pass
+
+
+def check_trained_strategy(directory: Path, strategy: Strategy) -> None:
+    """A model uptrained for one strategy runs under that strategy only: under another, layers would read K/V
+    that their projections were not trained to produce (or that no longer track the other layers)."""
+    record = directory / UPTRAIN_RECORD
+    if not record.is_file():
+        return
+    trained = json.loads(record.read_text(encoding="utf-8"))["strategy"]
+    if tuple(trained["kv_source"]) != strategy.kv_source:
+        raise KvexportError(f"{directory} was uptrained for the strategy in {directory / 'strategy.json'} "
+                            f"(kv_source {trained['kv_source']}), not this one: pass --share "
+                            f"{directory / 'strategy.json'} (or its spec)")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from kvexport.strategies import KvexportError, ModelFacts, Strategy, make_strate
 from kvexport.strategies import contract as c
 from kvexport.strategies.integrity import record_files, seal
 
-from .loading import SIDE_FILES, LoadedModel, load_config, load_model
+from .loading import SIDE_FILES, LoadedModel, check_trained_strategy, load_config, load_model
 from .models import DecoderDescription
 from .onnx_graph import build_decoder, cache_layout
 from .onnx_weights import WeightFile
@@ -109,6 +109,7 @@ def export(
     else:
         strategy.check_model(config.num_hidden_layers, reference)
     loaded = load_model(model) if isinstance(model, str) else model
+    check_trained_strategy(loaded.directory, strategy)
     description = loaded.description
     layout = cache_layout(description, strategy, dtype)
     log(f"exporting {loaded.reference} ({description.architecture}, {description.num_layers} layers) with "

@@ -1,7 +1,9 @@
 """PyTorch reference of a decoder under a KV-sharing strategy: explicit tensors in, explicit tensors out.
 
 It computes what the exported graph computes, op for op, in any dtype (float64 for validation) and on any
-device, and can also hand back every layer's K/V and the final hidden state for the strategy search. Weights
+device, and can also hand back every layer's K/V and the final hidden state for the strategy search. It is
+differentiable where its weights are (kvexport uptrain trains through it); over a checkpoint's tensors no graph
+is recorded. Weights
 are cast when they are used and not kept, so a pass holds one layer's weights in the compute dtype at a time.
 """
 
@@ -93,7 +95,6 @@ class ReferenceDecoder:
         batch, seq, _ = x.shape
         return x.view(batch, seq, count, self.d.head_dim).transpose(1, 2)
 
-    @torch.no_grad()
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -105,7 +106,7 @@ class ReferenceDecoder:
         d, past = self.d, past or {}
         input_ids, attention_mask, position_ids = (t.to(self.device) for t in (input_ids, attention_mask, position_ids))
         batch, seq = input_ids.shape
-        x = d.embed[input_ids.cpu()].to(device=self.device, dtype=self.dtype)  # only the rows used
+        x = self._t(d.embed[input_ids.to(d.embed.device)])  # only the rows used
         bias = attention_bias(attention_mask, seq, self.dtype)
         cos, sin = rotary_tables(position_ids, d.rotary_dim, d.rope_theta, self.dtype)
         present: dict[int, KV] = {}
