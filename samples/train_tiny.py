@@ -222,12 +222,24 @@ def write_model(args, model, tokenizer, heldout_texts, log, summary) -> None:
     print(json.dumps(summary))
 
 
+def write_texts(args) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "heldout"):
+        (args.out / f"{split}.txt").write_text(EOS.join(read_split(args.corpus, split)), encoding="utf-8")
+        print(f"wrote {args.out / f'{split}.txt'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(required=True)
     ext = sub.add_parser("extract", help="extract the training text from the Debian documentation package")
     ext.add_argument("--out", type=Path, required=True)
     ext.set_defaults(func=lambda a: extract(a.out))
+    texts = sub.add_parser("texts", help="write each split as one text file (documents separated by the EOS "
+                           "token), as `kvexport uptrain --data` reads them")
+    texts.add_argument("--corpus", type=Path, required=True)
+    texts.add_argument("--out", type=Path, required=True, help="folder for train.txt and heldout.txt")
+    texts.set_defaults(func=write_texts)
     tr = sub.add_parser("train", help="train the tokenizer and the model")
     tr.add_argument("--corpus", type=Path, required=True)
     tr.add_argument("--out", type=Path, required=True)
