@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: issue #12's uptraining runs on tiny-neox, one `kvexport uptrain` per strategy, each followed by
 # `kvexport eval` on the shipped held-out text (the windows of docs/results.md's strategy table). Needs, carried:
-# .train/train.txt (python samples/train_tiny.py texts ...) and .train/strategies/kvsharer{2,4,6}.json
+# .train/train.txt and .train/select.txt (python samples/train_tiny.py texts ...) and .train/strategies/kvsharer{2,4,6}.json
 # (kvexport search --model tiny-neox --shared-layers N --threshold -1). Results: $OUT/uptrain-NAMES.tar.gz.
 #   bash samples/gpu_uptrain.sh none every:2          # names: none, every:K, or kvsharerN
 set -euo pipefail
@@ -12,12 +12,12 @@ mkdir -p /tmp/uptrain-results
 for name in "$@"; do
   spec=$name; [[ $name == kvsharer* ]] && spec=.train/strategies/$name.json
   label=${name/:/}
-  python3 -m kvexport uptrain --model tiny-neox --share "$spec" --data .train/train.txt --steps "$STEPS" \
-    --batch-size 32 --length 256 --lr 5e-4 --eval-every 150 --patience 3 -o "/tmp/up-$label" 2>&1 \
+  python3 -m kvexport uptrain --model tiny-neox --share "$spec" --data .train/train.txt --eval-data .train/select.txt \
+    --steps "$STEPS" --batch-size 32 --length 256 --lr "${LR:-3e-4}" --eval-every 100 --patience 4 -o "/tmp/up-$label" 2>&1 \
     | grep -v "uptrain:" | tail -3
   python3 -m kvexport eval --model "/tmp/up-$label" --share "/tmp/up-$label/strategy.json" \
     --output "/tmp/eval-$label" 2>&1 | tail -4
   mkdir -p "/tmp/uptrain-results/$label"
   cp "/tmp/up-$label"/{kvexport_uptrain.json,loss.png} "/tmp/eval-$label/eval.json" "/tmp/uptrain-results/$label/"
 done
-tar -czf "$OUT/uptrain-${*//[:\/ ]/_}.tar.gz" -C /tmp/uptrain-results .
+tar -czf "$OUT/uptrain-results.tar.gz" -C /tmp/uptrain-results .

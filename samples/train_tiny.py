@@ -223,10 +223,14 @@ def write_model(args, model, tokenizer, heldout_texts, log, summary) -> None:
 
 
 def write_texts(args) -> None:
+    """train.txt and heldout.txt (each split whole), and select.txt: the held-out text after the sample shipped
+    with the models (see write_model), for choosing checkpoints without touching the text they are evaluated on."""
     args.out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "heldout"):
         (args.out / f"{split}.txt").write_text(EOS.join(read_split(args.corpus, split)), encoding="utf-8")
-        print(f"wrote {args.out / f'{split}.txt'}")
+    heldout = "\n\n".join(read_split(args.corpus, "heldout"))
+    (args.out / "select.txt").write_text(heldout[HELDOUT_SAMPLE_CHARS:], encoding="utf-8")
+    print(f"wrote train.txt, heldout.txt and select.txt in {args.out}")
 
 
 def main() -> None:

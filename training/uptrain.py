@@ -115,6 +115,8 @@ def run_uptrain(model: str, share: str, data: list[str], output: Path, settings:
         state_dir.mkdir(parents=True)
         before = trainer.evaluate(windows)
         progress["history"].append({"step": 0, "heldout_ppl": before[0], "heldout_accuracy": before[1]})
+        progress["best_ppl"] = before[0]  # if training never does better, the output is the model as it was
+        trainer.save_best(state_dir / BEST_FILE)
         log(f"held-out perplexity before: {before[0]:.2f} (accuracy {before[1]:.3f}); {len(train_ids)} training tokens")
     trainer.train(train_ids, windows, progress, state_dir, run_key, show_progress, log)
     record = {"source": loaded.reference, "strategy": strategy.to_dict(), "settings": asdict(settings),
