@@ -183,6 +183,22 @@ def cmd_uptrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from kvexport.serving.app import serve
+    except ImportError as missing:
+        raise KvexportError(f"serving needs the serve extra ({missing.name} is missing): pip install "
+                            "'kvexport[serve]'") from None
+    options = {"provider": args.provider, "max_slots": args.max_slots, "max_queue": args.max_queue,
+               "max_length": args.max_length, "cuda_graph": args.cuda_graph, "batching": args.batching}
+    if args.replicas:
+        from kvexport.serving.ray_app import serve_on_ray
+
+        return serve_on_ray(args.directory, args.host, args.port, args.model_name, args.replicas,
+                            args.gpus_per_replica, **options)
+    return serve(args.directory, args.host, args.port, args.model_name, **options)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .calibration import read_text, token_windows
     from .evaluate import evaluate, table, write_report
@@ -367,6 +383,23 @@ def build_parser() -> argparse.ArgumentParser:
     uptrain.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
     uptrain.add_argument("-o", "--output", type=Path, required=True)
     uptrain.set_defaults(func=cmd_uptrain)
+
+    server = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over an export (--static)")
+    server.add_argument("directory", type=Path)
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--max-slots", type=int, default=16, help="sequences decoded together (cache rows)")
+    server.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    server.add_argument("--max-length", type=int, help="tokens per sequence the cache holds (default: the model's)")
+    server.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    server.add_argument("--cuda-graph", action="store_true")
+    server.add_argument("--batching", choices=["continuous", "static"], default="continuous",
+                        help="static: admit a new batch only when the last one has finished (for comparison)")
+    server.add_argument("--model-name", help="the model id clients send (default: the export's source)")
+    server.add_argument("--replicas", type=int, default=0,
+                        help="serve on Ray Serve with this many replicas, one engine each (needs ray[serve])")
+    server.add_argument("--gpus-per-replica", type=float, default=0.0)
+    server.set_defaults(func=cmd_serve)
 
     evaluation = sub.add_parser("eval", help="perplexity and accuracy of strategies on held-out text")
     evaluation.add_argument("--model", default=DEFAULT_MODEL)

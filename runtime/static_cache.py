@@ -120,7 +120,7 @@ class StaticCacheDecoder(Decoder):
     def forward(self, input_ids, attention_mask, position_ids, cache: StaticKVCache,
                 logits_to_keep: int = 1) -> torch.Tensor:
         """The last position's logits [batch, 1, vocab] (the static graph computes no others)."""
-        batch, seq = input_ids.shape
+        seq = input_ids.shape[1]
         if cache.length + seq > self.max_length:
             raise KvexportError(f"the static cache holds {self.max_length} tokens; this step needs "
                                 f"{cache.length + seq}: create the decoder with a larger max_length")
@@ -128,10 +128,17 @@ class StaticCacheDecoder(Decoder):
             return self._prefill(input_ids, attention_mask, cache)
         if seq != 1:
             raise KvexportError("the static graph decodes one token per row after the prefill")
-        self.input_ids[:batch].copy_(torch.as_tensor(input_ids))
-        self.seqlens[:batch].copy_(torch.as_tensor(position_ids)[:, 0])  # compact rows: position == slot
-        self.session.run_with_iobinding(self._decode_binding(batch), self._run_options[batch])
+        logits = self.decode_rows(torch.as_tensor(input_ids)[:, 0], torch.as_tensor(position_ids)[:, 0])
         cache.length += 1
+        return logits
+
+    def decode_rows(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """One token for each of rows 0..batch-1, row b holding lengths[b] tokens (compact rows: its position and
+        slot); the logits [batch, 1, vocab], a view valid until the next step."""
+        batch = len(tokens)
+        self.input_ids[:batch, 0].copy_(tokens)
+        self.seqlens[:batch].copy_(lengths)
+        self.session.run_with_iobinding(self._decode_binding(batch), self._run_options[batch])
         return self.logits[:batch]
 
     def prefill_row(self, row: int, tokens: torch.Tensor, cached: int = 0) -> torch.Tensor:

@@ -1,0 +1,86 @@
+"""`kvexport serve`: one Engine behind an OpenAI-compatible HTTP API (FastAPI on uvicorn).
+
+Routes: POST /v1/completions, GET /v1/models, GET /health, GET /metrics (Prometheus). uvicorn's graceful shutdown
+on SIGTERM stops taking connections and lets in-flight requests finish; the engine then drains and the process
+exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse
+
+from kvexport.runtime.engine import Engine
+
+from .openai_api import Completions, error, prometheus
+
+
+def models_payload(model_name: str, created: int) -> dict:
+    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                        "owned_by": "kvexport"}]}
+
+
+def metrics_response(engine: Engine) -> PlainTextResponse:
+    return PlainTextResponse(prometheus(engine.metrics()), media_type="text/plain; version=0.0.4")
+
+
+def add_routes(app: FastAPI, engine: Engine, model_name: str) -> None:
+    created = int(time.time())
+    app.add_api_route("/v1/completions", Completions(engine, model_name), methods=["POST"])
+
+    @app.get("/v1/models")
+    async def models():
+        return models_payload(model_name, created)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/metrics")
+    async def metrics():
+        return metrics_response(engine)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, problem: RequestValidationError):
+        return error(400, str(problem.errors()[0].get("msg", problem)))
+
+    @app.exception_handler(404)
+    async def not_found(request, _):
+        return error(404, f"no route {request.url.path}: the API has /v1/completions, /v1/models, /health, "
+                          "/metrics", code="not_found")
+
+    @app.exception_handler(405)
+    async def wrong_method(request, _):
+        return error(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+
+
+def create_app(engine: Engine, model_name: str) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        engine.close(drain=True)  # after uvicorn stopped taking requests and in-flight ones ended
+
+    app = FastAPI(title="kvexport", lifespan=lifespan)
+    add_routes(app, engine, model_name)
+    return app
+
+
+def serve(directory: Path, host: str, port: int, model_name: str | None, **engine_options) -> int:
+    import uvicorn
+
+    engine = Engine(directory, **engine_options)
+    name = model_name or engine.model.facts.source
+    print(f"serving {name} from {directory} on http://{host}:{port}/v1 ({engine.max_slots} slots, "
+          f"{engine.model.layout.bytes_per_token()} KV bytes/token)", flush=True)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the handler that was there before: with this
+    # one, a drained shutdown ends as a clean exit (status 0) instead of a death by signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(create_app(engine, name), host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+    return 0
+

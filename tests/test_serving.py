@@ -1,0 +1,198 @@
+"""The engine (continuous batching over cache slots) and `kvexport serve` over loopback, with the real openai
+client: concurrent requests, streaming, every bad request's status, disconnects, backpressure and shutdown."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from kvexport.exporter import export
+from kvexport.runtime import Generator, SamplingConfig
+from kvexport.runtime.engine import Engine, QueueFullError
+from kvexport.strategies import InputError
+
+PROMPTS = ["In Python, a list", "The dictionary", "def f(x):", "import os", "class A:", "Lambda", "A", "for i in"]
+GREEDY = SamplingConfig(max_new_tokens=12, stop_token_ids=[])
+
+
+@pytest.fixture(scope="module")
+def served_export(tmp_path_factory):
+    """The shipped model (real tokenizer), every:2, with the static graph the engine runs."""
+    out = tmp_path_factory.mktemp("serve") / "export"
+    return export("tiny-neox", "every:2", out, static=True, log=lambda _: None).directory
+
+
+@pytest.fixture(scope="module")
+def alone(served_export):
+    generator = Generator(served_export, backend="ort-static", max_batch=1)
+    return {p: generator.generate([p], GREEDY).token_ids[0] for p in PROMPTS}
+
+
+def test_concurrent_requests_get_what_each_gets_alone(served_export, alone):
+    engine = Engine(served_export, max_slots=3, prefill_chunk=2)  # more requests than slots; chunked prompts
+    handles = {}
+    threads = [threading.Thread(target=lambda p=p: handles.update({p: engine.submit(p, GREEDY)})) for p in PROMPTS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    texts = {p: "".join(event.text for event in handle) for p, handle in handles.items()}
+    for prompt, handle in handles.items():
+        assert handle.tokens == alone[prompt] and handle.finish_reason == "length"
+        assert texts[prompt] == engine.generator.tokenizer.decode(alone[prompt])
+    metrics = engine.metrics()
+    assert metrics["active_slots"] == 0 and metrics["generated_tokens"] == 12 * len(PROMPTS)
+    engine.close()
+
+
+def test_cancel_deadline_backpressure_and_static_batching(served_export, alone):
+    engine = Engine(served_export, max_slots=1, max_queue=1, batching="static")
+    long = SamplingConfig(max_new_tokens=100, stop_token_ids=[])
+    first = engine.submit(PROMPTS[0], long)
+    queued = engine.submit(PROMPTS[1], GREEDY)
+    with pytest.raises(QueueFullError):
+        engine.submit(PROMPTS[2], GREEDY)
+    first.cancel()
+    assert [e.finish_reason for e in first][-1] == "cancelled"
+    assert list(queued)[-1].finish_reason == "length" and queued.tokens == alone[PROMPTS[1]]
+    late = engine.submit(PROMPTS[3], long, timeout_s=1e-3)
+    assert list(late)[-1].finish_reason == "deadline"
+    with pytest.raises(InputError, match="exceeds"):
+        engine.submit("x", SamplingConfig(max_new_tokens=10_000))
+    assert engine.metrics()["active_slots"] == 0
+    engine.close()
+
+
+def test_async_iteration(served_export, alone):
+    import asyncio
+
+    engine = Engine(served_export, max_slots=2)
+
+    async def run():
+        return [e async for e in engine.submit(PROMPTS[2], GREEDY)]
+
+    events = asyncio.run(run())
+    assert [e.token_id for e in events] == alone[PROMPTS[2]]
+    engine.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(served_export, tmp_path_factory):
+    port = free_port()
+    command = [sys.executable, "-c", "import sys; from kvexport.exporter.cli import main; sys.exit(main(sys.argv[1:]))",
+               "serve", str(served_export), "--port", str(port), "--max-slots", "4", "--max-queue", "8"]
+    process = subprocess.Popen(command, cwd=tmp_path_factory.mktemp("cwd"), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    yield url, process
+    if process.poll() is None:
+        process.kill()
+
+
+def test_openai_client_against_the_server(server, alone, served_export):
+    from openai import OpenAI
+
+    url, _ = server
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == ["tiny-neox"]
+    tokenizer = Generator(served_export).tokenizer
+    done = client.completions.create(model="tiny-neox", prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert done.choices[0].text == tokenizer.decode(alone[PROMPTS[0]])
+    assert done.usage.completion_tokens == 12 and done.choices[0].finish_reason == "length"
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model="tiny-neox", prompt=PROMPTS[1], max_tokens=12, temperature=0, stream=True) if c.choices]
+    assert "".join(pieces) == tokenizer.decode(alone[PROMPTS[1]])
+    both = client.completions.create(model="tiny-neox", prompt=PROMPTS[:2], max_tokens=12, temperature=0)
+    assert [c.text for c in both.choices] == [tokenizer.decode(alone[p]) for p in PROMPTS[:2]]
+    expected = tokenizer.decode(alone[PROMPTS[0]])
+    stop = expected.split()[2]
+    stopped = client.completions.create(model="tiny-neox", prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=stop)
+    assert stopped.choices[0].text == expected[:expected.index(stop)] and stopped.choices[0].finish_reason == "stop"
+    seeded = [client.completions.create(model="tiny-neox", prompt="A", max_tokens=8, temperature=1.0, seed=7)
+              .choices[0].text for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+BAD_REQUESTS = [
+    ("malformed JSON", b"{not json", 400),
+    ("not an object", b"[1, 2]", 400),
+    ("no prompt", {"model": "tiny-neox"}, 400),
+    ("prompt of the wrong type", {"model": "tiny-neox", "prompt": 42}, 400),
+    ("max_tokens a string", {"model": "tiny-neox", "prompt": "a", "max_tokens": "ten"}, 400),
+    ("max_tokens 0", {"model": "tiny-neox", "prompt": "a", "max_tokens": 0}, 400),
+    ("max_tokens past the cache", {"model": "tiny-neox", "prompt": "a", "max_tokens": 100_000}, 400),
+    ("prompt longer than the model", {"model": "tiny-neox", "prompt": "word " * 5000, "max_tokens": 1}, 400),
+    ("token id outside the vocabulary", {"model": "tiny-neox", "prompt": [10**9], "max_tokens": 1}, 400),
+    ("temperature negative", {"model": "tiny-neox", "prompt": "a", "temperature": -1}, 400),
+    ("top_p 0", {"model": "tiny-neox", "prompt": "a", "top_p": 0}, 400),
+    ("n 2", {"model": "tiny-neox", "prompt": "a", "n": 2}, 400),
+    ("empty prompt list", {"model": "tiny-neox", "prompt": []}, 400),
+    ("unknown model", {"model": "gpt-4", "prompt": "a"}, 404),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "status"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, case, body, status):
+    url, _ = server
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{url}/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["message"]
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_client_that_disconnects_frees_its_slot(server):
+    url, _ = server
+    body = {"model": "tiny-neox", "prompt": "a", "max_tokens": 1000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body) as response:
+        next(response.iter_lines())  # one event, then hang up
+    deadline = time.monotonic() + 10
+    while "kvexport_active_slots 0" not in httpx.get(f"{url}/metrics").text:
+        assert time.monotonic() < deadline, "the slot was not freed"
+        time.sleep(0.05)
+
+
+def test_a_full_queue_gets_429(server):
+    url, _ = server
+    body = {"model": "tiny-neox", "prompt": ["a"] * 13, "max_tokens": 200, "temperature": 0}  # 4 slots + 8 queued
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 429 and response.json()["error"]["code"] == "queue_full"
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(server):
+    url, process = server
+    result = {}
+
+    def long_request():
+        body = {"model": "tiny-neox", "prompt": "a", "max_tokens": 400, "temperature": 0}
+        result["response"] = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+
+    client = threading.Thread(target=long_request)
+    client.start()
+    while "kvexport_active_slots 1" not in httpx.get(f"{url}/metrics").text:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    client.join()
+    assert result["response"].status_code == 200
+    assert result["response"].json()["usage"]["completion_tokens"] == 400
+    assert process.wait(timeout=60) == 0
