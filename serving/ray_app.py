@@ -8,8 +8,8 @@ every node (or on a shared filesystem), then run the command on the head node wi
 listens on the head node's --host and --port.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Ray pickles the replica class, and FastAPI must find the route
+# parameters' types (Request) as objects on the replica, not as names to look up.
 import os
 import time
 from pathlib import Path
