@@ -55,9 +55,11 @@ class Event:
 class RequestHandle:
     """One request's stream of Events; iterate it (blocking) or `async for` it, or cancel it."""
 
-    def __init__(self, request_id: int, prompt_ids: list[int], config: SamplingConfig, deadline: float | None):
+    def __init__(self, request_id: int, prompt_ids: list[int], config: SamplingConfig, deadline: float | None,
+                 tokenizer=None):
         self.id, self.prompt_ids, self.config, self.deadline = request_id, prompt_ids, config, deadline
         self.tokens: list[int] = []
+        self._text = Detokenizer(tokenizer)
         self.finish_reason: str | None = None
         self.cancelled = False
         self._events: queue.Queue[Event] = queue.Queue()
@@ -78,7 +80,7 @@ class RequestHandle:
 
     def __iter__(self) -> Iterator[Event]:
         while True:
-            event = self._events.get()
+            event = self._text.add(self._events.get())
             yield event
             if event.finish_reason is not None:
                 return
@@ -89,10 +91,31 @@ class RequestHandle:
             while not self._events.empty():
                 self._async_events.put_nowait(self._events.get_nowait())
         while True:
-            event = await self._async_events.get()
+            event = self._text.add(await self._async_events.get())
             yield event
             if event.finish_reason is not None:
                 return
+
+
+class Detokenizer:
+    """A request's text, one token at a time, on the consumer's side (not the scheduler's): each token decodes a
+    few tokens of context (as vLLM does), not the whole output, and a character split over tokens waits for its
+    last byte."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.prefix, self.read = tokenizer, [], 0, 0
+
+    def add(self, event: Event) -> Event:
+        if event.token_id is None or self.tokenizer is None:
+            return event
+        self.tokens.append(event.token_id)
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self.prefix:self.read], skip_special_tokens=True)
+        after = decode(self.tokens[self.prefix:], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return Event(event.token_id, "", event.finish_reason)
+        self.prefix, self.read = self.read, len(self.tokens)
+        return Event(event.token_id, after[len(before):], event.finish_reason)
 
 
 @dataclass
@@ -101,7 +124,6 @@ class Slot:
     prefilled: int = 0  # prompt tokens written into the row so far
     generator: torch.Generator | None = None
     next_token: int | None = None  # sampled, not yet fed
-    text: str = ""
 
     @property
     def length(self) -> int:
@@ -117,8 +139,9 @@ class EngineStats:
     generated_tokens: int = 0
     prompt_tokens: int = 0
     decode_steps: int = 0
-    decode_seconds: float = 0.0  # device time of the decode steps (graph runs and sampling)
-    loop_seconds: float = 0.0  # wall time of scheduler iterations that did work
+    graph_seconds: float = 0.0  # the decode steps' graph runs, waited for
+    decode_seconds: float = 0.0  # the decode steps' whole scheduler work: inputs, graph, sampling, streaming
+    loop_seconds: float = 0.0  # wall time of scheduler iterations that did work (prefill included)
     last_step_ms: float = 0.0
 
 
@@ -163,7 +186,8 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 self.stats.refused_queue_full += 1
                 raise QueueFullError(f"the queue holds {self.max_queue} waiting requests: retry later")
-            handle = RequestHandle(next(self._ids), ids, config, deadline)
+            tokenizer = self.generator.tokenizer if self.model.has_tokenizer else None
+            handle = RequestHandle(next(self._ids), ids, config, deadline, tokenizer)
             self._waiting.append(handle)
             self.stats.requests_submitted += 1
             self._wake.notify()
@@ -195,6 +219,9 @@ class Engine:
             "prompt_tokens": stats.prompt_tokens, "decode_steps": stats.decode_steps,
             "last_step_ms": stats.last_step_ms,
             "mean_step_ms": 1e3 * stats.decode_seconds / stats.decode_steps if stats.decode_steps else 0.0,
+            "mean_graph_ms": 1e3 * stats.graph_seconds / stats.decode_steps if stats.decode_steps else 0.0,
+            # the scheduler's share of a decode step: everything but the graph run
+            "scheduler_overhead": 1 - stats.graph_seconds / stats.decode_seconds if stats.decode_seconds else 0.0,
             "tokens_per_s": stats.generated_tokens / stats.loop_seconds if stats.loop_seconds else 0.0,
         }
 
@@ -263,13 +290,17 @@ class Engine:
             if slot is not None:
                 lengths[row] = slot.length  # not decoding: writes one slot past its tokens, rewritten later
                 tokens[row] = slot.next_token or 0
+        graph_started = time.perf_counter()
         logits = self.decoder.decode_rows(tokens.to(self.device), lengths.to(self.device))[:, -1]
+        if logits.is_cuda:
+            torch.cuda.synchronize(logits.device)
+        self.stats.graph_seconds += time.perf_counter() - graph_started
         chosen = self._sample(logits, decoding)
+        for row, token in zip(decoding, chosen):
+            self._accept(row, self._slots[row], token)
         self.stats.decode_steps += 1
         self.stats.decode_seconds += time.perf_counter() - started
         self.stats.last_step_ms = 1e3 * (time.perf_counter() - started)
-        for row, token in zip(decoding, chosen):
-            self._accept(row, self._slots[row], token)
 
     def _sample(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
         """Greedy rows in one argmax; each sampling row with its own settings and generator."""
@@ -288,15 +319,12 @@ class Engine:
         request = slot.request
         request.tokens.append(token)
         self.stats.generated_tokens += 1
-        text = self._text(request.tokens)
-        delta = "" if text.endswith("\ufffd") else text[len(slot.text):]  # hold back a partial character
-        slot.text += delta
         reason = None
         if token in request.config.stop_token_ids:
             reason = "stop"
         elif len(request.tokens) >= request.config.max_new_tokens or slot.length + 1 >= self.decoder.max_length:
             reason = "length"
-        request._emit(Event(token, delta, reason))
+        request._emit(Event(token, "", reason))
         if reason:
             self._release(row, reason, emit=False)
         elif not self._stopped(row, slot):
@@ -308,11 +336,6 @@ class Engine:
         if reason:
             self._release(row, reason)
         return reason is not None
-
-    def _text(self, tokens: list[int]) -> str:
-        if not self.model.has_tokenizer:
-            return ""
-        return self.generator.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def _release(self, row: int, reason: str, emit: bool = True) -> None:
         slot = self._slots[row]

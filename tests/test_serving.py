@@ -55,6 +55,8 @@ def test_cancel_deadline_backpressure_and_static_batching(served_export, alone):
     engine = Engine(served_export, max_slots=1, max_queue=1, batching="static")
     long = SamplingConfig(max_new_tokens=100, stop_token_ids=[])
     first = engine.submit(PROMPTS[0], long)
+    while engine.metrics()["active_slots"] == 0:  # admitted: the queue is empty again
+        time.sleep(0.001)
     queued = engine.submit(PROMPTS[1], GREEDY)
     with pytest.raises(QueueFullError):
         engine.submit(PROMPTS[2], GREEDY)
