@@ -1,0 +1,68 @@
+"""The engine without HTTP: N requests submitted at once to an Engine, all streamed; tokens/s, time per output
+token, and the scheduler's share of a decode step. Used beside samples/load_test.py (which goes through the server)
+to tell the engine's throughput from the HTTP layer's.
+
+    python samples/engine_bench.py EXPORT --provider cuda --cuda-graph --max-slots 64 --max-length 512 \\
+        --requests 512 [--batching static] --output engine.json
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+from kvexport.runtime import SamplingConfig
+from kvexport.runtime.engine import Engine
+
+sys.path.insert(0, str(Path(__file__).parent))
+from load_test import percentile, prompts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("export")
+    parser.add_argument("--provider", default="cpu")
+    parser.add_argument("--cuda-graph", action="store_true")
+    parser.add_argument("--max-slots", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--batching", default="continuous")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    engine = Engine(args.export, provider=args.provider, max_slots=args.max_slots, max_length=args.max_length,
+                    max_queue=args.requests, cuda_graph=args.cuda_graph, batching=args.batching)
+    warm = engine.submit("warm up", SamplingConfig(max_new_tokens=4))
+    list(warm)
+    work = prompts(args.requests)
+    times: dict[int, list[float]] = {}
+
+    def consume(index, handle):
+        times[index] = [time.perf_counter() for event in handle if event.token_id is not None]
+
+    started = time.perf_counter()
+    handles = [engine.submit(p, SamplingConfig(max_new_tokens=n, stop_token_ids=[])) for p, n in work]
+    threads = [threading.Thread(target=consume, args=(i, h)) for i, h in enumerate(handles)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    tpot = [(t[-1] - t[0]) / (len(t) - 1) for t in times.values() if len(t) > 1]
+    metrics = engine.metrics()
+    engine.close()
+    report = {"export": args.export, "max_slots": args.max_slots, "max_length": args.max_length,
+              "batching": args.batching, "requests": args.requests, "wall_s": wall,
+              "generated_tokens": sum(len(t) for t in times.values()),
+              "tokens_per_s": sum(len(t) for t in times.values()) / wall,
+              "tpot_p50_ms": 1e3 * percentile(tpot, 50), "tpot_p99_ms": 1e3 * percentile(tpot, 99),
+              "mean_tpot_ms": 1e3 * statistics.mean(tpot), "engine": metrics}
+    print(json.dumps(report, indent=2))
+    if args.output:
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

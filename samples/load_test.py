@@ -1,0 +1,147 @@
+"""Load generator for `kvexport serve`: concurrent streaming clients (closed loop) or Poisson arrivals (open loop).
+
+    python samples/load_test.py --url http://127.0.0.1:8000 --requests 1000 --concurrency 32 \\
+        --check-greedy EXPORT_DIR --server-pid PID --output load.json
+    python samples/load_test.py --url ... --requests 2000 --rate 200 --output open.json      # open loop, req/s
+
+Every request streams; it records time to first token and time per output token (TPOT: from the first to the last
+token, over the tokens after the first), errors by status, and with --check-greedy whether every greedy answer
+equals the same prompt run alone (kvexport's Generator on the export, batch 1). With --server-pid it samples the
+server's resident memory every half second.
+"""
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+
+from kvexport.models import DEFAULT_MODEL, HELDOUT_FILE, shipped_directory
+
+
+def prompts(count: int, seed: int = 0) -> list[tuple[str, int]]:
+    """(prompt, max_tokens) pairs: pieces of the shipped held-out text of 1 to 60 words, 8 to 64 new tokens."""
+    words = (shipped_directory(DEFAULT_MODEL) / HELDOUT_FILE).read_text().split()
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(count):
+        start, length = rng.randrange(len(words) - 60), rng.randint(1, 60)
+        pairs.append((" ".join(words[start:start + length]), rng.randint(8, 64)))
+    return pairs
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else None
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    started, times, text = time.perf_counter(), [], ""
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return {"status": response.status_code, "prompt": prompt, "max_tokens": max_tokens}
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    choices = json.loads(line[6:])["choices"]
+                    if choices and choices[0]["text"]:
+                        times.append(time.perf_counter())
+                        text += choices[0]["text"]
+    except httpx.HTTPError as error:
+        return {"status": type(error).__name__, "prompt": prompt, "max_tokens": max_tokens}
+    return {"status": 200, "prompt": prompt, "max_tokens": max_tokens, "text": text,
+            "ttft_s": times[0] - started if times else None,
+            "tpot_s": (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
+            "pieces": len(times), "seconds": time.perf_counter() - started}
+
+
+async def run(args) -> dict:
+    work = prompts(args.distinct)
+    jobs = [work[i % len(work)] for i in range(args.requests)]
+    results, memory = [], []
+    limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        stop = asyncio.Event()
+
+        async def sample_memory():
+            while args.server_pid and not stop.is_set():
+                status = Path(f"/proc/{args.server_pid}/status").read_text()
+                memory.append(int(next(x for x in status.splitlines() if x.startswith("VmRSS")).split()[1]) * 1024)
+                await asyncio.sleep(0.5)
+
+        sampler = asyncio.create_task(sample_memory())
+        started = time.perf_counter()
+        if args.rate:  # open loop: arrivals do not wait for answers
+            rng, tasks = random.Random(1), []
+            for job in jobs:
+                tasks.append(asyncio.create_task(one(client, args.url, args.model, *job)))
+                await asyncio.sleep(rng.expovariate(args.rate))
+            results = await asyncio.gather(*tasks)
+        else:  # closed loop: each client sends its next request when the last one ends
+            queue = list(reversed(jobs))
+
+            async def client_loop():
+                while queue:
+                    results.append(await one(client, args.url, args.model, *queue.pop()))
+            await asyncio.gather(*(client_loop() for _ in range(args.concurrency)))
+        wall = time.perf_counter() - started
+        stop.set()
+        await sampler
+        metrics = (await client.get(f"{args.url}/metrics")).text
+    ok = [r for r in results if r["status"] == 200]
+    report = {
+        "url": args.url, "requests": len(results), "concurrency": args.concurrency, "rate": args.rate,
+        "wall_s": wall, "errors": {str(s): sum(r["status"] == s for r in results) for s in
+                                   {r["status"] for r in results} if s != 200},
+        "output_pieces_per_s": sum(r["pieces"] for r in ok) / wall,
+        "ttft_p50_s": percentile([r["ttft_s"] for r in ok if r["ttft_s"]], 50),
+        "ttft_p99_s": percentile([r["ttft_s"] for r in ok if r["ttft_s"]], 99),
+        "tpot_p50_s": percentile([r["tpot_s"] for r in ok if r["tpot_s"]], 50),
+        "tpot_p99_s": percentile([r["tpot_s"] for r in ok if r["tpot_s"]], 99),
+        "server_metrics": {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+                           if line and not line.startswith("#")},
+    }
+    report["served_tokens_per_s"] = report["server_metrics"].get("kvexport_generated_tokens", 0) / wall
+    if memory:
+        tail = memory[len(memory) // 5:]
+        report["server_rss_mib"] = {"first": memory[0] / 2**20, "min_last_80pct": min(tail) / 2**20,
+                                    "max_last_80pct": max(tail) / 2**20,
+                                    "spread_last_80pct": (max(tail) - min(tail)) / min(tail)}
+    if args.check_greedy:
+        from kvexport.runtime import Generator, SamplingConfig
+
+        generator = Generator(args.check_greedy, backend="ort-static", max_batch=1)
+        alone = {}
+        for prompt, max_tokens in work:
+            config = SamplingConfig(max_new_tokens=max_tokens, stop_token_ids=generator.model.facts.eos_token_ids)
+            alone[prompt, max_tokens] = generator.generate([prompt], config).texts[0]
+        report["greedy_mismatches"] = sum(r["text"] != alone[r["prompt"], r["max_tokens"]] for r in ok)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
+    parser.add_argument("--rate", type=float, default=0.0, help="open loop: Poisson arrivals per second")
+    parser.add_argument("--distinct", type=int, default=40, help="distinct (prompt, max_tokens) pairs")
+    parser.add_argument("--check-greedy", help="export directory: compare every answer with the prompt run alone")
+    parser.add_argument("--server-pid", type=int)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    report = asyncio.run(run(args))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
