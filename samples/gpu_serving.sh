@@ -2,7 +2,9 @@
 # On the GPU machine, after .gpu/stage.sh: issue #13's H100 figures. pythia-160m shape (random fp16 weights),
 # `none` with 32 slots and `every:2` with 64 slots of 1024 tokens (the same KV bytes: 2.25 GiB), continuous and
 # static batching; first the engine alone (samples/engine_bench.py), then through `kvexport serve` over loopback
-# with an open-loop load (samples/load_test.py). Results in $OUT.
+# with an open-loop load (samples/load_test.py). The server part needs fastapi and uvicorn on that machine, which
+# reaches no registry and gets neither from .gpu/stage.sh: carry their wheels (pip download fastapi uvicorn
+# starlette) and install them with python3 -m pip install --no-index first. Results in $OUT.
 set -euo pipefail
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
@@ -23,7 +25,9 @@ run_server() {  # name export slots batching rate
   python3 -m kvexport serve "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 --batching "$4" \
     --max-queue 4096 --model-name m --port 8000 >/tmp/serve-$1.log 2>&1 &
   pid=$!
-  until curl -sf localhost:8000/health >/dev/null; do sleep 0.5; done
+  until curl -sf localhost:8000/health >/dev/null; do  # a server that failed to start ends the script
+    kill -0 $pid 2>/dev/null || { cat /tmp/serve-$1.log; exit 1; }; sleep 0.5
+  done
   python3 samples/load_test.py --url http://127.0.0.1:8000 --model m --requests 3000 --rate "$5" \
     --server-pid $pid --output "/tmp/load-$1.json" >/dev/null
   kill -TERM $pid; wait $pid || true
