@@ -282,14 +282,10 @@ class Engine:
         if not decoding:
             return
         started = time.perf_counter()
-        batch = max(decoding) + 1
-        tokens = torch.zeros(batch, dtype=torch.int64)
-        lengths = torch.zeros(batch, dtype=torch.int32)
-        for row in range(batch):
-            slot = self._slots[row]
-            if slot is not None:
-                lengths[row] = slot.length  # not decoding: writes one slot past its tokens, rewritten later
-                tokens[row] = slot.next_token or 0
+        rows = self._slots[:max(decoding) + 1]
+        # A row that is not decoding writes one slot past its tokens, which its next prefill chunk rewrites.
+        tokens = torch.tensor([(s.next_token or 0) if s else 0 for s in rows], dtype=torch.int64)
+        lengths = torch.tensor([s.length if s else 0 for s in rows], dtype=torch.int32)
         graph_started = time.perf_counter()
         logits = self.decoder.decode_rows(tokens.to(self.device), lengths.to(self.device))[:, -1]
         if logits.is_cuda:
@@ -303,16 +299,17 @@ class Engine:
         self.stats.last_step_ms = 1e3 * (time.perf_counter() - started)
 
     def _sample(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
-        """Greedy rows in one argmax; each sampling row with its own settings and generator."""
-        greedy = logits.argmax(-1)
+        """Greedy rows from one argmax (one transfer to the host); each sampling row with its own settings and
+        generator."""
+        greedy = logits.argmax(-1).tolist()
         chosen = []
         for row in rows:
             slot = self._slots[row]
             if slot.request.config.greedy:
                 chosen.append(greedy[row])
             else:
-                chosen.append(choose_tokens(logits[row:row + 1], slot.request.config, slot.generator)[0])
-        return torch.stack(chosen).tolist()
+                chosen.append(int(choose_tokens(logits[row:row + 1], slot.request.config, slot.generator)[0]))
+        return chosen
 
     def _accept(self, row: int, slot: Slot, token: int) -> None:
         """Record and stream a new token, then end the request if it should stop."""
