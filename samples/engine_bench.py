@@ -30,13 +30,15 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--batching", default="continuous")
+    parser.add_argument("--new-tokens", type=int, nargs=2, default=(8, 64), metavar=("LO", "HI"),
+                        help="new tokens per request, drawn uniformly from LO..HI")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     engine = Engine(args.export, provider=args.provider, max_slots=args.max_slots, max_length=args.max_length,
                     max_queue=args.requests, cuda_graph=args.cuda_graph, batching=args.batching)
     warm = engine.submit("warm up", SamplingConfig(max_new_tokens=4))
     list(warm)
-    work = prompts(args.requests)
+    work = prompts(args.requests, new_tokens=tuple(args.new_tokens))
     times: dict[int, list[float]] = {}
 
     def consume(index, handle):
@@ -54,7 +56,7 @@ def main() -> None:
     metrics = engine.metrics()
     engine.close()
     report = {"export": args.export, "max_slots": args.max_slots, "max_length": args.max_length,
-              "batching": args.batching, "requests": args.requests, "wall_s": wall,
+              "batching": args.batching, "requests": args.requests, "new_tokens": args.new_tokens, "wall_s": wall,
               "generated_tokens": sum(len(t) for t in times.values()),
               "tokens_per_s": sum(len(t) for t in times.values()) / wall,
               "tpot_p50_ms": 1e3 * percentile(tpot, 50), "tpot_p99_ms": 1e3 * percentile(tpot, 99),

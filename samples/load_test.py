@@ -23,14 +23,15 @@ import httpx
 from kvexport.models import DEFAULT_MODEL, HELDOUT_FILE, shipped_directory
 
 
-def prompts(count: int, seed: int = 0) -> list[tuple[str, int]]:
-    """(prompt, max_tokens) pairs: pieces of the shipped held-out text of 1 to 60 words, 8 to 64 new tokens."""
+def prompts(count: int, seed: int = 0, new_tokens: tuple[int, int] = (8, 64)) -> list[tuple[str, int]]:
+    """(prompt, max_tokens) pairs: pieces of the shipped held-out text of 1 to 60 words, and a number of new
+    tokens drawn from the range `new_tokens`."""
     words = (shipped_directory(DEFAULT_MODEL) / HELDOUT_FILE).read_text().split()
     rng = random.Random(seed)
     pairs = []
     for _ in range(count):
         start, length = rng.randrange(len(words) - 60), rng.randint(1, 60)
-        pairs.append((" ".join(words[start:start + length]), rng.randint(8, 64)))
+        pairs.append((" ".join(words[start:start + length]), rng.randint(*new_tokens)))
     return pairs
 
 
