@@ -54,6 +54,17 @@ class BuildOptions:
                                 "positions")
 
 
+def set_shape_values(profile, name: str, low: tuple, opt: tuple, high: tuple) -> None:
+    """The values a shape-tensor input may take (logits_to_keep feeds a Slice). TensorRT 10 calls the method
+    set_shape_input; later versions and TensorRT-RTX add a 64-bit variant."""
+    for method in ("set_shape_input_v2", "set_shape_input", "set_shape_values"):
+        if hasattr(profile, method):
+            getattr(profile, method)(name, low, opt, high)
+            return
+    raise KvexportError("this TensorRT has no way to set a shape tensor's values in a profile: use TensorRT 10 or "
+                        "later")
+
+
 def profile_shapes(layout: CacheLayout, profile: str, max_batch: int, max_length: int) -> dict[str, tuple[Shape, Shape, Shape]]:
     """(min, opt, max) per input. Prefill: a prompt of 1..max_length tokens, empty past. Decode: one token
     over a past of 1..max_length-1 tokens."""
@@ -188,7 +199,7 @@ def build_engine(directory: str | Path, options: BuildOptions, log=print) -> Bui
         profile = builder.create_optimization_profile()
         for tensor, (low, opt, high) in profile_shapes(model.layout, name, options.max_batch, options.max_length).items():
             profile.set_shape(tensor, low, opt, high)
-        profile.set_shape_input(c.LOGITS_TO_KEEP, (0,), (1,), (1,))  # values, not a shape: 0 (all) or 1 (last)
+        set_shape_values(profile, c.LOGITS_TO_KEEP, (0,), (1,), (1,))  # 0 (all positions) or 1 (the last)
         profile_index[name] = config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
