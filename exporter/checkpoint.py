@@ -79,10 +79,6 @@ class Checkpoint:
         for mapped in self._maps:
             mapped.madvise(mmap.MADV_DONTNEED)
 
-    @property
-    def stored_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
 
 def write_random_checkpoint(model_class, config, directory: Path, seed: int = 0) -> int:
     """A model directory (config.json, model.safetensors) of `model_class` with random float16 weights (normal,

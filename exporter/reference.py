@@ -3,8 +3,8 @@
 It computes what the exported graph computes, op for op, in any dtype (float64 for validation) and on any
 device, and can also hand back every layer's K/V and the final hidden state for the strategy search. It is
 differentiable where its weights are (kvexport uptrain trains through it); over a checkpoint's tensors no graph
-is recorded. Weights
-are cast when they are used and not kept, so a pass holds one layer's weights in the compute dtype at a time.
+is recorded. Weights are cast when they are used and not kept, so a pass holds one layer's weights in the compute
+dtype at a time.
 """
 
 from __future__ import annotations
@@ -77,9 +77,9 @@ class ReferenceDecoder:
 
     def _linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
         """x W + b, over blocks of W's columns: a large weight (the LM head) is never cast whole."""
-        columns = lin.weight.shape[1]
         block = max(1, LINEAR_BLOCK_ELEMENTS // lin.weight.shape[0])
-        y = torch.cat([x @ self._t(lin.weight[:, j:j + block]) for j in range(0, columns, block)], dim=-1)
+        parts = [x @ self._t(columns) for columns in lin.weight.split(block, dim=1)]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return y if lin.bias is None else y + self._t(lin.bias)
 
     def _norm(self, x: torch.Tensor, norm: Norm) -> torch.Tensor:

@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from kvexport.runtime.ort_session import run_named
 from kvexport.strategies import KvexportError, Strategy
 from kvexport.strategies import contract as c
 
@@ -78,14 +79,13 @@ def _relative(actual: np.ndarray, expected: np.ndarray, valid: np.ndarray) -> tu
 
 @dataclass
 class ValidationCase:
-    """Left-padded prompts followed by decoded tokens, and the reference's logits and owners' K/V for all."""
+    """Left-padded prompts followed by decoded tokens, and the reference's logits for all of them."""
 
     ids: np.ndarray  # [batch, prompt + steps] int64
     mask: np.ndarray  # [batch, prompt + steps], 0 on the left padding
     lengths: list[int]  # each row's prompt tokens
     prompt: int  # padded prompt length
     logits: np.ndarray  # [batch, prompt + steps, vocab] float64
-    present: dict[int, tuple[np.ndarray, np.ndarray]]  # owner -> keys, values [batch, kv_heads, total, head_dim]
     device: str
     seconds: float
 
@@ -107,8 +107,7 @@ def reference_case(description: DecoderDescription, strategy: Strategy, decode_s
     started = time.perf_counter()
     reference = ReferenceDecoder(description, strategy, torch.float64, device)
     out = reference.forward(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(c.positions_from_mask(mask)))
-    present = {owner: tuple(t.cpu().numpy() for t in kv) for owner, kv in out.present.items()}
-    return ValidationCase(ids, mask, lengths, prompt, out.logits.cpu().numpy(), present, device,
+    return ValidationCase(ids, mask, lengths, prompt, out.logits.cpu().numpy(), device,
                           round(time.perf_counter() - started, 2))
 
 
@@ -130,10 +129,6 @@ def session_for(path: Path, dtype: str, static: bool) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run(session: ort.InferenceSession, feeds: dict) -> dict[str, np.ndarray]:
-    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
-
-
 def validate_export(onnx_path: Path, case: ValidationCase, description: DecoderDescription, strategy: Strategy,
                     dtype: str, hf_model: torch.nn.Module | None = None) -> ValidationReport:
     session = session_for(onnx_path, dtype, static=False)
@@ -147,7 +142,7 @@ def validate_export(onnx_path: Path, case: ValidationCase, description: DecoderD
         feeds = {c.INPUT_IDS: case.ids[:, begin:end], c.ATTENTION_MASK: case.mask[:, :end],
                  c.POSITION_IDS: positions[:, begin:end], c.LOGITS_TO_KEEP: np.array([0 if begin == 0 else 1]),
                  **past}
-        outputs = run(session, feeds)
+        outputs = run_named(session, feeds)
         diff, relative = _relative(outputs[c.LOGITS], case.logits[:, begin:end], case.mask[:, begin:end] == 1)
         report.steps.append({"kind": "prefill" if begin == 0 else "decode", "max_abs_diff": diff,
                              "relative": relative})
@@ -178,7 +173,7 @@ def validate_static(static_path: Path, case: ValidationCase, description: Decode
         feeds = {c.INPUT_IDS: ids, c.SEQLENS_K: seqlens.astype(np.int32),
                  c.TOTAL_SEQUENCE_LENGTH: np.array([max_length], dtype=np.int32),
                  **{name: buffer[rows] for name, buffer in buffers.items()}}
-        outputs = run(session, feeds)
+        outputs = run_named(session, feeds)
         diff, relative = _relative(outputs[c.LOGITS][:, 0], expected, np.ones(expected.shape, dtype=bool))
         report.steps.append({"kind": label, "max_abs_diff": diff, "relative": relative})
         for layer, owner in enumerate(strategy.kv_source):

@@ -251,7 +251,7 @@ class Engine:
             if self._slots[row] is None:
                 handle = self._waiting.popleft()
                 if handle.cancelled:
-                    self._finish_handle(handle, "cancelled")
+                    self._finish(handle, "cancelled")
                     continue
                 generator = None if handle.config.greedy else handle.config.generator(self.device)
                 self._slots[row] = Slot(handle, generator=generator)
@@ -312,20 +312,18 @@ class Engine:
         return chosen
 
     def _accept(self, row: int, slot: Slot, token: int) -> None:
-        """Record and stream a new token, then end the request if it should stop."""
+        """Record and stream a new token; it is the request's last if the request should stop."""
         request = slot.request
         request.tokens.append(token)
         self.stats.generated_tokens += 1
-        reason = None
         if token in request.config.stop_token_ids:
-            reason = "stop"
+            self._release(row, "stop", token)
         elif len(request.tokens) >= request.config.max_new_tokens or slot.length + 1 >= self.decoder.max_length:
-            reason = "length"
-        request._emit(Event(token, "", reason))
-        if reason:
-            self._release(row, reason, emit=False)
-        elif not self._stopped(row, slot):
-            slot.next_token = token
+            self._release(row, "length", token)
+        else:
+            request._emit(Event(token, ""))
+            if not self._stopped(row, slot):
+                slot.next_token = token
 
     def _stopped(self, row: int, slot: Slot) -> bool:
         reason = "cancelled" if slot.request.cancelled else (
@@ -334,22 +332,16 @@ class Engine:
             self._release(row, reason)
         return reason is not None
 
-    def _release(self, row: int, reason: str, emit: bool = True) -> None:
-        slot = self._slots[row]
+    def _release(self, row: int, reason: str, token: int | None = None) -> None:
+        """Free the row and end its request, with `token` as the last event's when there is one."""
+        request = self._slots[row].request
         self._slots[row] = None
-        if emit:
-            self._finish_handle(slot.request, reason)
-        else:
-            slot.request.finish_reason = reason
-            self._count(reason)
+        self._finish(request, reason, token)
 
-    def _finish_handle(self, handle: RequestHandle, reason: str) -> None:
+    def _finish(self, handle: RequestHandle, reason: str, token: int | None = None) -> None:
         handle.finish_reason = reason
-        self._count(reason)
-        handle._emit(Event(None, "", reason))
-
-    def _count(self, reason: str) -> None:
         self.stats.requests_finished[reason] = self.stats.requests_finished.get(reason, 0) + 1
+        handle._emit(Event(token, "", reason))
 
     def _fail_all(self, error: Exception) -> None:
         self.last_error = error

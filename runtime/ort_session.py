@@ -72,6 +72,11 @@ def open_graph(model: ExportedModel, name: str, provider: str = "cpu", device_id
     return session
 
 
+def run_named(session: ort.InferenceSession, feeds: dict) -> dict[str, np.ndarray]:
+    """One run on host arrays: every output, by name."""
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
 class OrtDecoder(Decoder):
     def __init__(self, model: ExportedModel, provider: str = "cpu", device_id: int = 0):
         self.model, self.provider, self.device_id = model, provider, device_id
@@ -86,8 +91,7 @@ class OrtDecoder(Decoder):
         inputs = {c.INPUT_IDS: input_ids, c.ATTENTION_MASK: attention_mask, c.POSITION_IDS: position_ids,
                   c.LOGITS_TO_KEEP: np.array([logits_to_keep], dtype=np.int64)}
         if self.provider == "cpu":
-            names = [o.name for o in self.session.get_outputs()]
-            outputs = dict(zip(names, self.session.run(None, {**inputs, **cache.values})))
+            outputs = run_named(self.session, {**inputs, **cache.values})
         else:
             outputs = self._step_bound(inputs, cache)
         cache.update(outputs, input_ids.shape[1])

@@ -73,6 +73,8 @@ class StaticCacheDecoder(Decoder):
         self.total_length = torch.tensor([self.max_length], dtype=torch.int32)
         self.logits = torch.zeros((max_batch, 1, model.facts.vocab_size), dtype=torch.float32, device=self.device)
         self._bindings: dict[int, ort.IOBinding] = {}
+        self._prefill_options = ort.RunOptions()
+        self._prefill_options.add_run_config_entry("gpu_graph_id", "-1")  # prefill shapes vary: never captured
         self._run_options: dict[int, ort.RunOptions] = {}
         self.cuda_graph = cuda_graph
 
@@ -144,14 +146,12 @@ class StaticCacheDecoder(Decoder):
     def prefill_row(self, row: int, tokens: torch.Tensor, cached: int = 0) -> torch.Tensor:
         """Append `tokens` to row `row`, which holds `cached` tokens, in chunks; the last token's logits [1, 1,
         vocab] (a view of the decoder's logits buffer, valid until the next step)."""
-        options = ort.RunOptions()
-        options.add_run_config_entry("gpu_graph_id", "-1")  # shapes vary: never captured
         tokens = torch.as_tensor(tokens, dtype=torch.int64).to(self.device)
         for begin in range(0, len(tokens), self.prefill_chunk):
             chunk = tokens[begin:begin + self.prefill_chunk].view(1, -1)
             seqlens = torch.tensor([cached + begin + chunk.shape[1] - 1], dtype=torch.int32, device=self.device)
             binding = self._binding(chunk, seqlens, slice(row, row + 1), self.logits[row:row + 1])
-            self.session.run_with_iobinding(binding, options)
+            self.session.run_with_iobinding(binding, self._prefill_options)
         return self.logits[row:row + 1]
 
     def _prefill(self, input_ids, attention_mask, cache: StaticKVCache) -> torch.Tensor:

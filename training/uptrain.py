@@ -214,14 +214,17 @@ class Trainer:
                 break
         bar.close()
 
+    def host_params(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().cpu() for name, p in self.params.items()}
+
     def save_best(self, path: Path) -> None:
         from safetensors.torch import save_file
 
         with atomic_path(path) as partial:
-            save_file({name: p.detach().cpu() for name, p in self.params.items()}, str(partial))
+            save_file(self.host_params(), str(partial))
 
     def save(self, path: Path, progress: dict, run_key: dict) -> None:
-        state = {"params": {name: p.detach().cpu() for name, p in self.params.items()},
+        state = {"params": self.host_params(),
                  "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                  "progress": progress, "run_key": run_key}
         with atomic_path(path) as partial:
