@@ -4,16 +4,20 @@ Heads are grouped consecutively (query head h reads KV head h // (heads / G), as
 and each group's keys and values become one head, fitted to the group's keys and values on calibration text
 (arXiv 2406.07056's idea: the KV cache is low-rank). The math works on the architecture-neutral
 DecoderDescription, so the result is a description with num_kv_heads = G that the exporter and the reference
-take as they are.
+take as they are. Every fit is linear, so it applies to the projections' weights and biases alike.
 
-- method "rope-svd" (kvexport's): values: the group's values side by side, [tokens, g * head_dim], projected on
-  their top head_dim right singular vectors U; the new V projection is the group's V projections times U, and
-  U's block for each original head is folded into the output projection. Keys: rotary rotates each pair of
-  dimensions (i, i + rotary_dim / 2) by a position-dependent angle, a multiplication by a unit complex number
-  per frequency. Per frequency, the group's keys form a complex [tokens, g] matrix, replaced by its rank-1 SVD
-  k_j ~= b_j c: a complex scale commutes with the rotation, so the cache still stores rotated keys at absolute
-  positions, and conj(b_j) folds into query head j's projection. (This needs full rotary, as the Llama family
-  has; GPT-NeoX's partial rotary and biases are not handled yet.)
+- method "rope-svd" (kvexport's), each part of a head fitted where its error matters:
+  - values: the group's values side by side, [tokens, g * head_dim], projected on a head_dim basis; the new V
+    projection is the group's V projections times the basis, and each original head's block of it folds into
+    that head's output projection. The error is measured through the output projection (what the layer adds).
+  - keys, rotary dimensions: rotary rotates each pair (i, i + rotary_dim / 2) by a position-dependent angle, a
+    multiplication by a unit complex number per frequency. Per frequency the group's keys form a complex
+    [tokens, g] matrix, replaced by a rank-1 fit k_j ~= b_j c: a complex scale commutes with the rotation, so the
+    cache still stores rotated keys at absolute positions (sharing layers keep working), and conj(b_j) folds into
+    query head j. The error is weighted by each head's query energy at that frequency (what the scores see).
+  - keys, other dimensions (GPT-NeoX rotates a quarter of each head): a basis as for values, the error measured
+    as the queries' expected score error; its blocks fold into the query projections.
+- method "rope-svd-plain": the same fits with unweighted errors (plain reconstruction of the K/V), for comparison.
 - method "mean": the mean of the group's K and V projections (the initialisation of GQA up-training), queries
   and output projection unchanged: the baseline to beat.
 """
@@ -29,10 +33,11 @@ import torch
 from kvexport.strategies import KvexportError, no_sharing
 from kvexport.strategies.atomic import write_text_atomic
 
-from .models import DecoderDescription, Layer, Linear
+from .models import DecoderDescription, Layer, Linear, state_dict
 from .reference import ReferenceDecoder
 
-METHODS = ("rope-svd", "mean")
+METHODS = ("rope-svd", "rope-svd-plain", "mean")
+RIDGE = 1e-6  # relative regulariser of the error metrics, so a head that is never read stays invertible
 
 
 def check_kv_heads(description: DecoderDescription, kv_heads: int) -> None:
@@ -46,18 +51,26 @@ def check_kv_heads(description: DecoderDescription, kv_heads: int) -> None:
                             "multi-head attention (as many KV heads as query heads)")
 
 
-def layer_activations(description: DecoderDescription, windows: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-    """Each layer's (rotated keys, values) on the windows, [tokens, heads, head_dim] in float64."""
+@dataclasses.dataclass
+class Activations:
+    """One layer's calibration activations, [tokens, heads, head_dim] in float64 (keys and queries rotated)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    queries: torch.Tensor
+
+
+def layer_activations(description: DecoderDescription, windows: torch.Tensor) -> list[Activations]:
     mask = torch.ones_like(windows)
     positions = torch.arange(windows.shape[1]).expand_as(windows)
     reference = ReferenceDecoder(description, no_sharing(description.num_layers), torch.float64)
-    kv = reference.forward(windows, mask, positions, collect_layer_kv=True).layer_kv
-    return [tuple(t.permute(0, 2, 1, 3).flatten(0, 1) for t in kv[i]) for i in range(description.num_layers)]
+    out = reference.forward(windows, mask, positions, collect_layer_kv=True)
 
+    def tokens(t: torch.Tensor) -> torch.Tensor:
+        return t.permute(0, 2, 1, 3).flatten(0, 1)
 
-def heads_of(lin: Linear, heads: int, head_dim: int) -> torch.Tensor:
-    """[in, heads * head_dim] weights as [in, heads, head_dim] (float64)."""
-    return lin.weight.double().view(lin.weight.shape[0], heads, head_dim)
+    return [Activations(*(tokens(t) for t in (*out.layer_kv[i], out.layer_queries[i])))
+            for i in range(description.num_layers)]
 
 
 def complex_pairs(x: torch.Tensor, rotary: int) -> torch.Tensor:
@@ -70,52 +83,149 @@ def real_pairs(z: torch.Tensor) -> torch.Tensor:
     return torch.cat([z.real, z.imag], dim=-1)
 
 
-def compress_layer(layer: Layer, keys: torch.Tensor, values: torch.Tensor, d: DecoderDescription, kv_heads: int,
+@dataclasses.dataclass
+class GroupFit:
+    """A group's g heads (one part of them, dim wide) as one: new = sum_j x_j encode_j, x_j ~= new decode_j."""
+
+    encode: torch.Tensor  # [g, dim, rank]
+    decode: torch.Tensor  # [g, rank, dim]
+
+    @classmethod
+    def fitted(cls, x: torch.Tensor, metric: torch.Tensor) -> GroupFit:
+        """The rank-dim fit of x [tokens, g, dim] minimising sum_j ||(x_j - fit_j) L_j||^2, metric L [g, dim, dim]
+        (invertible): the top right singular vectors of the group's [tokens, g * dim] activations in that metric."""
+        g, dim = x.shape[-2:]
+        weighted = torch.einsum("ngd,gde->nge", x, metric).flatten(-2)
+        basis = torch.linalg.svd(weighted, full_matrices=False).Vh[:dim].unflatten(-1, (g, dim)).transpose(0, 1)
+        return cls(metric @ basis.transpose(-1, -2), basis @ torch.linalg.inv(metric))
+
+    @classmethod
+    def mean(cls, g: int, dim: int) -> GroupFit:
+        eye = torch.eye(dim, dtype=torch.float64).expand(g, dim, dim)
+        return cls(eye / g, eye)
+
+    def merge(self, w: torch.Tensor) -> torch.Tensor:
+        """[..., g, dim] (activations, weights or biases of the group's heads) -> [..., dim] of the new head."""
+        return torch.einsum("...gd,gdr->...r", w, self.encode)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...r,grd->...gd", self.merge(x), self.decode)
+
+
+@dataclasses.dataclass
+class FrequencyFit:
+    """The rotary part: per frequency, new = sum_j a_j k_j and k_j ~= b_j new, complex scalars [g, rotary / 2]."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+    @classmethod
+    def fitted(cls, kz: torch.Tensor, weight: torch.Tensor) -> FrequencyFit:
+        """Per frequency the rank-1 fit of kz [tokens, g, F] minimising sum_j weight_j |k_j - b_j new|^2."""
+        root = weight.sqrt()  # [g, F]
+        top = torch.linalg.svd((kz * root).permute(2, 0, 1), full_matrices=False).Vh[:, 0].T  # [g, F], unit columns
+        return cls(top.conj() * root, top / root)
+
+    @classmethod
+    def mean(cls, g: int, frequencies: int) -> FrequencyFit:
+        ones = torch.ones(g, frequencies, dtype=torch.complex128)
+        return cls(ones / g, ones)
+
+    def merge(self, kz: torch.Tensor) -> torch.Tensor:
+        return (kz * self.a).sum(-2)
+
+    def reconstruct(self, kz: torch.Tensor) -> torch.Tensor:
+        return self.merge(kz).unsqueeze(-2) * self.b
+
+
+def metric_factor(second_moment: torch.Tensor) -> torch.Tensor:
+    """L with L L^T = M + a small ridge, for [..., dim, dim] positive semi-definite M."""
+    dim = second_moment.shape[-1]
+    scale = second_moment.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(1e-30)
+    return torch.linalg.cholesky(second_moment + RIDGE * scale * torch.eye(dim, dtype=second_moment.dtype))
+
+
+@dataclasses.dataclass
+class HeadFits:
+    """How one group's heads become one KV head: its values, its keys' rotary pairs and its other key dims."""
+
+    value: GroupFit
+    rotary: FrequencyFit
+    rest: GroupFit
+    errors: dict[str, float]  # relative reconstruction errors ||fit - actual||^2 / ||actual||^2 of keys, values
+
+
+def fit_heads(act: Activations, wo: torch.Tensor, members: list[int], rot: int, method: str) -> HeadFits:
+    """The fits for the heads `members` of one layer; wo [heads, head_dim, hidden] is its output projection."""
+    keys, values, queries = (t[:, members] for t in (act.keys, act.values, act.queries))  # [tokens, g, hd]
+    g, hd = keys.shape[1:]
+    rest = hd - rot
+    value_fit, rotary_fit, rest_fit = GroupFit.mean(g, hd), FrequencyFit.mean(g, rot // 2), GroupFit.mean(g, rest)
+    kz = complex_pairs(keys, rot)
+    if method != "mean":
+        plain, eye = method == "rope-svd-plain", torch.eye(hd, dtype=torch.float64).expand(g, hd, hd)
+        w = wo[members]
+        value_fit = GroupFit.fitted(values, eye if plain else metric_factor(w @ w.transpose(1, 2)))
+        energy = complex_pairs(queries, rot).abs().pow(2).mean(0)  # [g, F]
+        rotary_fit = FrequencyFit.fitted(kz, torch.ones_like(energy) if plain else energy + RIDGE * energy.mean())
+        if rest:
+            q_rest = queries[..., rot:]
+            rest_fit = GroupFit.fitted(keys[..., rot:], eye[:, :rest, :rest] if plain else
+                                       metric_factor(torch.einsum("ngd,nge->gde", q_rest, q_rest) / len(q_rest)))
+    k_fit = torch.cat([real_pairs(rotary_fit.reconstruct(kz)), rest_fit.reconstruct(keys[..., rot:])], dim=-1)
+    v_fit = value_fit.reconstruct(values)
+    errors = {kind: relative(actual - fit, actual) for kind, actual, fit in (("key", keys, k_fit), ("value", values, v_fit))}
+    return HeadFits(value_fit, rotary_fit, rest_fit, errors)
+
+
+def relative(error: torch.Tensor, actual: torch.Tensor) -> float:
+    return float(error.pow(2).sum() / actual.pow(2).sum())
+
+
+def compress_layer(layer: Layer, act: Activations, d: DecoderDescription, kv_heads: int,
                    method: str) -> tuple[Layer, dict]:
     heads, hd, rot = d.num_heads, d.head_dim, d.rotary_dim
     g = heads // kv_heads
-    wq, wk, wv = (heads_of(lin, heads, hd) for lin in (layer.q, layer.k, layer.v))
     wo = layer.o.weight.double().view(heads, hd, -1)  # [heads, head_dim, hidden]
-    if layer.k.bias is not None or layer.v.bias is not None or rot != hd:
-        raise KvexportError("compress-heads handles K/V projections without biases and full rotary (the Llama "
-                            "family) so far: GPT-NeoX and Qwen2 are not supported yet")
-    new_q, new_k, new_v, new_o = wq.clone(), [], [], wo.clone()
+
+    def heads_of(lin: Linear, bias: bool) -> torch.Tensor | None:
+        """Weights [in, heads, hd], or the bias as [1, heads, hd], in float64."""
+        t = lin.bias if bias else lin.weight
+        return None if t is None else t.double().reshape(-1 if not bias else 1, heads, hd)
+
+    new_q = {bias: None if w is None else w.clone() for bias in (False, True) for w in [heads_of(layer.q, bias)]}
+    new_k, new_v, new_o = {False: [], True: []}, {False: [], True: []}, wo.clone()
     errors = {"key": 0.0, "value": 0.0}
     for group in range(kv_heads):
-        members = range(group * g, (group + 1) * g)
-        k_group, v_group = keys[:, members], values[:, members]  # [tokens, g, hd]
-        if method == "mean":
-            new_k.append(wk[:, members].mean(1))
-            new_v.append(wv[:, members].mean(1))
-            k_fit = (k_group.mean(1, keepdim=True)).expand_as(k_group)
-            v_fit = (v_group.mean(1, keepdim=True)).expand_as(v_group)
-        else:
-            # Values: the group's top-hd basis U [g * hd, hd]; v_j ~= v_new U_j^T.
-            u = torch.linalg.svd(v_group.flatten(1), full_matrices=False).Vh[:hd].T
-            blocks = u.view(g, hd, hd)  # U_j
-            new_v.append(torch.einsum("igd,gde->ie", wv[:, members], blocks))
-            for j, member in enumerate(members):
-                new_o[member] = blocks[j].T @ wo[member]
-            v_fit = torch.einsum("ne,gde->ngd", v_group.flatten(1) @ u, blocks)
-            # Keys, rotary part: per frequency a complex rank-1 fit; k_j ~= b_j c, c = sum_j conj(b_j) k_j.
-            kz = complex_pairs(k_group, rot)  # [tokens, g, rot / 2]
-            b = torch.stack([torch.linalg.svd(kz[:, :, f], full_matrices=False).Vh[0]
-                             for f in range(rot // 2)], dim=-1)  # [g, rot / 2], unit columns
-            new_k.append(real_pairs((complex_pairs(wk[:, members], rot) * b.conj()).sum(1)))
-            k_fit = real_pairs((kz * b.conj()).sum(1, keepdim=True) * b)
-            for j, member in enumerate(members):  # fold conj(b_j) into query head j (scores stay Re(conj(q) k))
-                new_q[:, member] = real_pairs(complex_pairs(wq[:, member], rot) * b[j].conj())
-        for kind, actual, fit in (("key", k_group, k_fit), ("value", v_group, v_fit)):
-            errors[kind] += float((actual - fit).pow(2).sum() / actual.pow(2).sum()) / kv_heads
-    dtype = layer.q.weight.dtype
+        members = slice(group * g, (group + 1) * g)
+        fits = fit_heads(act, wo, list(range(heads))[members], rot, method)
+        for bias in (False, True):
+            wk, wv, wq = heads_of(layer.k, bias), heads_of(layer.v, bias), new_q[bias]
+            if wk is not None:
+                new_k[bias].append(torch.cat([real_pairs(fits.rotary.merge(complex_pairs(wk[:, members], rot))),
+                                              fits.rest.merge(wk[:, members, rot:])], dim=-1))
+            if wv is not None:
+                new_v[bias].append(fits.value.merge(wv[:, members]))
+            if wq is not None:  # fold each head's key decoding into its queries: scores are unchanged by it
+                wq[:, members] = torch.cat([real_pairs(complex_pairs(wq[:, members], rot) * fits.rotary.b.conj()),
+                                            torch.einsum("igd,grd->igr", wq[:, members, rot:], fits.rest.decode)],
+                                           dim=-1)
+        new_o[members] = fits.value.decode @ new_o[members]
+        for kind in errors:
+            errors[kind] += fits.errors[kind] / kv_heads
 
-    def linear(weight: torch.Tensor) -> Linear:
-        return Linear(weight.reshape(weight.shape[0], -1).to(dtype).contiguous())
+    def linear(weight: torch.Tensor, bias: torch.Tensor | None, like: Linear) -> Linear:
+        return Linear(weight.reshape(weight.shape[0], -1).to(like.weight.dtype).contiguous(),
+                      None if bias is None else bias.reshape(-1).to(like.bias.dtype).contiguous())
+
+    def stacked(parts: list[torch.Tensor]) -> torch.Tensor | None:
+        return torch.stack(parts, dim=1) if parts else None
 
     compressed = dataclasses.replace(
-        layer, q=Linear(new_q.reshape(wq.shape[0], -1).to(dtype).contiguous(), layer.q.bias),
-        k=linear(torch.stack(new_k, dim=1)), v=linear(torch.stack(new_v, dim=1)),
-        o=Linear(new_o.reshape(heads * hd, -1).to(dtype).contiguous(), layer.o.bias))
+        layer, q=linear(new_q[False], new_q[True], layer.q),
+        k=linear(stacked(new_k[False]), stacked(new_k[True]), layer.k),
+        v=linear(stacked(new_v[False]), stacked(new_v[True]), layer.v),
+        o=Linear(new_o.reshape(heads * hd, -1).to(layer.o.weight.dtype).contiguous(), layer.o.bias))
     return compressed, {"relative_key_error": round(errors["key"], 6), "relative_value_error": round(errors["value"], 6)}
 
 
@@ -128,28 +238,11 @@ def compress_heads(description: DecoderDescription, windows: torch.Tensor, kv_he
     check_kv_heads(description, kv_heads)
     activations = layer_activations(description, windows)
     layers, report = [], []
-    for layer, (keys, values) in zip(description.layers, activations):
-        compressed, errors = compress_layer(layer, keys, values, description, kv_heads, method)
+    for layer, act in zip(description.layers, activations):
+        compressed, errors = compress_layer(layer, act, description, kv_heads, method)
         layers.append(compressed)
         report.append(errors)
     return dataclasses.replace(description, num_kv_heads=kv_heads, layers=layers), report
-
-
-def llama_state_dict(description: DecoderDescription) -> dict[str, torch.Tensor]:
-    """A Llama-family Hugging Face state dict from a description (nn.Linear stores [out, in])."""
-    state = {"model.embed_tokens.weight": description.embed, "model.norm.weight": description.final_norm.weight,
-             "lm_head.weight": description.lm_head.weight.t()}
-    for i, layer in enumerate(description.layers):
-        p = f"model.layers.{i}."
-        state[p + "input_layernorm.weight"] = layer.input_norm.weight
-        state[p + "post_attention_layernorm.weight"] = layer.post_attention_norm.weight
-        for name, lin in (("self_attn.q_proj", layer.q), ("self_attn.k_proj", layer.k), ("self_attn.v_proj", layer.v),
-                          ("self_attn.o_proj", layer.o), ("mlp.gate_proj", layer.gate), ("mlp.up_proj", layer.up),
-                          ("mlp.down_proj", layer.down)):
-            state[p + name + ".weight"] = lin.weight.t()
-            if lin.bias is not None:
-                state[p + name + ".bias"] = lin.bias
-    return {name: tensor.contiguous() for name, tensor in state.items()}
 
 
 def run_compress_heads(model: str, kv_heads: int, method: str, calib: str | None, samples: int, length: int,
@@ -176,17 +269,15 @@ def run_compress_heads(model: str, kv_heads: int, method: str, calib: str | None
 
 
 def write_compressed(description: DecoderDescription, source_dir: Path, config, output: Path, record: dict) -> Path:
-    """A Hugging Face checkpoint with num_key_value_heads = G that transformers loads, written under a temporary
-    name and renamed when complete, with kvexport_compression.json (method, calibration, per-layer errors)."""
+    """A Hugging Face checkpoint with num_key_value_heads = G that transformers loads and runs (GPT-NeoX as the
+    multi-head model it equals, see models/gpt_neox.py), written under a temporary name and renamed when
+    complete, with kvexport_compression.json (method, calibration, per-layer errors)."""
     import shutil
 
     from safetensors.torch import save_file
 
     from .loading import SIDE_FILES
 
-    if description.architecture not in ("llama", "qwen2"):
-        raise KvexportError(f"compress-heads writes Llama-family checkpoints; {description.architecture} has no "
-                            "grouped-query attention in transformers to load it: use a Llama-family model")
     partial = output.with_name(f".{output.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -198,7 +289,7 @@ def write_compressed(description: DecoderDescription, source_dir: Path, config, 
         config.save_pretrained(partial)
         stored = getattr(config, "dtype", None)  # the source checkpoint's dtype (a torch.dtype in transformers 5)
         dtype = stored if isinstance(stored, torch.dtype) else torch.float32
-        save_file({k: v.to(dtype) for k, v in llama_state_dict(description).items()},
+        save_file({k: v.to(dtype) for k, v in state_dict(description).items()},
                   partial / "model.safetensors", metadata={"format": "pt"})
         write_text_atomic(partial / "kvexport_compression.json", json.dumps(record, indent=2) + "\n")
         partial.rename(output)

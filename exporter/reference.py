@@ -30,6 +30,7 @@ class ReferenceOutput:
     present: dict[int, KV]  # owner layer -> (keys, values), each [batch, kv_heads, past + seq, head_dim]
     final_hidden: torch.Tensor  # [batch, seq, hidden], after the final norm
     layer_kv: dict[int, KV] = field(default_factory=dict)  # every layer's own new K/V, when asked for
+    layer_queries: dict[int, torch.Tensor] = field(default_factory=dict)  # and its queries [batch, heads, seq, dim]
 
 
 def attention_bias(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -111,6 +112,7 @@ class ReferenceDecoder:
         cos, sin = rotary_tables(position_ids, d.rotary_dim, d.rope_theta, self.dtype)
         present: dict[int, KV] = {}
         layer_kv: dict[int, KV] = {}
+        layer_queries: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(d.layers):
             h = self._norm(x, layer.input_norm)
             q = apply_rotary(self._heads(self._linear(h, layer.q), d.num_heads), cos, sin)
@@ -118,7 +120,7 @@ class ReferenceDecoder:
                 k = apply_rotary(self._heads(self._linear(h, layer.k), d.num_kv_heads), cos, sin)
                 v = self._heads(self._linear(h, layer.v), d.num_kv_heads)
                 if collect_layer_kv:
-                    layer_kv[i] = (k, v)
+                    layer_kv[i], layer_queries[i] = (k, v), q
                 if self.strategy.is_owner(i):
                     if i in past:
                         k, v = torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
@@ -138,7 +140,7 @@ class ReferenceDecoder:
         final = self._norm(x, d.final_norm)
         logits = self._linear(final, d.lm_head)
         d.release()
-        return ReferenceOutput(logits, present, final, layer_kv)
+        return ReferenceOutput(logits, present, final, layer_kv, layer_queries)
 
     def _mlp(self, h: torch.Tensor, layer) -> torch.Tensor:
         if layer.gate is None:

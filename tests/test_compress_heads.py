@@ -32,17 +32,28 @@ def compress(model_dir, out, kv_heads, method="rope-svd"):
     return out
 
 
-def test_as_many_groups_as_heads_reproduces_the_model(tiny_mha_llama, tmp_path):
-    out = compress(tiny_mha_llama, tmp_path / "g4", 4)
-    ids = torch.randint(0, 8192, (2, 12), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(logits(out, ids), logits(tiny_mha_llama, ids), rtol=1e-4, atol=1e-4)
+@pytest.fixture(params=["llama", "gpt_neox"])
+def mha_model(request, tiny_mha_llama, tiny_neox):
+    """Both ways a compressed model is stored: Llama with grouped-query attention, GPT-NeoX (partial rotary,
+    biases) as the multi-head model it equals."""
+    return {"llama": tiny_mha_llama, "gpt_neox": tiny_neox}[request.param]
+
+
+IDS = torch.randint(0, 8192, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", ["rope-svd", "rope-svd-plain"])
+def test_as_many_groups_as_heads_reproduces_the_model(mha_model, tmp_path, method):
+    out = compress(mha_model, tmp_path / "g4", 4, method)
+    torch.testing.assert_close(logits(out, IDS), logits(mha_model, IDS), rtol=1e-4, atol=1e-4)
     errors = json.loads((out / "kvexport_compression.json").read_text())["layers"]
     assert max(e["relative_key_error"] + e["relative_value_error"] for e in errors) < 1e-10
 
 
-def test_compressed_checkpoint_loads_in_transformers_and_exports(tiny_mha_llama, tmp_path, capsys):
-    out = compress(tiny_mha_llama, tmp_path / "g2", 2)
-    assert load_model(str(out)).config.num_key_value_heads == 2
+def test_compressed_checkpoint_loads_in_transformers_and_exports(mha_model, tmp_path):
+    out = compress(mha_model, tmp_path / "g2", 2)
+    loaded = load_model(str(out))
+    assert loaded.config.num_key_value_heads == 2 and loaded.description.num_kv_heads == 2
     record = json.loads((out / "kvexport_compression.json").read_text())
     assert record["kv_heads"] == 2 and record["original_kv_heads"] == 4 and len(record["layers"]) == 4
     # `none` validates the export against transformers itself; every:2 combines both methods.
@@ -53,13 +64,30 @@ def test_compressed_checkpoint_loads_in_transformers_and_exports(tiny_mha_llama,
     assert cache["bytes_per_token"] * 2 == cache["full_bytes_per_token"] == 4 * 2 * 2 * 16 * 4
 
 
-def test_fitted_heads_reconstruct_better_than_mean_pooling(tiny_mha_llama, tmp_path):
-    errors = {}
-    for method in ("rope-svd", "mean"):
-        out = compress(tiny_mha_llama, tmp_path / method, 2, method)
+def test_fitted_heads_beat_mean_pooling(mha_model, tmp_path):
+    """Closer to the original model's logits, and the plain fit reconstructs the K/V themselves better."""
+    original, distance, errors = logits(mha_model, IDS), {}, {}
+    for method in ("rope-svd", "rope-svd-plain", "mean"):
+        out = compress(mha_model, tmp_path / method, 2, method)
+        distance[method] = float((logits(out, IDS) - original).pow(2).mean())
         layers = json.loads((out / "kvexport_compression.json").read_text())["layers"]
         errors[method] = sum(e["relative_key_error"] + e["relative_value_error"] for e in layers)
-    assert errors["rope-svd"] < errors["mean"]
+    assert distance["rope-svd"] < distance["mean"] and distance["rope-svd-plain"] < distance["mean"]
+    assert errors["rope-svd-plain"] < errors["mean"]
+
+
+def test_edited_repeated_heads_are_refused(tiny_neox, tmp_path, capsys):
+    """A compressed GPT-NeoX changed as a multi-head model (its repeated K/V copies no longer equal) is not
+    silently averaged."""
+    from safetensors.torch import load_file, save_file
+
+    out = compress(tiny_neox, tmp_path / "g2", 2)
+    tensors = load_file(out / "model.safetensors")
+    tensors["gpt_neox.layers.1.attention.query_key_value.weight"][16:32] += 0.5  # head 0's keys
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    assert main(["--model", str(out), "--share", "none", "--output", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "layer 1" in err and "differ" in err and not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("kv_heads", ["0", "3", "8"])
@@ -68,11 +96,6 @@ def test_bad_kv_heads_is_one_line_and_nothing_is_written(tiny_mha_llama, tmp_pat
                  str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "use one of 1, 2, 4" in err and not list(tmp_path.iterdir())
-
-
-def test_gpt_neox_is_refused_clearly(tiny_neox, tmp_path, capsys):
-    assert main(["compress-heads", "--model", str(tiny_neox), "--kv-heads", "2", "-o", str(tmp_path / "o")]) == 2
-    assert "not supported yet" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_search_and_eval_work_on_a_compressed_model(tiny_mha_llama, tmp_path, capsys):

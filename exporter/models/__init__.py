@@ -16,6 +16,18 @@ READERS: dict[str, Callable[..., DecoderDescription]] = {
 }
 
 
+WRITERS: dict[str, Callable[[DecoderDescription], dict[str, torch.Tensor]]] = {
+    "gpt_neox": gpt_neox.state_dict,
+    "llama": llama.state_dict,
+    "qwen2": llama.state_dict,
+}
+
+
+def state_dict(description: DecoderDescription) -> dict[str, torch.Tensor]:
+    """The Hugging Face tensors of a description, contiguous, that transformers loads as its architecture."""
+    return {name: t.contiguous() for name, t in WRITERS[description.architecture](description).items()}
+
+
 def describe(config, weights: dict[str, torch.Tensor], release: Callable[[], None] = lambda: None
              ) -> DecoderDescription:
     """A decoder description from a Hugging Face config and its tensors (any dtype; views are not copied).
@@ -28,4 +40,5 @@ def describe(config, weights: dict[str, torch.Tensor], release: Callable[[], Non
     return reader(config, weights, release)
 
 
-__all__ = ["READERS", "DecoderDescription", "Layer", "LazyLayers", "Linear", "Norm", "UnsupportedModelError", "describe"]
+__all__ = ["READERS", "WRITERS", "DecoderDescription", "Layer", "LazyLayers", "Linear", "Norm", "UnsupportedModelError", "describe",
+           "state_dict"]

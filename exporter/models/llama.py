@@ -43,3 +43,20 @@ def describe(config, weights: dict[str, torch.Tensor], release=lambda: None) -> 
         embed=weights["model.embed_tokens.weight"], layers=LazyLayers(config.num_hidden_layers, layer, release),
         final_norm=Norm(weights["model.norm.weight"]), lm_head=Linear.from_hf(lm_head), release=release,
     )
+
+
+def state_dict(d: DecoderDescription) -> dict[str, torch.Tensor]:
+    """Hugging Face Llama-family tensors of a description (describe's inverse; nn.Linear stores [out, in])."""
+    state = {"model.embed_tokens.weight": d.embed, "model.norm.weight": d.final_norm.weight,
+             "lm_head.weight": d.lm_head.weight.t()}
+    for i, layer in enumerate(d.layers):
+        p = f"model.layers.{i}."
+        state[p + "input_layernorm.weight"] = layer.input_norm.weight
+        state[p + "post_attention_layernorm.weight"] = layer.post_attention_norm.weight
+        for name, lin in (("self_attn.q_proj", layer.q), ("self_attn.k_proj", layer.k), ("self_attn.v_proj", layer.v),
+                          ("self_attn.o_proj", layer.o), ("mlp.gate_proj", layer.gate), ("mlp.up_proj", layer.up),
+                          ("mlp.down_proj", layer.down)):
+            state[p + name + ".weight"] = lin.weight.t()
+            if lin.bias is not None:
+                state[p + name + ".bias"] = lin.bias
+    return state
