@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
-# On the GPU machine, after .gpu/stage.sh: decode at 12 and at 4 KV heads (llama-160m shape), none and every:2,
-# one machine, one call. Results land in $OUT/kv12 and $OUT/kv4.
+# On the GPU machine, after .gpu/stage.sh: decode at 12 and at 4 KV heads, none and every:2, one shape per call
+# (llama-160m or pythia-160m), then the same 64 x 2048 points with ONNX Runtime's XQA decode kernel off.
+# Results land in $OUT/SHAPE-kv12, $OUT/SHAPE-kv4 and $OUT/SHAPE-kv*-noxqa.
 set -euo pipefail
+shape=${1:-llama-160m}
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+trap 'tail -n 20 /tmp/*.log' ERR
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 for heads in 12 4; do
-  python3 samples/make_random_model.py llama-160m "/tmp/l160-kv$heads" --kv-heads "$heads" >/dev/null 2>&1
-  python3 -m kvexport bench --model "/tmp/l160-kv$heads" --share none every:2 --backends ort-static --cuda-graph \
-    --batch 1 64 --context 2048 --steps 32 --warmup 8 --output "/tmp/kv$heads" 2>&1 | grep "^| ort\|^| none\|^| every"
-  mkdir -p "$OUT/kv$heads" && cp /tmp/kv"$heads"/bench.json /tmp/kv"$heads"/bench.md "$OUT/kv$heads/"
+  python3 samples/make_random_model.py "$shape" "/tmp/$shape-kv$heads" --kv-heads "$heads" >/dev/null 2>&1
+  python3 -m kvexport bench --model "/tmp/$shape-kv$heads" --share none every:2 --backends ort-static --cuda-graph \
+    --batch 1 64 --context 2048 --steps 32 --warmup 8 --output "/tmp/$shape-kv$heads" >"/tmp/$shape-kv$heads.log" 2>&1
+  cat "/tmp/$shape-kv$heads/bench.md"
+  mkdir -p "$OUT/$shape-kv$heads" && cp "/tmp/$shape-kv$heads"/bench.{json,md} "$OUT/$shape-kv$heads/"
+done
+for heads in 12 4; do
+  ORT_ENABLE_XQA=0 python3 -m kvexport bench --model "/tmp/$shape-kv$heads" --share none --backends ort-static \
+    --cuda-graph --batch 64 --context 2048 --steps 32 --warmup 8 --output "/tmp/$shape-kv$heads-noxqa" \
+    >"/tmp/$shape-kv$heads-noxqa.log" 2>&1
+  cat "/tmp/$shape-kv$heads-noxqa/bench.md"
+  mkdir -p "$OUT/$shape-kv$heads-noxqa" && cp "/tmp/$shape-kv$heads-noxqa"/bench.json "$OUT/$shape-kv$heads-noxqa/"
 done

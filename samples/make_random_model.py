@@ -5,6 +5,7 @@ since tools such as GenAI's model builder want one (its 8192 ids fit either voca
     python samples/make_random_model.py pythia-160m /tmp/pythia-160m-random
     python samples/make_random_model.py llama-160m /tmp/llama-160m-random
     python samples/make_random_model.py llama-160m /tmp/llama-160m-kv4 --kv-heads 4    # grouped-query attention
+    python samples/make_random_model.py pythia-160m /tmp/pythia-160m-kv4 --kv-heads 4  # as kvexport stores it
     python samples/make_random_model.py llama-7b /tmp/llama-7b-random                  # 13.5 GB, about a minute
 
 Weights are drawn tensor by tensor (normal, std 0.02) and streamed into model.safetensors, so a 13B shape needs
@@ -46,11 +47,26 @@ CONFIGS.update({  # the public configs of EleutherAI/pythia-1.4b, meta-llama/Lla
         "intermediate_size": 13824, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "bos_token_id": 1}),
 })
 
+
+def repeat_kv_heads(directory: Path, config) -> None:
+    """GPT-NeoX with fewer KV heads is stored as the multi-head model it equals (exporter/models/gpt_neox.py):
+    make each group's K/V copies equal to its first."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(directory / "model.safetensors")
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    for name, tensor in tensors.items():
+        if "query_key_value" in name:
+            kv = tensor.view(heads, 3, -1)[:, 1:].unflatten(0, (kv_heads, heads // kv_heads))
+            kv[:] = kv[:, :1].clone()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shape", choices=sorted(CONFIGS))
     parser.add_argument("output")
-    parser.add_argument("--kv-heads", type=int, help="Llama shapes: KV heads per layer (default: the model's)")
+    parser.add_argument("--kv-heads", type=int, help="KV heads per layer (default: the model's)")
     args = parser.parse_args()
     config_class, model_class, fields = CONFIGS[args.shape]
     if args.kv_heads:
@@ -58,5 +74,7 @@ if __name__ == "__main__":
     config = config_class(**fields, dtype="float16")
     output = Path(args.output)
     size = write_random_checkpoint(model_class, config, output)
+    if args.kv_heads and model_class is GPTNeoXForCausalLM:
+        repeat_kv_heads(output, config)
     AutoTokenizer.from_pretrained(shipped_directory(DEFAULT_MODEL)).save_pretrained(output)
     print(f"wrote {output}: {size / 1e9:.2f} GB of float16 weights")
