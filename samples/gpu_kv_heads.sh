@@ -10,9 +10,9 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 for heads in 12 4; do
   python3 samples/make_random_model.py "$shape" "/tmp/$shape-kv$heads" --kv-heads "$heads" >/dev/null 2>&1
   python3 -m kvexport bench --model "/tmp/$shape-kv$heads" --share none every:2 --backends ort-static --cuda-graph \
-    --batch 1 64 --context 2048 --steps 32 --warmup 8 --output "/tmp/$shape-kv$heads" >"/tmp/$shape-kv$heads.log" 2>&1
-  cat "/tmp/$shape-kv$heads/bench.md"
-  mkdir -p "$OUT/$shape-kv$heads" && cp "/tmp/$shape-kv$heads"/bench.{json,md} "$OUT/$shape-kv$heads/"
+    --batch 1 64 --context 2048 --steps 32 --warmup 8 --output "/tmp/$shape-kv$heads-bench" >"/tmp/$shape-kv$heads.log" 2>&1
+  cat "/tmp/$shape-kv$heads-bench/bench.md"
+  mkdir -p "$OUT/$shape-kv$heads" && cp "/tmp/$shape-kv$heads-bench"/bench.{json,md} "$OUT/$shape-kv$heads/"
 done
 for heads in 12 4; do
   ORT_ENABLE_XQA=0 python3 -m kvexport bench --model "/tmp/$shape-kv$heads" --share none --backends ort-static \
