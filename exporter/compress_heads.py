@@ -64,7 +64,7 @@ def layer_activations(description: DecoderDescription, windows: torch.Tensor) ->
     mask = torch.ones_like(windows)
     positions = torch.arange(windows.shape[1]).expand_as(windows)
     reference = ReferenceDecoder(description, no_sharing(description.num_layers), torch.float64)
-    out = reference.forward(windows, mask, positions, collect_layer_kv=True)
+    out = reference.forward(windows, mask, positions, collect_layer_kv=True, collect_queries=True)
 
     def tokens(t: torch.Tensor) -> torch.Tensor:
         return t.permute(0, 2, 1, 3).flatten(0, 1)
@@ -155,7 +155,7 @@ class HeadFits:
     errors: dict[str, float]  # relative reconstruction errors ||fit - actual||^2 / ||actual||^2 of keys, values
 
 
-def fit_heads(act: Activations, wo: torch.Tensor, members: list[int], rot: int, method: str) -> HeadFits:
+def fit_heads(act: Activations, wo: torch.Tensor, members: slice, rot: int, method: str) -> HeadFits:
     """The fits for the heads `members` of one layer; wo [heads, head_dim, hidden] is its output projection."""
     keys, values, queries = (t[:, members] for t in (act.keys, act.values, act.queries))  # [tokens, g, hd]
     g, hd = keys.shape[1:]
@@ -194,13 +194,14 @@ def compress_layer(layer: Layer, act: Activations, d: DecoderDescription, kv_hea
         return None if t is None else t.double().reshape(-1 if not bias else 1, heads, hd)
 
     new_q = {bias: None if w is None else w.clone() for bias in (False, True) for w in [heads_of(layer.q, bias)]}
+    old_k, old_v = ({bias: heads_of(lin, bias) for bias in (False, True)} for lin in (layer.k, layer.v))
     new_k, new_v, new_o = {False: [], True: []}, {False: [], True: []}, wo.clone()
     errors = {"key": 0.0, "value": 0.0}
     for group in range(kv_heads):
         members = slice(group * g, (group + 1) * g)
-        fits = fit_heads(act, wo, list(range(heads))[members], rot, method)
+        fits = fit_heads(act, wo, members, rot, method)
         for bias in (False, True):
-            wk, wv, wq = heads_of(layer.k, bias), heads_of(layer.v, bias), new_q[bias]
+            wk, wv, wq = old_k[bias], old_v[bias], new_q[bias]
             if wk is not None:
                 new_k[bias].append(torch.cat([real_pairs(fits.rotary.merge(complex_pairs(wk[:, members], rot))),
                                               fits.rest.merge(wk[:, members, rot:])], dim=-1))

@@ -30,7 +30,7 @@ class ReferenceOutput:
     present: dict[int, KV]  # owner layer -> (keys, values), each [batch, kv_heads, past + seq, head_dim]
     final_hidden: torch.Tensor  # [batch, seq, hidden], after the final norm
     layer_kv: dict[int, KV] = field(default_factory=dict)  # every layer's own new K/V, when asked for
-    layer_queries: dict[int, torch.Tensor] = field(default_factory=dict)  # and its queries [batch, heads, seq, dim]
+    layer_queries: dict[int, torch.Tensor] = field(default_factory=dict)  # every layer's queries, when asked for
 
 
 def attention_bias(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -103,6 +103,7 @@ class ReferenceDecoder:
         position_ids: torch.Tensor,
         past: dict[int, KV] | None = None,
         collect_layer_kv: bool = False,
+        collect_queries: bool = False,
     ) -> ReferenceOutput:
         d, past = self.d, past or {}
         input_ids, attention_mask, position_ids = (t.to(self.device) for t in (input_ids, attention_mask, position_ids))
@@ -120,11 +121,13 @@ class ReferenceDecoder:
                 k = apply_rotary(self._heads(self._linear(h, layer.k), d.num_kv_heads), cos, sin)
                 v = self._heads(self._linear(h, layer.v), d.num_kv_heads)
                 if collect_layer_kv:
-                    layer_kv[i], layer_queries[i] = (k, v), q
+                    layer_kv[i] = (k, v)
                 if self.strategy.is_owner(i):
                     if i in past:
                         k, v = torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
                     present[i] = (k, v)
+            if collect_queries:
+                layer_queries[i] = q
             keys, values = present[self.strategy.kv_source[i]]
             if d.kv_groups > 1:
                 keys = keys.repeat_interleave(d.kv_groups, dim=1)

@@ -31,6 +31,10 @@ class Linear:
         """nn.Linear stores [out, in]; the transpose is a view (the checkpoint is not copied)."""
         return cls(weight.t(), bias)
 
+    def to_hf(self, name: str) -> dict[str, torch.Tensor]:
+        """from_hf's inverse: the Hugging Face tensors of the module `name`."""
+        return {f"{name}.weight": self.weight.t(), **({} if self.bias is None else {f"{name}.bias": self.bias})}
+
 
 @dataclass
 class Norm:

@@ -82,7 +82,7 @@ def state_dict(d: DecoderDescription) -> dict[str, torch.Tensor]:
         return t.unflatten(0, (count, hd)).repeat_interleave(heads // count, dim=0)
 
     state = {p + "embed_in.weight": d.embed, p + "final_layer_norm.weight": d.final_norm.weight,
-             p + "final_layer_norm.bias": d.final_norm.bias, "lm_head.weight": d.lm_head.weight.t()}
+             p + "final_layer_norm.bias": d.final_norm.bias, **d.lm_head.to_hf("lm_head")}
     for i, layer in enumerate(d.layers):
         prefix = f"{p}layers.{i}."
         qkv = (layer.q, heads), (layer.k, d.num_kv_heads), (layer.v, d.num_kv_heads)
@@ -96,7 +96,5 @@ def state_dict(d: DecoderDescription) -> dict[str, torch.Tensor]:
             state[prefix + name + ".weight"], state[prefix + name + ".bias"] = norm.weight, norm.bias
         for name, lin in (("attention.dense", layer.o), ("mlp.dense_h_to_4h", layer.up),
                           ("mlp.dense_4h_to_h", layer.down)):
-            state[prefix + name + ".weight"] = lin.weight.t()
-            if lin.bias is not None:
-                state[prefix + name + ".bias"] = lin.bias
+            state.update(lin.to_hf(prefix + name))
     return state

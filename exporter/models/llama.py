@@ -48,7 +48,7 @@ def describe(config, weights: dict[str, torch.Tensor], release=lambda: None) -> 
 def state_dict(d: DecoderDescription) -> dict[str, torch.Tensor]:
     """Hugging Face Llama-family tensors of a description (describe's inverse; nn.Linear stores [out, in])."""
     state = {"model.embed_tokens.weight": d.embed, "model.norm.weight": d.final_norm.weight,
-             "lm_head.weight": d.lm_head.weight.t()}
+             **d.lm_head.to_hf("lm_head")}
     for i, layer in enumerate(d.layers):
         p = f"model.layers.{i}."
         state[p + "input_layernorm.weight"] = layer.input_norm.weight
@@ -56,7 +56,5 @@ def state_dict(d: DecoderDescription) -> dict[str, torch.Tensor]:
         for name, lin in (("self_attn.q_proj", layer.q), ("self_attn.k_proj", layer.k), ("self_attn.v_proj", layer.v),
                           ("self_attn.o_proj", layer.o), ("mlp.gate_proj", layer.gate), ("mlp.up_proj", layer.up),
                           ("mlp.down_proj", layer.down)):
-            state[p + name + ".weight"] = lin.weight.t()
-            if lin.bias is not None:
-                state[p + name + ".bias"] = lin.bias
+            state.update(lin.to_hf(p + name))
     return state
