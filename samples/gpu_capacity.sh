@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
 # On the GPU machine, after .gpu/stage.sh: each strategy's computed max batch in a 16 GiB budget, allocated and
 # measured (a shape, llama-160m by default, at 12 and 4 KV heads, context 2048). Results in $OUT/cap12, $OUT/cap4.
-set -euo pipefail
+source samples/gpu_setup.sh
 shape=${1:-llama-160m}
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 trap 'tail -n 20 /tmp/*.log' ERR
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 for heads in 12 4; do
-  python3 samples/make_random_model.py "$shape" "/tmp/$shape-kv$heads" --kv-heads "$heads" >/dev/null 2>&1
+  random_model "$shape" "$heads"
   python3 -m kvexport bench --model "/tmp/$shape-kv$heads" --share none every:2 --backends ort-static --allocate \
     --batch 1 --context 2048 --steps 4 --warmup 2 --memory-budget-gib 16 --output "/tmp/cap$heads" \
     >"/tmp/cap$heads.log" 2>&1

@@ -2,13 +2,11 @@
 # On the GPU machine, after .gpu/stage.sh: decode at 12 and at 4 KV heads, none and every:2, one shape per call
 # (llama-160m or pythia-160m), then the same 64 x 2048 points with ONNX Runtime's XQA decode kernel off.
 # Results land in $OUT/SHAPE-kv12, $OUT/SHAPE-kv4 and $OUT/SHAPE-kv*-noxqa.
-set -euo pipefail
+source samples/gpu_setup.sh
 shape=${1:-llama-160m}
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 trap 'tail -n 20 /tmp/*.log' ERR
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 for heads in 12 4; do
-  python3 samples/make_random_model.py "$shape" "/tmp/$shape-kv$heads" --kv-heads "$heads" >/dev/null 2>&1
+  random_model "$shape" "$heads"
   python3 -m kvexport bench --model "/tmp/$shape-kv$heads" --share none every:2 --backends ort-static --cuda-graph \
     --batch 1 64 --context 2048 --steps 32 --warmup 8 --output "/tmp/$shape-kv$heads-bench" >"/tmp/$shape-kv$heads.log" 2>&1
   cat "/tmp/$shape-kv$heads-bench/bench.md"

@@ -2,10 +2,8 @@
 # On the GPU machine, after .gpu/stage.sh (onnxruntime-gpu and GenAI in /tmp/site): one `kvexport bench` run per
 # benchmark shape against both peers, then a kernel profile of kvexport's static graph. Results land in $OUT.
 #   bash samples/gpu_peers.sh llama-160m     # or pythia-160m
-set -euo pipefail
+source samples/gpu_setup.sh
 shape=$1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 python3 samples/make_random_model.py "$shape" "/tmp/$shape" >/dev/null 2>&1
 python3 -m kvexport bench --model "/tmp/$shape" --share none every:2 --backends ort-genai hf-compile ort-static \
   --cuda-graph --batch 1 8 32 64 --context 128 2048 --steps 32 --warmup 8 --output "/tmp/bench-$shape" 2>&1 \

@@ -4,9 +4,7 @@
 #   bash samples/gpu_real_sizes.sh export llama-13b
 #   bash samples/gpu_real_sizes.sh prefill             # pythia-1.4b at 16 x 2048: peak device memory and capacity
 # Results are printed and copied to $OUT.
-set -euo pipefail
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+source samples/gpu_setup.sh
 nproc; free -g | head -2; df -h /tmp | tail -1
 case "$1" in
   export)

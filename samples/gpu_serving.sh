@@ -5,9 +5,7 @@
 # with an open-loop load (samples/load_test.py). The server part needs fastapi and uvicorn on that machine, which
 # reaches no registry and gets neither from .gpu/stage.sh: carry their wheels (pip download fastapi uvicorn
 # starlette) and install them with python3 -m pip install --no-index first. Results in $OUT.
-set -euo pipefail
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+source samples/gpu_setup.sh
 python3 samples/make_random_model.py pythia-160m /tmp/p160 >/dev/null
 for s in none every:2; do
   python3 -m kvexport export --model /tmp/p160 --share $s --dtype float16 --static --max-new-tokens 0 \
