@@ -1,7 +1,9 @@
 """`kvexport bench`: decode latency and memory per backend x strategy x batch x context.
 
-Each point fills the cache to `context - steps` tokens, then times decode steps (device events on CUDA, after
-warm-up; median and p90). Decode timing does not depend on cache contents, so large points fill the cache
+Each point fills the cache to `context - steps` tokens, then times a greedy decode loop (after warm-up; median
+and p90 per step): each step's chosen token is fed to the next, on the device where the backend allows it, and on
+CUDA the host does not wait between steps (time_steps; ort-genai's API returns each token to the host, so it is
+timed on the host clock). Decode timing does not depend on cache contents, so large points fill the cache
 with random values instead of running a prefill; prefill is timed where batch x context is small enough to
 run it. The baselines (hf, hf-compile, optimum: baselines.py) build their own cache objects, so they prefill, in
 chunks where one prefill would be too large. The floor of a decode step is (weight bytes + cache bytes read)
@@ -13,6 +15,7 @@ cache read: the floor counts a full cache read whatever the strategy.
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import statistics
 import time
@@ -31,6 +34,7 @@ from .baselines import BASELINES, CompiledStaticDecoder, GenAIDecoder, PointRefu
 from .exported import ExportedModel
 from .generator import make_decoder
 from .kv_cache import TORCH_DTYPES
+from .static_cache import StaticCacheDecoder
 
 PREFILL_TOKEN_LIMIT = 32768  # batch x context above which prefill is not timed (attention scores grow as S^2)
 
@@ -124,8 +128,33 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def time_steps(device: torch.device, count: int, step: Callable[[], None]) -> list[float]:
+    """Milliseconds of each of `count` calls of step(), each of which queues one decode step and feeds the token
+    it chooses to the next (as a generation loop does). On CUDA an event is recorded between consecutive steps and
+    the host waits only after the last, so a step's time runs from its start on the device to the next step's
+    start: the host's own work counts where the device waits for it, not where it overlaps the previous step.
+    On the CPU, the host clock around each call."""
+    if device.type != "cuda":
+        times = []
+        for _ in range(count):
+            started = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - started) * 1e3)
+        return times
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(count + 1)]
+    for event in events[:-1]:
+        event.record()
+        step()
+    events[-1].record()
+    events[-1].synchronize()
+    return [start.elapsed_time(end) for start, end in itertools.pairwise(events)]
+
+
 def time_decoder(decoder, batch: int, context: int, steps: int, warmup: int, device: torch.device,
                  vocab: int) -> tuple[float | None, list[float]]:
+    """Greedy decode steps after a cache of context - steps - warmup tokens; the static decoder runs them as the
+    engine does (decode_rows, the chosen token and the rows' lengths staying on the device), the others through
+    step() with host inputs."""
     rng = torch.Generator(device=device).manual_seed(0)
     clock = Clock(device)
     prefill_ms = None
@@ -136,16 +165,23 @@ def time_decoder(decoder, batch: int, context: int, steps: int, warmup: int, dev
         prefill_cache = decoder.new_cache(batch)
         prefill_ms, _ = clock.time(decoder.forward, ids, mask, positions_from_mask(mask), prefill_cache)
     cache = decoder.random_cache(batch, start, rng)
-    token = np.zeros((batch, 1), dtype=np.int64)
-    times = []
-    for step in range(warmup + steps):
-        length = cache.length + 1
-        mask = np.ones((batch, length), dtype=np.int64)
-        positions = np.full((batch, 1), length - 1, dtype=np.int64)
-        ms, _ = clock.time(decoder.step, token, mask, positions, cache)
-        if step >= warmup:
-            times.append(ms)
-    return prefill_ms, times
+    if isinstance(decoder, StaticCacheDecoder):
+        state = {"token": torch.zeros(batch, dtype=torch.int64, device=device),
+                 "lengths": torch.full((batch,), start, dtype=torch.int32, device=device)}
+
+        def step():
+            logits = decoder.decode_rows(state["token"], state["lengths"])
+            state["token"] = logits[:, -1].argmax(-1)
+            state["lengths"].add_(1)
+    else:
+        state = {"token": np.zeros((batch, 1), dtype=np.int64)}
+
+        def step():
+            length = cache.length + 1
+            logits = decoder.step(state["token"], np.ones((batch, length), dtype=np.int64),
+                                  np.full((batch, 1), length - 1, dtype=np.int64), cache)
+            state["token"] = logits.argmax(-1)[:, None]
+    return prefill_ms, time_steps(device, warmup + steps, step)[warmup:]
 
 
 def baseline_step(model, token: torch.Tensor, mask: torch.Tensor, past):
@@ -160,7 +196,8 @@ def compiled_step(model: CompiledStaticDecoder, token: torch.Tensor, cache, star
 
 def time_baseline(model, batch: int, context: int, steps: int, warmup: int,
                   device: torch.device) -> tuple[float | None, list[float]]:
-    """A manual decode loop over a baseline model and the cache objects it returns (hf-compile: its StaticCache).
+    """A greedy decode loop over a baseline model and the cache objects it returns (hf-compile: its StaticCache),
+    the chosen token staying on the device.
 
     Large points fill the cache in chunks of PREFILL_TOKEN_LIMIT tokens (untimed): one 64 x 2048 prefill makes
     attention tensors of over 2^31 elements, past what ONNX Runtime's CUDA kernels index.
@@ -179,13 +216,16 @@ def time_baseline(model, batch: int, context: int, steps: int, warmup: int,
             end = min(start, begin + chunk)
             step_args = (ids[:, begin:end], past, begin) if compiled else (ids[:, begin:end], masks[0][:, :end], past)
             prefill_ms, (_, past) = clock.time(run_step, model, *step_args)
-        token = torch.zeros((batch, 1), dtype=torch.long, device=device)
-        times = []
-        for step in range(warmup + steps):
-            step_args = (token, past, start + step) if compiled else (token, masks[step + 1], past)
-            ms, (_, past) = clock.time(run_step, model, *step_args)
-            if step >= warmup:
-                times.append(ms)
+        state = {"token": torch.zeros((batch, 1), dtype=torch.long, device=device), "step": 0, "past": past}
+
+        def step():
+            n = state["step"]
+            step_args = (state["token"], state["past"], start + n) if compiled else (
+                state["token"], masks[n + 1], state["past"])
+            output, state["past"] = run_step(model, *step_args)
+            state["token"], state["step"] = output.logits[:, -1:].argmax(-1), n + 1
+
+        times = time_steps(device, warmup + steps, step)[warmup:]
     return (prefill_ms if timed_prefill else None), times
 
 

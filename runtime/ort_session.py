@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import onnxruntime as ort
 
@@ -31,7 +35,7 @@ def check_provider(provider: str) -> None:
                             "torch on a machine with an NVIDIA GPU, or use --provider cpu")
 
 
-def make_session(path, provider: str = "cpu", device_id: int = 0, cuda_graph: bool = False) -> ort.InferenceSession:
+def make_session(path, provider: str = "cpu", device_id: int = 0) -> ort.InferenceSession:
     """An ONNX Runtime session on the CPU or on CUDA. On CUDA it runs on torch's current stream, so that work
     queued by torch (cache writes, sampling) and by ORT is ordered without host synchronisation."""
     check_provider(provider)
@@ -45,19 +49,36 @@ def make_session(path, provider: str = "cpu", device_id: int = 0, cuda_graph: bo
 
     cuda_options = {"device_id": str(device_id),
                     "user_compute_stream": str(torch.cuda.current_stream(device_id).cuda_stream)}
-    if cuda_graph:
-        cuda_options["enable_cuda_graph"] = "1"
-    return ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", cuda_options)])
+    with default_environment(ATTENTION_KERNEL_DEFAULTS):
+        return ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", cuda_options)])
 
 
-def open_graph(model: ExportedModel, name: str, provider: str = "cpu", device_id: int = 0,
-               cuda_graph: bool = False) -> ort.InferenceSession:
+# ONNX Runtime 1.31 runs float16 GroupQueryAttention decode on its XQA kernel unless ORT_ENABLE_XQA=0; on the H100
+# its FlashAttention path is faster at every measured batch and context (docs/results.md), and later ONNX Runtime
+# releases make XQA opt-in for this case. The kernel reads the variable when the session is made.
+ATTENTION_KERNEL_DEFAULTS = {"ORT_ENABLE_XQA": "0"}
+
+
+@contextmanager
+def default_environment(defaults: dict[str, str]) -> Iterator[None]:
+    """Environment variables set to `defaults` where the user has not set them, restored afterwards (so other
+    sessions in the process, such as a baseline's, keep ONNX Runtime's own defaults)."""
+    added = {name: value for name, value in defaults.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            del os.environ[name]
+
+
+def open_graph(model: ExportedModel, name: str, provider: str = "cpu", device_id: int = 0) -> ort.InferenceSession:
     """A session on one of the export's graphs, whose inputs and outputs must be those of the export's strategy
     (a graph copied in from another export is refused before it runs)."""
     check_provider(provider)
     path = model.directory / name
     try:
-        session = make_session(path, provider, device_id, cuda_graph)
+        session = make_session(path, provider, device_id)
     except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own pybind types for an unreadable graph
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ExportDirectoryError(f"ONNX Runtime cannot load {path} ({first[:300]}): 'kvexport verify "

@@ -7,10 +7,19 @@ session (the weights are on the device once) serve both phases of model_static.o
 prompt at a time, left padding dropped, in chunks of at most prefill_chunk tokens, and GroupQueryAttention writes
 their K/V into that row in place without materializing attention scores; only the last position's logits are
 computed. Each decode step runs one token for every row; all its inputs and outputs are bound to fixed addresses,
-so ONNX Runtime can capture the step as a CUDA graph and replay it. Logits stay on the device.
+so the step can be captured as a CUDA graph and replayed. Logits stay on the device.
+
+On CUDA the decoder works on a stream of its own, ordered after the caller's work and before the caller's next
+(stream waits, not host waits), and ONNX Runtime does not synchronise at the end of a run. A step's inputs may be
+device tensors (a token just sampled on the device), so the host can queue step n+1 while the device runs step n.
+With cuda_graph the decoder captures the ONNX Runtime run of each batch size into a torch CUDA graph itself, rather
+than using ONNX Runtime's capture, whose replay waits for the graph to finish.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import onnxruntime as ort
@@ -61,7 +70,9 @@ class StaticCacheDecoder(Decoder):
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
         self.max_length = max_length or model.facts.max_positions
         self.device = torch.device("cuda", device_id) if provider == "cuda" else torch.device("cpu")
-        self.session = open_graph(model, static, provider, device_id, cuda_graph)
+        self.stream = torch.cuda.Stream(self.device) if provider == "cuda" else None
+        with self._on_stream():  # the session is made on the decoder's stream, which it keeps
+            self.session = open_graph(model, static, provider, device_id)
         layout, owners_kv = model.layout, len(model.layout.names())
         self.kv_dtype = TORCH_DTYPES[model.dtype]
         self.storage = torch.zeros((owners_kv, max_batch, layout.num_kv_heads, self.max_length, layout.head_dim),
@@ -73,10 +84,24 @@ class StaticCacheDecoder(Decoder):
         self.total_length = torch.tensor([self.max_length], dtype=torch.int32)
         self.logits = torch.zeros((max_batch, 1, model.facts.vocab_size), dtype=torch.float32, device=self.device)
         self._bindings: dict[int, ort.IOBinding] = {}
-        self._prefill_options = ort.RunOptions()
-        self._prefill_options.add_run_config_entry("gpu_graph_id", "-1")  # prefill shapes vary: never captured
-        self._run_options: dict[int, ort.RunOptions] = {}
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._run_options = ort.RunOptions()
+        if provider == "cuda":  # the caller's stream waits for the decoder's instead (_on_stream)
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self.cuda_graph = cuda_graph
+
+    @contextmanager
+    def _on_stream(self) -> Iterator[None]:
+        """Work queued inside runs on the decoder's stream, after the caller's work queued before (its inputs) and
+        before the caller's work queued after (reading the logits); no host synchronisation."""
+        if self.stream is None:
+            yield
+            return
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            yield
+        caller.wait_stream(self.stream)
 
     def new_cache(self, batch: int) -> StaticKVCache:
         if batch > self.max_batch:
@@ -97,11 +122,25 @@ class StaticCacheDecoder(Decoder):
         if batch not in self._bindings:
             self._bindings[batch] = self._binding(self.input_ids[:batch], self.seqlens[:batch], slice(0, batch),
                                                   self.logits[:batch])
-            options = ort.RunOptions()
-            if self.cuda_graph:  # ORT keeps one captured graph per id: one per batch size (shapes differ)
-                options.add_run_config_entry("gpu_graph_id", str(batch))
-            self._run_options[batch] = options
         return self._bindings[batch]
+
+    def _run_decode(self, batch: int) -> None:
+        """One decode run of rows 0..batch-1 on the decoder's stream: the captured graph of that batch size
+        (captured at its first step, after two plain runs have sized ONNX Runtime's arena and chosen its GEMM
+        algorithms), or a plain run."""
+        binding = self._decode_binding(batch)
+        if not self.cuda_graph:
+            self.session.run_with_iobinding(binding, self._run_options)
+            return
+        if batch not in self._graphs:
+            for _ in range(2):  # each writes this step's K/V at the same slots: the replay below rewrites them
+                self.session.run_with_iobinding(binding, self._run_options)
+            graph = torch.cuda.CUDAGraph()
+            # relaxed: ONNX Runtime may still allocate (from its arena) while capturing; nothing it queues runs yet
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="relaxed"):
+                self.session.run_with_iobinding(binding, self._run_options)
+            self._graphs[batch] = graph
+        self._graphs[batch].replay()
 
     def _binding(self, input_ids: torch.Tensor, seqlens: torch.Tensor, rows: slice,
                  logits: torch.Tensor) -> ort.IOBinding:
@@ -136,22 +175,26 @@ class StaticCacheDecoder(Decoder):
 
     def decode_rows(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """One token for each of rows 0..batch-1, row b holding lengths[b] tokens (compact rows: its position and
-        slot); the logits [batch, 1, vocab], a view valid until the next step."""
+        slot); the logits [batch, 1, vocab], a view valid until the next step. tokens and lengths may be on the
+        host or the device (then nothing waits for the host)."""
         batch = len(tokens)
-        self.input_ids[:batch, 0].copy_(tokens)
-        self.seqlens[:batch].copy_(lengths)
-        self.session.run_with_iobinding(self._decode_binding(batch), self._run_options[batch])
+        with self._on_stream():
+            self.input_ids[:batch, 0].copy_(tokens, non_blocking=True)
+            self.seqlens[:batch].copy_(lengths, non_blocking=True)
+            self._run_decode(batch)
         return self.logits[:batch]
 
     def prefill_row(self, row: int, tokens: torch.Tensor, cached: int = 0) -> torch.Tensor:
         """Append `tokens` to row `row`, which holds `cached` tokens, in chunks; the last token's logits [1, 1,
         vocab] (a view of the decoder's logits buffer, valid until the next step)."""
-        tokens = torch.as_tensor(tokens, dtype=torch.int64).to(self.device)
-        for begin in range(0, len(tokens), self.prefill_chunk):
-            chunk = tokens[begin:begin + self.prefill_chunk].view(1, -1)
-            seqlens = torch.tensor([cached + begin + chunk.shape[1] - 1], dtype=torch.int32, device=self.device)
-            binding = self._binding(chunk, seqlens, slice(row, row + 1), self.logits[row:row + 1])
-            self.session.run_with_iobinding(binding, self._prefill_options)
+        with self._on_stream():
+            tokens = torch.as_tensor(tokens, dtype=torch.int64).to(self.device, non_blocking=True)
+            for begin in range(0, len(tokens), self.prefill_chunk):
+                chunk = tokens[begin:begin + self.prefill_chunk].view(1, -1)
+                seqlens = torch.tensor([cached + begin + chunk.shape[1] - 1], dtype=torch.int32).to(
+                    self.device, non_blocking=True)
+                binding = self._binding(chunk, seqlens, slice(row, row + 1), self.logits[row:row + 1])
+                self.session.run_with_iobinding(binding, self._run_options)
         return self.logits[row:row + 1]
 
     def _prefill(self, input_ids, attention_mask, cache: StaticKVCache) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""Where the host time of one ort-static decode step goes (CUDA graph replay): wall clock per step of the whole
-call, of ONNX Runtime's run alone, of the two input copies alone, and of the run without ONNX Runtime's end-of-run
-synchronisation (then a torch synchronise).
+"""Where the host time of an ort-static decode step goes on CUDA (docs/results.md): wall clock per step, over many
+steps, of the captured graph's replay alone, of a greedy loop that waits for each step's token on the host (as a
+loop that streams tokens one by one without overlap would), and of the same loop with the token fed back on the
+device and the host never waiting (as `kvexport bench` and the engine run it).
 
     python samples/step_overhead.py EXPORT_DIR BATCH CONTEXT
 """
@@ -8,7 +9,6 @@ synchronisation (then a torch synchronise).
 import sys
 import time
 
-import onnxruntime as ort
 import torch
 
 from kvexport.runtime import ExportedModel
@@ -17,13 +17,13 @@ from kvexport.runtime.static_cache import StaticCacheDecoder
 STEPS = 300
 
 
-def per_step_ms(fn) -> float:
+def per_step_ms(step) -> float:
     for _ in range(20):
-        fn()
+        step()
     torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(STEPS):
-        fn()
+        step()
     torch.cuda.synchronize()
     return (time.perf_counter() - started) * 1e3 / STEPS
 
@@ -33,27 +33,49 @@ if __name__ == "__main__":
     decoder = StaticCacheDecoder(ExportedModel.load(directory), "cuda", max_batch=batch, max_length=context,
                                  cuda_graph=True)
     decoder.random_cache(batch, context - 2, torch.Generator("cuda").manual_seed(0))
-    tokens = torch.zeros(batch, dtype=torch.int64)
-    lengths = torch.full((batch,), context - 2, dtype=torch.int32)
-    decoder.decode_rows(tokens, lengths)
-    binding, options = decoder._decode_binding(batch), decoder._run_options[batch]
-    no_sync = ort.RunOptions()
-    no_sync.add_run_config_entry("gpu_graph_id", str(batch))
-    no_sync.add_run_config_entry("disable_synchronize_execution_providers", "1")
+    lengths = torch.full((batch,), context - 2, dtype=torch.int32, device="cuda")
+    token = torch.zeros(batch, dtype=torch.int64, device="cuda")
+    decoder.decode_rows(token, lengths)  # captures the graph of this batch size
 
-    def copies():
-        decoder.input_ids[:batch, 0].copy_(tokens)
-        decoder.seqlens[:batch].copy_(lengths)
+    def replay_only():
+        with decoder._on_stream():
+            decoder._run_decode(batch)
 
-    def unsynced():
-        decoder.session.run_with_iobinding(binding, no_sync)
-        torch.cuda.synchronize()
+    def host_waits():
+        decoder.decode_rows(token.cpu(), lengths).argmax(-1).cpu()
 
-    results = {
-        "decode_rows": per_step_ms(lambda: decoder.decode_rows(tokens, lengths)),
-        "run only": per_step_ms(lambda: decoder.session.run_with_iobinding(binding, options)),
-        "copies only": per_step_ms(copies),
-        "run, no ORT sync, then torch sync": per_step_ms(unsynced),
-    }
+    def device_fed():
+        token.copy_(decoder.decode_rows(token, lengths)[:, -1].argmax(-1))
+
+    def device_fed_same_stream():
+        with torch.cuda.stream(decoder.stream):
+            device_fed()
+
+    def replay_same_stream():
+        with torch.cuda.stream(decoder.stream):
+            decoder._graphs[batch].replay()
+
+    def replay_argmax_same_stream():
+        with torch.cuda.stream(decoder.stream):
+            decoder._graphs[batch].replay()
+            torch.argmax(decoder.logits[:batch, 0], -1, out=decoder.input_ids[:batch, 0])
+            decoder.seqlens[:batch].add_(0)
+
+    greedy = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(greedy, stream=decoder.stream, capture_error_mode="relaxed"):
+        decoder.session.run_with_iobinding(decoder._decode_binding(batch), decoder._run_options)
+        torch.argmax(decoder.logits[:batch, 0], -1, out=decoder.input_ids[:batch, 0])
+
+    def greedy_graph():
+        with torch.cuda.stream(decoder.stream):
+            greedy.replay()
+
+    results = {"graph replay only": per_step_ms(replay_only),
+               "token to the host every step": per_step_ms(host_waits),
+               "token fed back on the device": per_step_ms(device_fed),
+               "fed back, caller on decoder stream": per_step_ms(device_fed_same_stream),
+               "replay, on decoder stream": per_step_ms(replay_same_stream),
+               "replay+argmax+add, decoder stream": per_step_ms(replay_argmax_same_stream),
+               "graph with argmax inside": per_step_ms(greedy_graph)}
     for name, ms in results.items():
         print(f"{directory} batch {batch} context {context}: {name:36s} {ms:.3f} ms/step")
