@@ -5,12 +5,16 @@ any thread (`submit` returns a handle to iterate, with `for` or `async for`, and
 queue. Each scheduler iteration:
   1. admits waiting requests into free slots (the lowest free row first, so the active rows stay a short prefix);
   2. prefills at most `prefill_chunk` prompt tokens, earliest requests first, into their rows (GroupQueryAttention
-     writes them at each row's own slots), so that a long prompt never stalls the requests that are decoding;
-  3. runs one decode step for rows 0..r (r: the highest decoding row), each at its own length: rows that are not
-     decoding write one slot past their valid tokens, which their next prefill chunk overwrites before anything
-     reads it;
-  4. samples each decoding row with its own settings (and seeded generator), streams the token and its text, and
-     frees the row when its request stops (length, stop token, cancel, deadline).
+     writes them at each row's own slots), so that a long prompt never stalls the requests that are decoding; a
+     prompt's first token is chosen on the device, into the row's entry of the next-token buffer;
+  3. queues one decode step for rows 0..r (r: the highest decoding row), each at its own length, fed from the
+     next-token buffer, and the choice of each row's next token (each with its own settings and generator) back
+     into that buffer; rows that are not decoding write one slot past their valid tokens, which their next prefill
+     chunk overwrites before anything reads it;
+  4. while the device runs that step, takes the previous step's tokens to the host, streams them, and frees the
+     rows whose requests stop (length, stop token, cancel, deadline).
+So the host never waits for a step it has just queued: the device runs step n while the host streams step n - 1.
+A row whose request stops at step n - 1 has already been fed to step n, whose token for it is dropped.
 Prefill runs one row at a time, so a greedy response does not depend on what else is in the batch, to the
 export's tolerance. With batching="static" a batch is admitted only into an empty engine and runs until its last
 request ends, as static batching does (for comparison).
@@ -123,12 +127,26 @@ class Slot:
     request: RequestHandle
     prefilled: int = 0  # prompt tokens written into the row so far
     generator: torch.Generator | None = None
-    next_token: int | None = None  # sampled, not yet fed
+    decoding: bool = False  # its first token is chosen: decode steps feed it from the next-token buffer
+    fed: int = 0  # decode steps queued for this row (their tokens are written into the row)
 
     @property
     def length(self) -> int:
-        """Tokens in the row's cache."""
-        return self.prefilled + max(0, len(self.request.tokens) - 1)
+        """Tokens in the row's cache once the steps queued so far have run: the next step's slot and position."""
+        return self.prefilled + self.fed
+
+
+@dataclass
+class Step:
+    """A decode step queued on the device, whose tokens the host has not taken yet."""
+    slots: list[tuple[int, Slot]]  # (row, slot) fed to it
+    tokens: torch.Tensor  # host copy of its chosen tokens (pinned on CUDA), valid once `done` has passed
+    started: float  # host clock when it was queued
+    steady: bool  # queued in an iteration that ran no prefill
+    # CUDA: events recorded before and after it on the device; on the CPU the step ran when queued, in ran_ms
+    begin: torch.cuda.Event | None = None
+    done: torch.cuda.Event | None = None
+    ran_ms: float = 0.0
 
 
 @dataclass
@@ -139,8 +157,11 @@ class EngineStats:
     generated_tokens: int = 0
     prompt_tokens: int = 0
     decode_steps: int = 0
-    graph_seconds: float = 0.0  # the decode steps' graph runs, waited for
-    decode_seconds: float = 0.0  # the decode steps' whole scheduler work: inputs, graph, sampling, streaming
+    # Steady decoding (iterations with no prefill): wall time from one step's queueing to the next's, and the
+    # device's time in those steps (the scheduler's share is what the device does not cover).
+    steady_steps: int = 0
+    steady_wall_seconds: float = 0.0
+    steady_device_seconds: float = 0.0
     loop_seconds: float = 0.0  # wall time of scheduler iterations that did work (prefill included)
     last_step_ms: float = 0.0
 
@@ -157,6 +178,9 @@ class Engine:
         self.decoder.prefill_chunk = prefill_chunk
         self.max_slots, self.max_queue, self.batching = max_slots, max_queue, batching
         self.device = self.decoder.device
+        # Each row's next token, chosen on the device and fed to the next step from there.
+        self._next_tokens = torch.zeros(max_slots, dtype=torch.int64, device=self.device)
+        self._pending: Step | None = None  # the step queued last, whose tokens the host has not taken
         self.stats = EngineStats()
         self._slots: list[Slot | None] = [None] * max_slots
         self._waiting: deque[RequestHandle] = deque()
@@ -218,10 +242,12 @@ class Engine:
             "refused_queue_full": stats.refused_queue_full, "generated_tokens": stats.generated_tokens,
             "prompt_tokens": stats.prompt_tokens, "decode_steps": stats.decode_steps,
             "last_step_ms": stats.last_step_ms,
-            "mean_step_ms": 1e3 * stats.decode_seconds / stats.decode_steps if stats.decode_steps else 0.0,
-            "mean_graph_ms": 1e3 * stats.graph_seconds / stats.decode_steps if stats.decode_steps else 0.0,
-            # the scheduler's share of a decode step: everything but the graph run
-            "scheduler_overhead": 1 - stats.graph_seconds / stats.decode_seconds if stats.decode_seconds else 0.0,
+            "steady_step_ms": 1e3 * stats.steady_wall_seconds / stats.steady_steps if stats.steady_steps else 0.0,
+            "steady_device_step_ms": (1e3 * stats.steady_device_seconds / stats.steady_steps
+                                      if stats.steady_steps else 0.0),
+            # the share of a steady decode step in which the device waits for the scheduler
+            "scheduler_overhead": (max(0.0, 1 - stats.steady_device_seconds / stats.steady_wall_seconds)
+                                   if stats.steady_wall_seconds else 0.0),
             "tokens_per_s": stats.generated_tokens / stats.loop_seconds if stats.loop_seconds else 0.0,
         }
 
@@ -236,9 +262,13 @@ class Engine:
                 self._admit()
             started = time.perf_counter()
             try:
-                self._prefill()
-                self._decode()
+                prefilled = self._prefill()
+                queued = self._queue_step(steady=not prefilled)
+                if self._pending is not None:
+                    self._take(self._pending, queued)
+                self._pending = queued
             except Exception as error:  # noqa: BLE001 - a failed step ends its requests, never the engine thread
+                self._pending = None
                 self._fail_all(error)
             self.stats.loop_seconds += time.perf_counter() - started
 
@@ -256,9 +286,9 @@ class Engine:
                 generator = None if handle.config.greedy else handle.config.generator(self.device)
                 self._slots[row] = Slot(handle, generator=generator)
 
-    def _prefill(self) -> None:
+    def _prefill(self) -> bool:
         """Up to prefill_chunk prompt tokens, earliest-admitted prompts first, in chunks; a prompt's first token is
-        sampled as soon as it is all in its row."""
+        chosen as soon as it is all in its row. Whether any prompt token ran."""
         budget = self.decoder.prefill_chunk
         pending = sorted((s.request.id, row) for row, s in enumerate(self._slots)
                          if s and s.prefilled < len(s.request.prompt_ids))
@@ -273,43 +303,64 @@ class Engine:
             budget -= len(chunk)
             if slot.prefilled == len(prompt):
                 self.stats.prompt_tokens += len(prompt)
-                token = int(choose_tokens(logits[:, -1], slot.request.config, slot.generator)[0])
-                self._accept(row, slot, token)
+                self._next_tokens[row] = choose_tokens(logits[:, -1], slot.request.config, slot.generator)[0]
+                slot.decoding = True
+                self._accept(row, slot, int(self._next_tokens[row]))
+        return budget < self.decoder.prefill_chunk
 
-    def _decode(self) -> None:
-        decoding = [row for row, s in enumerate(self._slots)
-                    if s and s.next_token is not None and not self._stopped(row, s)]
+    def _queue_step(self, steady: bool) -> Step | None:
+        """Queue one decode step for the rows that go on decoding, and the choice of their next tokens, without
+        waiting for it. A row is fed only while the tokens already queued leave it short of its limits."""
+        decoding = [row for row, s in enumerate(self._slots) if s and s.decoding and not self._stopped(row, s)
+                    and 1 + s.fed < s.request.config.max_new_tokens and s.length + 1 < self.decoder.max_length]
         if not decoding:
-            return
-        started = time.perf_counter()
+            return None
         rows = self._slots[:max(decoding) + 1]
-        # A row that is not decoding writes one slot past its tokens, which its next prefill chunk rewrites.
-        tokens = torch.tensor([(s.next_token or 0) if s else 0 for s in rows], dtype=torch.int64)
         lengths = torch.tensor([s.length if s else 0 for s in rows], dtype=torch.int32)
-        graph_started = time.perf_counter()
-        logits = self.decoder.decode_rows(tokens.to(self.device), lengths.to(self.device))[:, -1]
-        if logits.is_cuda:
-            torch.cuda.synchronize(logits.device)
-        self.stats.graph_seconds += time.perf_counter() - graph_started
-        chosen = self._sample(logits, decoding)
-        for row, token in zip(decoding, chosen):
-            self._accept(row, self._slots[row], token)
+        started = time.perf_counter()
+        begin = torch.cuda.Event(enable_timing=True) if self.device.type == "cuda" else None
+        if begin is not None:
+            begin.record()
+        logits = self.decoder.decode_rows(self._next_tokens[:len(rows)], lengths)[:, -1]
+        self._choose(logits, decoding)
+        tokens = self._next_tokens[:len(rows)].to("cpu", non_blocking=True, copy=True)
+        step = Step([(row, self._slots[row]) for row in decoding], tokens, started, steady, begin)
+        if begin is not None:
+            step.done = torch.cuda.Event(enable_timing=True)
+            step.done.record()
+        else:
+            step.ran_ms = 1e3 * (time.perf_counter() - started)
+        for row in decoding:
+            self._slots[row].fed += 1
         self.stats.decode_steps += 1
-        self.stats.decode_seconds += time.perf_counter() - started
-        self.stats.last_step_ms = 1e3 * (time.perf_counter() - started)
+        return step
 
-    def _sample(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
-        """Greedy rows from one argmax (one transfer to the host); each sampling row with its own settings and
-        generator."""
-        greedy = logits.argmax(-1).tolist()
-        chosen = []
+    def _choose(self, logits: torch.Tensor, rows: list[int]) -> None:
+        """Each decoding row's next token into the next-token buffer, on the device: greedy rows from one argmax,
+        each sampling row with its own settings and generator."""
+        chosen = logits.argmax(-1)
         for row in rows:
             slot = self._slots[row]
-            if slot.request.config.greedy:
-                chosen.append(greedy[row])
-            else:
-                chosen.append(int(choose_tokens(logits[row:row + 1], slot.request.config, slot.generator)[0]))
-        return chosen
+            if not slot.request.config.greedy:
+                chosen[row] = choose_tokens(logits[row:row + 1], slot.request.config, slot.generator)[0]
+        self._next_tokens[:len(chosen)].copy_(chosen)
+
+    def _take(self, step: Step, queued: Step | None) -> None:
+        """Stream a queued step's tokens once they reach the host (the step queued after it keeps the device busy
+        meanwhile); rows freed since it was queued drop theirs."""
+        device_ms = step.ran_ms
+        if step.done is not None:
+            step.done.synchronize()
+            device_ms = step.begin.elapsed_time(step.done)
+        tokens = step.tokens.tolist()
+        for row, slot in step.slots:
+            if self._slots[row] is slot:
+                self._accept(row, slot, tokens[row])
+        self.stats.last_step_ms = device_ms
+        if step.steady and queued is not None and queued.steady:
+            self.stats.steady_steps += 1
+            self.stats.steady_wall_seconds += queued.started - step.started
+            self.stats.steady_device_seconds += device_ms / 1e3
 
     def _accept(self, row: int, slot: Slot, token: int) -> None:
         """Record and stream a new token; it is the request's last if the request should stop."""
@@ -322,8 +373,6 @@ class Engine:
             self._release(row, "length", token)
         else:
             request._emit(Event(token, ""))
-            if not self._stopped(row, slot):
-                slot.next_token = token
 
     def _stopped(self, row: int, slot: Slot) -> bool:
         reason = "cancelled" if slot.request.cancelled else (

@@ -3,9 +3,12 @@
 # `none` with 32 slots and `every:2` with 64 slots of 1024 tokens (the same KV bytes: 2.25 GiB), continuous and
 # static batching; first the engine alone (samples/engine_bench.py), then through `kvexport serve` over loopback
 # with an open-loop load (samples/load_test.py). The server part needs fastapi and uvicorn on that machine, which
-# reaches no registry and gets neither from .gpu/stage.sh: carry their wheels (pip download fastapi uvicorn
-# starlette) and install them with python3 -m pip install --no-index first. Results in $OUT.
+# reaches no registry and gets neither from .gpu/stage.sh: carry their wheels in .whl (pip download fastapi uvicorn
+# and their dependencies; see the device tool's README); without them it is skipped. Results in $OUT.
 source samples/gpu_setup.sh
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
 python3 samples/make_random_model.py pythia-160m /tmp/p160 >/dev/null
 for s in none every:2; do
   python3 -m kvexport export --model /tmp/p160 --share $s --dtype float16 --static --max-new-tokens 0 \
@@ -14,11 +17,12 @@ done
 run_engine() {  # name export slots batching
   python3 samples/engine_bench.py "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 \
     --requests 1024 --batching "$4" --output "/tmp/engine-$1.json" 2>&1 | grep -v Memcpy \
-    | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); e=r['engine']; print('$1', round(r['tokens_per_s']), 'tok/s, tpot p50/p99', round(r['tpot_p50_ms'],2), round(r['tpot_p99_ms'],2), 'ms, step', round(e['mean_step_ms'],2), 'graph', round(e['mean_graph_ms'],2), 'overhead', round(e['scheduler_overhead'],3))"
+    | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); e=r['engine']; print('$1', round(r['tokens_per_s']), 'tok/s, tpot p50/p99', round(r['tpot_p50_ms'],2), round(r['tpot_p99_ms'],2), 'ms, steady step', round(e['steady_step_ms'],3), 'device', round(e['steady_device_step_ms'],3), 'overhead', round(e['scheduler_overhead'],3), 'steps', e['decode_steps'])"
 }
 run_engine none-continuous /tmp/p160-none 32 continuous
 run_engine every2-continuous /tmp/p160-every2 64 continuous
 run_engine every2-static /tmp/p160-every2 64 static
+python3 -c "import fastapi, uvicorn" 2>/dev/null || { echo "server part skipped: no fastapi/uvicorn (carry .whl)"; cp /tmp/engine-*.json "$OUT/"; exit 0; }
 run_server() {  # name export slots batching rate
   python3 -m kvexport serve "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 --batching "$4" \
     --max-queue 4096 --model-name m --port 8000 >/tmp/serve-$1.log 2>&1 &
