@@ -87,7 +87,7 @@ def write_random_checkpoint(model_class, config, directory: Path, seed: int = 0)
     """
     with torch.device("meta"):  # names and shapes only
         shapes = {name: tuple(t.shape) for name, t in model_class(config).state_dict().items()}
-    header, offset = {}, 0
+    header, offset = {"__metadata__": {"format": "pt"}}, 0  # as transformers writes it
     for name, shape in shapes.items():
         size = 2 * math.prod(shape)
         header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + size]}
@@ -96,6 +96,8 @@ def write_random_checkpoint(model_class, config, directory: Path, seed: int = 0)
     encoded += b" " * (-len(encoded) % 8)
     generator = torch.Generator().manual_seed(seed)
     directory.mkdir(parents=True, exist_ok=True)
+    # What save_pretrained would record, and tools that read config.json (GenAI's model builder) rely on.
+    config.architectures, config.dtype = [model_class.__name__], torch.float16
     config.save_pretrained(directory)
     with (directory / "model.safetensors").open("wb") as file:
         file.write(struct.pack("<Q", len(encoded)) + encoded)
