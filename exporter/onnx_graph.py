@@ -76,6 +76,7 @@ class DecoderGraph:
         self.d, self.strategy, self.dtype, self.static = description, strategy, dtype, static
         self.g = GraphBuilder(dtype, weights)
         self.positions: str | None = None  # static graph: [batch, seq] int64 from seqlens_k, made when first used
+        self._seqlens: str | None = None  # static graph: seqlens_k as int64, made when first used
 
     # -- building blocks ---------------------------------------------------------------------------
     def linear(self, x: str, lin: Linear, name: str, bias: bool = True) -> str:
@@ -143,11 +144,14 @@ class DecoderGraph:
         in the static graph [batch, 1, heads * head_dim]."""
         g, rot, head_dim = self.g, self.d.rotary_dim, self.d.head_dim
         if self.static:  # ONNX Runtime's fused kernel (ORT-only graph), at each row's own position
-            if self.positions is None:  # compact rows: the new tokens sit at seqlens_k + 1 - seq .. seqlens_k
+            if self.positions is None:
+                # Compact rows: the new tokens sit at seqlens_k + 1 - seq .. seqlens_k; a right-padded first prompt
+                # (seqlens_k + 1 < seq) at 0 .., as GroupQueryAttention places them.
                 seq = g.op("Gather", g.op("Shape", c.INPUT_IDS), g.const([1]), axis=0)
-                last = g.op("Unsqueeze", g.op("Cast", c.SEQLENS_K, to=TensorProto.INT64), g.const([1]))
-                offsets = g.op("Range", g.const(1), g.op("Add", g.op("Squeeze", seq), g.const(1)), g.const(1))
-                self.positions = g.op("Add", g.op("Sub", last, seq), offsets)
+                last = g.op("Unsqueeze", self.seqlens(), g.const([1]))
+                first = g.op("Max", g.op("Sub", g.op("Add", last, g.const([1])), seq), g.const([0]))
+                offsets = g.op("Range", g.const(0), g.op("Squeeze", seq), g.const(1))
+                self.positions = g.op("Add", first, offsets)
             return g.op("RotaryEmbedding", x, self.positions, cos, sin, domain="com.microsoft", interleaved=0,
                         num_heads=heads, rotary_embedding_dim=rot if rot < head_dim else 0)
         if rot < head_dim:
@@ -318,13 +322,25 @@ class DecoderGraph:
         d.release()
         return self._model()
 
+    def seqlens(self) -> str:
+        """seqlens_k as int64 [batch] (static graph)."""
+        if self._seqlens is None:
+            self._seqlens = self.g.op("Cast", c.SEQLENS_K, to=TensorProto.INT64)
+        return self._seqlens
+
     def kept_positions(self, h: str) -> str:
-        """The positions whose logits are computed: the last one in the static graph (it generates), the last
-        logits_to_keep ones in the dynamic graph (0: all, for evaluation). The full-vocabulary logits of every
-        prompt position would otherwise be the largest tensor of a prefill."""
+        """The positions whose logits are computed: the last logits_to_keep ones in the dynamic graph (0: all, for
+        evaluation); one per row in the static graph (it generates), at min(seqlens_k, seq - 1): the last token of
+        a decode step or of a prompt chunk appended to a row, and the last real token of a right-padded first
+        prompt (there seqlens_k is the row's length - 1). The full-vocabulary logits of every prompt position
+        would otherwise be the largest tensor of a prefill."""
         g = self.g
-        start = g.const([-1]) if self.static else g.op("Neg", c.LOGITS_TO_KEEP)
-        return g.op("Slice", h, start, g.const([np.iinfo(np.int64).max]), g.const([1]))
+        if not self.static:
+            return g.op("Slice", h, g.op("Neg", c.LOGITS_TO_KEEP), g.const([np.iinfo(np.int64).max]), g.const([1]))
+        last = g.op("Sub", g.op("Gather", g.op("Shape", c.INPUT_IDS), g.const([1]), axis=0), g.const([1]))
+        index = g.op("Min", self.seqlens(), last)
+        kept = g.op("GatherND", h, g.op("Unsqueeze", index, g.const([1])), batch_dims=1)  # [batch, hidden]
+        return g.op("Unsqueeze", kept, g.const([1]))
 
     def _model(self) -> onnx.ModelProto:
         d, kv_type, static = self.d, ONNX_TYPES[self.dtype], self.static

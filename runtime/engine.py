@@ -4,18 +4,19 @@ The engine owns a StaticCacheDecoder with `max_slots` rows and one scheduler thr
 any thread (`submit` returns a handle to iterate, with `for` or `async for`, and to cancel) and wait in a bounded
 queue. Each scheduler iteration:
   1. admits waiting requests into free slots (the lowest free row first, so the active rows stay a short prefix);
-  2. prefills at most `prefill_chunk` prompt tokens, earliest requests first, into their rows (GroupQueryAttention
-     writes them at each row's own slots), so that a long prompt never stalls the requests that are decoding; a
-     prompt's first token is chosen on the device, into the row's entry of the next-token buffer;
-  3. queues one decode step for rows 0..r (r: the highest decoding row), each at its own length, fed from the
-     next-token buffer, and the choice of each row's next token (each with its own settings and generator) back
-     into that buffer; rows that are not decoding write one slot past their valid tokens, which their next prefill
-     chunk overwrites before anything reads it;
+  2. prefills at most `prefill_chunk` prompt tokens, earliest requests first: the first chunks of up to
+     `prefill_batch` new prompts in one run (StaticCacheDecoder.prefill_first), further chunks of long prompts
+     row by row, so that a long prompt never stalls the requests that are decoding; a prompt's first token is
+     chosen on the device, into the row's entry of the next-token buffer;
+  3. queues one decode step for rows 0..n-1 (n: the highest decoding row + 1, bucketed on CUDA), each at its own
+     length, fed from the next-token buffer, and the choice of each row's next token (each with its own settings
+     and generator) back into that buffer; rows that are not decoding write one slot past their valid tokens,
+     which their next prefill chunk overwrites before anything reads it;
   4. while the device runs that step, takes the previous step's tokens to the host, streams them, and frees the
      rows whose requests stop (length, stop token, cancel, deadline).
 So the host never waits for a step it has just queued: the device runs step n while the host streams step n - 1.
 A row whose request stops at step n - 1 has already been fed to step n, whose token for it is dropped.
-Prefill runs one row at a time, so a greedy response does not depend on what else is in the batch, to the
+Rows never see each other's tokens, so a greedy response does not depend on what else is in the batch, to the
 export's tolerance. With batching="static" a batch is admitted only into an empty engine and runs until its last
 request ends, as static batching does (for comparison).
 """
@@ -173,9 +174,9 @@ class Engine:
         if batching not in ("continuous", "static"):
             raise KvexportError("batching must be continuous or static")
         self.generator = Generator(model, provider=provider, device_id=device_id, backend="ort-static",
-                                   max_batch=max_slots, cuda_graph=cuda_graph, max_length=max_length)
+                                   max_batch=max_slots, cuda_graph=cuda_graph, max_length=max_length,
+                                   prefill_chunk=prefill_chunk)
         self.model, self.decoder = self.generator.model, self.generator.decoder
-        self.decoder.prefill_chunk = prefill_chunk
         self.max_slots, self.max_queue, self.batching = max_slots, max_queue, batching
         self.device = self.decoder.device
         # Each row's next token, chosen on the device and fed to the next step from there.
@@ -287,26 +288,42 @@ class Engine:
                 self._slots[row] = Slot(handle, generator=generator)
 
     def _prefill(self) -> bool:
-        """Up to prefill_chunk prompt tokens, earliest-admitted prompts first, in chunks; a prompt's first token is
-        chosen as soon as it is all in its row. Whether any prompt token ran."""
-        budget = self.decoder.prefill_chunk
-        pending = sorted((s.request.id, row) for row, s in enumerate(self._slots)
-                         if s and s.prefilled < len(s.request.prompt_ids))
-        for _, row in pending:
+        """Up to prefill_chunk prompt tokens per iteration, earliest-admitted prompts first: the first chunks of new
+        prompts in one batched run, then further chunks of long prompts row by row. A prompt's first token is
+        chosen as soon as the prompt is all in its row. Whether any prompt token ran."""
+        decoder, budget = self.decoder, self.decoder.prefill_chunk
+        pending = [row for _, row in sorted((s.request.id, row) for row, s in enumerate(self._slots)
+                                            if s and s.prefilled < len(s.request.prompt_ids))]
+        pending = [row for row in pending if not self._stopped(row, self._slots[row])]
+        fresh = []
+        for row in (row for row in pending if self._slots[row].prefilled == 0):
+            size = min(len(self._slots[row].request.prompt_ids), decoder.prefill_chunk)
+            if len(fresh) == decoder.prefill_batch or (fresh and size > budget):
+                break
+            fresh.append(row)
+            budget -= size
+        if fresh:
+            prompts = [torch.tensor(self._slots[row].request.prompt_ids[:decoder.prefill_chunk]) for row in fresh]
+            decoder.prefill_first(fresh, prompts)
+            for row, prompt in zip(fresh, prompts):
+                self._slots[row].prefilled = len(prompt)
+        for row in pending:
             slot = self._slots[row]
-            if budget <= 0 or self._stopped(row, slot):
+            if budget <= 0 or row in fresh or slot.prefilled == 0:
                 continue
-            prompt = slot.request.prompt_ids
-            chunk = prompt[slot.prefilled:slot.prefilled + budget]
-            logits = self.decoder.prefill_row(row, torch.tensor(chunk), cached=slot.prefilled)
+            chunk = slot.request.prompt_ids[slot.prefilled:slot.prefilled + budget]
+            decoder.prefill_row(row, torch.tensor(chunk), cached=slot.prefilled)
             slot.prefilled += len(chunk)
             budget -= len(chunk)
-            if slot.prefilled == len(prompt):
-                self.stats.prompt_tokens += len(prompt)
-                self._next_tokens[row] = choose_tokens(logits[:, -1], slot.request.config, slot.generator)[0]
+        complete = [row for row in pending if self._slots[row].prefilled == len(self._slots[row].request.prompt_ids)]
+        if complete:
+            chosen = self._choose(decoder.logits[:, -1], complete).tolist()
+            for row in complete:
+                slot = self._slots[row]
+                self.stats.prompt_tokens += len(slot.request.prompt_ids)
                 slot.decoding = True
-                self._accept(row, slot, int(self._next_tokens[row]))
-        return budget < self.decoder.prefill_chunk
+                self._accept(row, slot, chosen[row])
+        return budget < decoder.prefill_chunk
 
     def _queue_step(self, steady: bool) -> Step | None:
         """Queue one decode step for the rows that go on decoding, and the choice of their next tokens, without
@@ -315,7 +332,7 @@ class Engine:
                     and 1 + s.fed < s.request.config.max_new_tokens and s.length + 1 < self.decoder.max_length]
         if not decoding:
             return None
-        rows = self._slots[:max(decoding) + 1]
+        rows = self._slots[:min(self.max_slots, self.decoder.bucket(max(decoding) + 1))]
         lengths = torch.tensor([s.length if s else 0 for s in rows], dtype=torch.int32)
         started = time.perf_counter()
         begin = torch.cuda.Event(enable_timing=True) if self.device.type == "cuda" else None
@@ -335,15 +352,18 @@ class Engine:
         self.stats.decode_steps += 1
         return step
 
-    def _choose(self, logits: torch.Tensor, rows: list[int]) -> None:
-        """Each decoding row's next token into the next-token buffer, on the device: greedy rows from one argmax,
-        each sampling row with its own settings and generator."""
+    def _choose(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """The next token of each of `rows` (logits [n, vocab], indexed by row), on the device, into the next-token
+        buffer: greedy rows from one argmax, each sampling row with its own settings and generator. Returns the
+        choice for every one of the n rows (only `rows`' are meant)."""
         chosen = logits.argmax(-1)
         for row in rows:
             slot = self._slots[row]
             if not slot.request.config.greedy:
                 chosen[row] = choose_tokens(logits[row:row + 1], slot.request.config, slot.generator)[0]
-        self._next_tokens[:len(chosen)].copy_(chosen)
+        index = torch.tensor(rows).to(self.device, non_blocking=True)
+        self._next_tokens.index_copy_(0, index, chosen.index_select(0, index))
+        return chosen
 
     def _take(self, step: Step, queued: Step | None) -> None:
         """Stream a queued step's tokens once they reach the host (the step queued after it keeps the device busy

@@ -3,10 +3,12 @@
 All owners' K and V live in one tensor [2 * owners, max_batch, kv_heads, max_length, head_dim], allocated once.
 Rows are compact: row b's tokens fill slots 0..n_b - 1, so a row's length is its next token's slot and position,
 and rows of different lengths (or requests that joined at different times) share the buffers. One graph and one
-session (the weights are on the device once) serve both phases of model_static.onnx: prefill feeds one row's
-prompt at a time, left padding dropped, in chunks of at most prefill_chunk tokens, and GroupQueryAttention writes
-their K/V into that row in place without materializing attention scores; only the last position's logits are
-computed. Each decode step runs one token for every row; all its inputs and outputs are bound to fixed addresses,
+session (the weights are on the device once) serve both phases of model_static.onnx. Prefill: the first chunk
+(at most prefill_chunk tokens) of up to prefill_batch new prompts runs as one batch, right-padded to a bucketed
+length (so ONNX Runtime meets few shapes, each of which costs it a kernel plan), into staging rows, whose K/V are
+then copied into the prompts' own rows; a prompt's further chunks are appended to its row one row at a time.
+GroupQueryAttention writes the K/V in place without materializing attention scores, and only each row's last
+token's logits are computed. Each decode step runs one token for every row; all its inputs and outputs are bound to fixed addresses,
 so the step can be captured as a CUDA graph and replayed. Logits stay on the device.
 
 On CUDA the decoder works on a stream of its own, ordered after the caller's work and before the caller's next
@@ -58,7 +60,8 @@ class StaticKVCache(KVCache):
 
 class StaticCacheDecoder(Decoder):
     def __init__(self, model: ExportedModel, provider: str = "cpu", device_id: int = 0, max_batch: int = 8,
-                 cuda_graph: bool = False, max_length: int | None = None, prefill_chunk: int = 512):
+                 cuda_graph: bool = False, max_length: int | None = None, prefill_chunk: int = 512,
+                 prefill_batch: int = 8):
         static = model.manifest["files"].get("static_decode")
         if not static:
             raise KvexportError(f"{model.directory} has no static decode graph: export with --static")
@@ -67,8 +70,9 @@ class StaticCacheDecoder(Decoder):
         if provider == "cuda" and model.dtype != "float16":
             raise KvexportError(f"the static decode graph runs on CUDA in float16 only (ONNX Runtime's "
                                 f"GroupQueryAttention has no {model.dtype} CUDA kernel): export with --dtype float16")
-        self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
+        self.model, self.max_batch = model, max_batch
         self.max_length = max_length or model.facts.max_positions
+        self.prefill_chunk, self.prefill_batch = min(prefill_chunk, self.max_length), prefill_batch
         self.device = torch.device("cuda", device_id) if provider == "cuda" else torch.device("cpu")
         self.stream = torch.cuda.Stream(self.device) if provider == "cuda" else None
         with self._on_stream():  # the session is made on the decoder's stream, which it keeps
@@ -77,12 +81,17 @@ class StaticCacheDecoder(Decoder):
         self.kv_dtype = TORCH_DTYPES[model.dtype]
         self.storage = torch.zeros((owners_kv, max_batch, layout.num_kv_heads, self.max_length, layout.head_dim),
                                    dtype=self.kv_dtype, device=self.device)
+        # First prompts are prefilled here, prefill_batch at a time, then copied into their rows.
+        self.staging = torch.zeros((owners_kv, prefill_batch, layout.num_kv_heads, self.prefill_chunk,
+                                    layout.head_dim), dtype=self.kv_dtype, device=self.device)
         # Decode inputs and outputs at fixed addresses. total_sequence_length is read on the host when a step is
         # captured, so it is the constant buffer length; the rows' lengths come from seqlens_k.
         self.input_ids = torch.zeros((max_batch, 1), dtype=torch.int64, device=self.device)
         self.seqlens = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
         self.total_length = torch.tensor([self.max_length], dtype=torch.int32)
         self.logits = torch.zeros((max_batch, 1, model.facts.vocab_size), dtype=torch.float32, device=self.device)
+        self.staging_logits = torch.zeros((prefill_batch, 1, model.facts.vocab_size), dtype=torch.float32,
+                                          device=self.device)
         self._bindings: dict[int, ort.IOBinding] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._run_options = ort.RunOptions()
@@ -102,6 +111,12 @@ class StaticCacheDecoder(Decoder):
         with torch.cuda.stream(self.stream):
             yield
         caller.wait_stream(self.stream)
+
+    def bucket(self, size: int, minimum: int = 1) -> int:
+        """The run size for `size` rows or tokens: on CUDA the power of two at or above it (at least `minimum`), so
+        that ONNX Runtime, which plans attention kernels per shape (80 ms each for cuDNN's on the H100), and the
+        captured graphs meet few shapes; on the CPU `size` itself (padding would cost compute there)."""
+        return max(minimum, 1 << (size - 1).bit_length()) if self.device.type == "cuda" else size
 
     def new_cache(self, batch: int) -> StaticKVCache:
         if batch > self.max_batch:
@@ -142,13 +157,16 @@ class StaticCacheDecoder(Decoder):
             self._graphs[batch] = graph
         self._graphs[batch].replay()
 
-    def _binding(self, input_ids: torch.Tensor, seqlens: torch.Tensor, rows: slice,
-                 logits: torch.Tensor) -> ort.IOBinding:
+    def _binding(self, input_ids: torch.Tensor, seqlens: torch.Tensor, rows: slice, logits: torch.Tensor,
+                 storage: torch.Tensor | None = None, total_length: torch.Tensor | None = None) -> ort.IOBinding:
+        """rows of `storage` (the decoder's buffers unless given); total_sequence_length is the buffers' length,
+        or for a batch of first prompts their padded length (GroupQueryAttention then writes slots 0..)."""
         binding = self.session.io_binding()
         bind(binding, c.INPUT_IDS, input_ids)
         bind(binding, c.SEQLENS_K, seqlens)
-        bind(binding, c.TOTAL_SEQUENCE_LENGTH, self.total_length)
-        buffer = {past: self.storage[j, rows] for j, (past, _) in enumerate(self.model.layout.names())}
+        bind(binding, c.TOTAL_SEQUENCE_LENGTH, self.total_length if total_length is None else total_length)
+        storage = self.storage if storage is None else storage
+        buffer = {past: storage[j, rows] for j, (past, _) in enumerate(self.model.layout.names())}
         for past, tensor in buffer.items():
             bind(binding, past, tensor)
         # Every layer's present is its owner's buffer: the attention op writes the new K/V there in place.
@@ -184,6 +202,43 @@ class StaticCacheDecoder(Decoder):
             self._run_decode(batch)
         return self.logits[:batch]
 
+    def prefill_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
+        """Prefill empty rows with their prompts: each prompt's first chunk batched with others' (prefill_first),
+        the rest appended per row. The logits buffer [max_batch, 1, vocab] (each row's last prompt token's)."""
+        chunk = self.prefill_chunk
+        for begin in range(0, len(rows), self.prefill_batch):
+            self.prefill_first(rows[begin:begin + self.prefill_batch],
+                               [prompt[:chunk] for prompt in prompts[begin:begin + self.prefill_batch]])
+        for row, prompt in zip(rows, prompts):
+            if len(prompt) > chunk:
+                self.prefill_row(row, prompt[chunk:], cached=chunk)
+        return self.logits
+
+    def prefill_first(self, rows: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
+        """The whole prompts (each at most prefill_chunk tokens, at most prefill_batch of them) of empty rows, in
+        one run: right-padded (to a bucketed length on CUDA) in the staging rows, whose K/V are then copied into
+        the rows; a row's slots past its prompt are never read before its own steps write them. The logits
+        buffer, rows' entries set."""
+        lengths = [len(prompt) for prompt in prompts]
+        if not 0 < len(rows) <= self.prefill_batch or not 0 < min(lengths) <= max(lengths) <= self.prefill_chunk:
+            raise KvexportError(f"prefill_first takes 1..{self.prefill_batch} prompts of 1..{self.prefill_chunk} "
+                                f"tokens, got {len(rows)} of {lengths} tokens")
+        width = min(self.prefill_chunk, self.bucket(max(lengths), 16))
+        batch = self.bucket(len(rows))  # unused staging rows run padding
+        ids = torch.zeros((batch, width), dtype=torch.int64)
+        for index, prompt in enumerate(prompts):
+            ids[index, :lengths[index]] = torch.as_tensor(prompt, dtype=torch.int64)
+        seqlens = torch.tensor(lengths + [1] * (batch - len(rows)), dtype=torch.int32) - 1
+        total = torch.tensor([width], dtype=torch.int32)  # read on the host during the run
+        with self._on_stream():
+            ids, seqlens = ids.to(self.device, non_blocking=True), seqlens.to(self.device, non_blocking=True)
+            binding = self._binding(ids, seqlens, slice(0, batch), self.staging_logits[:batch], self.staging, total)
+            self.session.run_with_iobinding(binding, self._run_options)
+            for index, (row, length) in enumerate(zip(rows, lengths)):
+                self.storage[:, row, :, :length].copy_(self.staging[:, index, :, :length])
+                self.logits[row].copy_(self.staging_logits[index])
+        return self.logits
+
     def prefill_row(self, row: int, tokens: torch.Tensor, cached: int = 0) -> torch.Tensor:
         """Append `tokens` to row `row`, which holds `cached` tokens, in chunks; the last token's logits [1, 1,
         vocab] (a view of the decoder's logits buffer, valid until the next step)."""
@@ -199,7 +254,7 @@ class StaticCacheDecoder(Decoder):
 
     def _prefill(self, input_ids, attention_mask, cache: StaticKVCache) -> torch.Tensor:
         ids, mask = torch.as_tensor(input_ids), torch.as_tensor(attention_mask)
-        for row in range(ids.shape[0]):  # compact rows: the left padding is not fed
-            self.prefill_row(row, ids[row][mask[row] == 1])
+        rows = list(range(ids.shape[0]))  # compact rows: the left padding is not fed
+        self.prefill_rows(rows, [ids[row][mask[row] == 1] for row in rows])
         cache.length = ids.shape[1]
         return self.logits[:ids.shape[0]]

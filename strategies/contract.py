@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 FORMAT_NAME = "kvexport"
-FORMAT_VERSION = 3  # 2: GroupQueryAttention static graph, integrity; 3: one weights file, prefill in the static graph
+FORMAT_VERSION = 4  # 2: GroupQueryAttention static graph, integrity; 3: one weights file, prefill in the static graph;
+# 4: the static graph's logits at min(seqlens_k, seq - 1), so first prompts can be batched right-padded
 
 MODEL_FILE = "model.onnx"
 STATIC_MODEL_FILE = "model_static.onnx"  # optional decode-only graph over fixed-size cache buffers

@@ -56,6 +56,27 @@ def test_chunked_prefill_of_one_row_leaves_the_other_rows_alone(static_export):
     np.testing.assert_allclose(chunked.storage[:, 1, :, :length], whole.storage[:, 1, :, :length], atol=1e-5)
 
 
+def test_batched_first_prompts_equal_prompts_prefilled_one_by_one(static_export):
+    """First prompts of different lengths run as one right-padded batch in the staging rows and are copied into
+    their rows (here not adjacent): the same logits and K/V as each prompt prefilled alone, other rows untouched,
+    and decoding goes on from them alike."""
+    model = ExportedModel.load(static_export)
+    batched, alone = (StaticCacheDecoder(model, max_batch=4, max_length=32) for _ in range(2))
+    batched.storage.normal_()
+    untouched = batched.storage[:, [0, 2]].clone()
+    rows, prompts = [3, 1], [torch.tensor(PROMPTS[0]), torch.tensor(PROMPTS[1])]
+    logits = batched.prefill_rows(rows, prompts)[rows].clone()
+    expected = torch.cat([alone.prefill_row(row, prompt).clone() for row, prompt in zip(rows, prompts)])
+    np.testing.assert_allclose(logits, expected, atol=2e-5, rtol=1e-4)
+    assert torch.equal(batched.storage[:, [0, 2]], untouched)
+    for row, prompt in zip(rows, prompts):
+        np.testing.assert_allclose(batched.storage[:, row, :, :len(prompt)], alone.storage[:, row, :, :len(prompt)],
+                                   atol=1e-5)
+    tokens, lengths = torch.tensor([5, 6, 7, 8]), torch.tensor([0, len(PROMPTS[1]), 0, len(PROMPTS[0])])
+    steps = [decoder.decode_rows(tokens, lengths)[rows] for decoder in (batched, alone)]
+    np.testing.assert_allclose(*steps, atol=2e-5, rtol=1e-4)
+
+
 def test_dynamic_graph_computes_only_the_logits_asked_for(static_export):
     model = ExportedModel.load(static_export)
     decoder = OrtDecoder(model)
@@ -85,7 +106,7 @@ def test_static_graph_uses_fused_kernels(static_export):
     # rotates q per layer and k per owner; tiny_llama's rotary runs inside the attention op.
     rotary_outside = parallel
     assert ops.count("RotaryEmbedding") == (layers + len(manifest["cache"]["owners"]) if rotary_outside else 0)
-    assert ops.count("Cast") == 1 + rotary_outside  # the float32 logits (+ seqlens_k as positions)
+    assert ops.count("Cast") == 2  # the float32 logits, seqlens_k as int64 (kept position, positions)
     for node in graph.node:  # every layer attends over its owner's buffer and writes into it
         if node.op_type == "GroupQueryAttention":
             layer, owner = int(node.output[1].split(".")[1]), int(node.input[3].split(".")[1])
