@@ -179,6 +179,7 @@ class Engine:
         self.model, self.decoder = self.generator.model, self.generator.decoder
         self.max_slots, self.max_queue, self.batching = max_slots, max_queue, batching
         self.device = self.decoder.device
+        self.decoder.warm_up()  # CUDA: the graphs and kernel plans of every bucketed shape, before any request
         # Each row's next token, chosen on the device and fed to the next step from there.
         self._next_tokens = torch.zeros(max_slots, dtype=torch.int64, device=self.device)
         self._pending: Step | None = None  # the step queued last, whose tokens the host has not taken

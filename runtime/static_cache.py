@@ -118,6 +118,23 @@ class StaticCacheDecoder(Decoder):
         captured graphs meet few shapes; on the CPU `size` itself (padding would cost compute there)."""
         return max(minimum, 1 << (size - 1).bit_length()) if self.device.type == "cuda" else size
 
+    def warm_up(self, max_rows: int | None = None) -> None:
+        """Meet every bucketed shape once before serving (CUDA): capture the decode step of each batch size up to
+        max_rows and plan each batch of first prompts, so that no request pays for it. Writes the rows' buffers,
+        so call it while they are empty."""
+        if self.device.type != "cuda":
+            return
+        for batch in self._buckets(max_rows or self.max_batch):
+            self.decode_rows(torch.zeros(batch, dtype=torch.int64), torch.zeros(batch, dtype=torch.int32))
+        for batch in self._buckets(self.prefill_batch):
+            for width in self._buckets(self.prefill_chunk, 16):
+                self.prefill_first(list(range(batch)), [torch.zeros(width, dtype=torch.int64)] * batch)
+        torch.cuda.synchronize(self.device)
+
+    def _buckets(self, limit: int, minimum: int = 1) -> list[int]:
+        """Every run size that sizes 1..limit bucket to."""
+        return sorted({min(limit, self.bucket(size, minimum)) for size in range(1, limit + 1)})
+
     def new_cache(self, batch: int) -> StaticKVCache:
         if batch > self.max_batch:
             raise InputError(f"batch {batch} exceeds the decoder's max_batch {self.max_batch}")

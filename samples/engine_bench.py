@@ -1,5 +1,6 @@
-"""The engine without HTTP: N requests submitted at once to an Engine, all streamed; tokens/s, time per output
-token, and the scheduler's share of a decode step. Used beside samples/load_test.py (which goes through the server)
+"""The engine without HTTP: N requests submitted at once to an Engine, all streamed (with their text, to one
+asyncio event loop, as the server consumes them); tokens/s, time per output token, and the scheduler's share of a
+decode step. Used beside samples/load_test.py (which goes through the server)
 to tell the engine's throughput from the HTTP layer's.
 
     python samples/engine_bench.py EXPORT --provider cuda --cuda-graph --max-slots 64 --max-length 512 \\
@@ -7,10 +8,10 @@ to tell the engine's throughput from the HTTP layer's.
 """
 
 import argparse
+import asyncio
 import json
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,8 +33,13 @@ def main() -> None:
     parser.add_argument("--batching", default="continuous")
     parser.add_argument("--new-tokens", type=int, nargs=2, default=(8, 64), metavar=("LO", "HI"),
                         help="new tokens per request, drawn uniformly from LO..HI")
+    parser.add_argument("--switch-interval", type=float, metavar="MS",
+                        help="Python's GIL switch interval (default 5 ms): how long the scheduler thread may wait "
+                             "for the thread that streams")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval / 1e3)
     engine = Engine(args.export, provider=args.provider, max_slots=args.max_slots, max_length=args.max_length,
                     max_queue=args.requests, cuda_graph=args.cuda_graph, batching=args.batching)
     warm = engine.submit("warm up", SamplingConfig(max_new_tokens=4))
@@ -41,21 +47,20 @@ def main() -> None:
     work = prompts(args.requests, new_tokens=tuple(args.new_tokens))
     times: dict[int, list[float]] = {}
 
-    def consume(index, handle):
-        times[index] = [time.perf_counter() for event in handle if event.token_id is not None]
+    async def consume(index, handle):
+        times[index] = [time.perf_counter() async for event in handle if event.token_id is not None]
+
+    async def consume_all(handles):  # one event loop for every stream, as the server has
+        await asyncio.gather(*(consume(i, h) for i, h in enumerate(handles)))
 
     started = time.perf_counter()
     handles = [engine.submit(p, SamplingConfig(max_new_tokens=n, stop_token_ids=[])) for p, n in work]
-    threads = [threading.Thread(target=consume, args=(i, h)) for i, h in enumerate(handles)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    asyncio.run(consume_all(handles))
     wall = time.perf_counter() - started
     tpot = [(t[-1] - t[0]) / (len(t) - 1) for t in times.values() if len(t) > 1]
     metrics = engine.metrics()
     engine.close()
-    report = {"export": args.export, "max_slots": args.max_slots, "max_length": args.max_length,
+    report = {"export": args.export, "max_slots": args.max_slots, "switch_interval_s": sys.getswitchinterval(), "max_length": args.max_length,
               "batching": args.batching, "requests": args.requests, "new_tokens": args.new_tokens, "wall_s": wall,
               "generated_tokens": sum(len(t) for t in times.values()),
               "tokens_per_s": sum(len(t) for t in times.values()) / wall,

@@ -14,15 +14,18 @@ for s in none every:2; do
   python3 -m kvexport export --model /tmp/p160 --share $s --dtype float16 --static --max-new-tokens 0 \
     --output /tmp/p160-${s/:/} 2>&1 | grep -v Memcpy | tail -1
 done
-run_engine() {  # name export slots batching
+run_engine() {  # name export slots batching [engine_bench options]
   python3 samples/engine_bench.py "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 \
-    --requests 1024 --batching "$4" --output "/tmp/engine-$1.json" 2>&1 | grep -v Memcpy \
+    --requests 1024 --batching "$4" "${@:5}" --output "/tmp/engine-$1.json" 2>&1 | grep -v Memcpy \
     | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); e=r['engine']; print('$1', round(r['tokens_per_s']), 'tok/s, tpot p50/p99', round(r['tpot_p50_ms'],2), round(r['tpot_p99_ms'],2), 'ms, steady step', round(e['steady_step_ms'],3), 'device', round(e['steady_device_step_ms'],3), 'overhead', round(e['scheduler_overhead'],3), 'steps', e['decode_steps'])"
 }
 run_engine none-continuous /tmp/p160-none 32 continuous
 run_engine every2-continuous /tmp/p160-every2 64 continuous
 run_engine every2-static /tmp/p160-every2 64 static
-python3 -c "import fastapi, uvicorn" 2>/dev/null || { echo "server part skipped: no fastapi/uvicorn (carry .whl)"; cp /tmp/engine-*.json "$OUT/"; exit 0; }
+run_engine none-continuous-si /tmp/p160-none 32 continuous --switch-interval 0.5
+run_engine every2-continuous-si /tmp/p160-every2 64 continuous --switch-interval 0.5
+run_engine every2-static-si /tmp/p160-every2 64 static --switch-interval 0.5
+python3 -c "import fastapi, uvicorn" || { echo "server part skipped: fastapi/uvicorn do not import (carry .whl)"; cp /tmp/engine-*.json "$OUT/"; exit 0; }
 run_server() {  # name export slots batching rate
   python3 -m kvexport serve "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 --batching "$4" \
     --max-queue 4096 --model-name m --port 8000 >/tmp/serve-$1.log 2>&1 &
