@@ -5,9 +5,10 @@ any thread (`submit` returns a handle to iterate, with `for` or `async for`, and
 queue. Each scheduler iteration:
   1. admits waiting requests into free slots (the lowest free row first, so the active rows stay a short prefix);
   2. prefills at most `prefill_chunk` prompt tokens, earliest requests first: the first chunks of up to
-     `prefill_batch` new prompts in one run (StaticCacheDecoder.prefill_first), further chunks of long prompts
-     row by row, so that a long prompt never stalls the requests that are decoding; a prompt's first token is
-     chosen on the device, into the row's entry of the next-token buffer;
+     `prefill_batch` new prompts in one run (StaticCacheDecoder.prefill_first; while requests wait for rows and
+     others decode, until an eighth of the rows are admitted), further chunks of long prompts row by row, so that a
+     long prompt never stalls the requests that are decoding; a prompt's first token is chosen on the device,
+     into the row's entry of the next-token buffer;
   3. queues one decode step for rows 0..n-1 (n: the highest decoding row + 1, bucketed on CUDA), each at its own
      length, fed from the next-token buffer, and the choice of each row's next token (each with its own settings
      and generator) back into that buffer; rows that are not decoding write one slot past their valid tokens,
@@ -76,12 +77,13 @@ class RequestHandle:
         """Stop the request; its slot is freed at the next scheduler step and its stream ends with 'cancelled'."""
         self.cancelled = True
 
-    def _emit(self, event: Event) -> None:
+    def _deliver(self, event: Event) -> asyncio.AbstractEventLoop | None:
+        """Hand an event to a blocking consumer; for an asyncio consumer, return its loop, which must be given the
+        event (deliver_async), so that one wake-up of the loop carries many events."""
         with self._lock:
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._async_events.put_nowait, event)
-            else:
+            if self._loop is None:
                 self._events.put(event)
+            return self._loop
 
     def __iter__(self) -> Iterator[Event]:
         while True:
@@ -100,6 +102,12 @@ class RequestHandle:
             yield event
             if event.finish_reason is not None:
                 return
+
+
+def deliver_async(items: list[tuple[RequestHandle, Event]]) -> None:
+    """Run in a consumer's event loop: the events of one scheduler iteration, in order."""
+    for handle, event in items:
+        handle._async_events.put_nowait(event)
 
 
 class Detokenizer:
@@ -183,6 +191,7 @@ class Engine:
         # Each row's next token, chosen on the device and fed to the next step from there.
         self._next_tokens = torch.zeros(max_slots, dtype=torch.int64, device=self.device)
         self._pending: Step | None = None  # the step queued last, whose tokens the host has not taken
+        self._outbox: list[tuple[RequestHandle, Event]] = []  # events of this iteration, delivered at its end
         self.stats = EngineStats()
         self._slots: list[Slot | None] = [None] * max_slots
         self._waiting: deque[RequestHandle] = deque()
@@ -272,7 +281,22 @@ class Engine:
             except Exception as error:  # noqa: BLE001 - a failed step ends its requests, never the engine thread
                 self._pending = None
                 self._fail_all(error)
+            self._flush()
             self.stats.loop_seconds += time.perf_counter() - started
+
+    def _send(self, handle: RequestHandle, event: Event) -> None:
+        self._outbox.append((handle, event))
+
+    def _flush(self) -> None:
+        """Deliver the iteration's events: one wake-up per asyncio loop (a server's), not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for handle, event in self._outbox:
+            loop = handle._deliver(event)
+            if loop is not None:
+                by_loop.setdefault(loop, []).append((handle, event))
+        self._outbox.clear()
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(deliver_async, items)
 
     def _admit(self) -> None:
         if self.batching == "static" and any(self._slots):
@@ -296,8 +320,13 @@ class Engine:
         pending = [row for _, row in sorted((s.request.id, row) for row, s in enumerate(self._slots)
                                             if s and s.prefilled < len(s.request.prompt_ids))]
         pending = [row for row in pending if not self._stopped(row, self._slots[row])]
-        fresh = []
-        for row in (row for row in pending if self._slots[row].prefilled == 0):
+        fresh, candidates = [], [row for row in pending if self._slots[row].prefilled == 0]
+        # While requests wait for rows and others decode, new prompts are batched, rather than pausing decoding for
+        # each: up to an eighth of the rows (at most prefill_batch) may idle meanwhile.
+        batch_at = max(1, min(decoder.prefill_batch, self.max_slots // 8))
+        if len(candidates) < batch_at and self._waiting and any(s and s.decoding for s in self._slots):
+            candidates = []
+        for row in candidates:
             size = min(len(self._slots[row].request.prompt_ids), decoder.prefill_chunk)
             if len(fresh) == decoder.prefill_batch or (fresh and size > budget):
                 break
@@ -393,7 +422,7 @@ class Engine:
         elif len(request.tokens) >= request.config.max_new_tokens or slot.length + 1 >= self.decoder.max_length:
             self._release(row, "length", token)
         else:
-            request._emit(Event(token, ""))
+            self._send(request, Event(token, ""))
 
     def _stopped(self, row: int, slot: Slot) -> bool:
         reason = "cancelled" if slot.request.cancelled else (
@@ -411,7 +440,7 @@ class Engine:
     def _finish(self, handle: RequestHandle, reason: str, token: int | None = None) -> None:
         handle.finish_reason = reason
         self.stats.requests_finished[reason] = self.stats.requests_finished.get(reason, 0) + 1
-        handle._emit(Event(token, "", reason))
+        self._send(handle, Event(token, "", reason))
 
     def _fail_all(self, error: Exception) -> None:
         self.last_error = error

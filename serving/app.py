@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -60,6 +61,9 @@ def add_routes(app: FastAPI, engine: Engine, model_name: str) -> None:
         return error(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
 
 
+SWITCH_INTERVAL_S = 0.0005
+
+
 def create_app(engine: Engine, model_name: str) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_):
@@ -74,6 +78,10 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 def serve(directory: Path, host: str, port: int, model_name: str | None, **engine_options) -> int:
     import uvicorn
 
+    # The scheduler thread and the event loop that streams share the GIL; a thread asking for it waits up to the
+    # switch interval (5 ms by default, longer than a decode step on a GPU): 0.5 ms keeps the device fed
+    # (docs/results.md, issue 13).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     engine = Engine(directory, **engine_options)
     name = model_name or engine.model.facts.source
     print(f"serving {name} from {directory} on http://{host}:{port}/v1 ({engine.max_slots} slots, "
