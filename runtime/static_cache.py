@@ -72,6 +72,9 @@ class StaticCacheDecoder(Decoder):
                                 f"GroupQueryAttention has no {model.dtype} CUDA kernel): export with --dtype float16")
         self.model, self.max_batch = model, max_batch
         self.max_length = max_length or model.facts.max_positions
+        if self.max_length > model.facts.max_positions:
+            raise InputError(f"max_length {self.max_length} exceeds the model's {model.facts.max_positions} positions: "
+                             f"use at most {model.facts.max_positions}")
         self.prefill_chunk, self.prefill_batch = min(prefill_chunk, self.max_length), prefill_batch
         self.device = torch.device("cuda", device_id) if provider == "cuda" else torch.device("cpu")
         self.stream = torch.cuda.Stream(self.device) if provider == "cuda" else None

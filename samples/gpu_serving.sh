@@ -19,13 +19,15 @@ run_engine() {  # name export slots batching [engine_bench options]
     --requests 1024 --batching "$4" "${@:5}" --output "/tmp/engine-$1.json" 2>&1 | grep -v Memcpy \
     | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); e=r['engine']; print('$1', round(r['tokens_per_s']), 'tok/s, tpot p50/p99', round(r['tpot_p50_ms'],2), round(r['tpot_p99_ms'],2), 'ms, steady step', round(e['steady_step_ms'],3), 'device', round(e['steady_device_step_ms'],3), 'overhead', round(e['scheduler_overhead'],3), 'steps', e['decode_steps'])"
 }
-run_engine none-continuous /tmp/p160-none 32 continuous
-run_engine every2-continuous /tmp/p160-every2 64 continuous
-run_engine every2-static /tmp/p160-every2 64 static
-run_engine none-continuous-si /tmp/p160-none 32 continuous --switch-interval 0.5
-run_engine every2-continuous-si /tmp/p160-every2 64 continuous --switch-interval 0.5
-run_engine every2-static-si /tmp/p160-every2 64 static --switch-interval 0.5
-python3 -c "import fastapi, uvicorn" || { echo "server part skipped: fastapi/uvicorn do not import (carry .whl)"; cp /tmp/engine-*.json "$OUT/"; exit 0; }
+parts=${*:-engine server}  # bash samples/gpu_serving.sh [engine] [server]
+if [[ $parts == *engine* ]]; then
+  run_engine none-continuous /tmp/p160-none 32 continuous
+  run_engine every2-continuous /tmp/p160-every2 64 continuous
+  run_engine every2-static /tmp/p160-every2 64 static
+  cp /tmp/engine-*.json "$OUT/"
+fi
+[[ $parts == *server* ]] || exit 0
+python3 -c "import fastapi, uvicorn" || { echo "server part skipped: fastapi/uvicorn do not import (carry .whl)"; exit 0; }
 run_server() {  # name export slots batching rate
   python3 -m kvexport serve "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 --batching "$4" \
     --max-queue 4096 --model-name m --port 8000 >/tmp/serve-$1.log 2>&1 &
@@ -36,9 +38,10 @@ run_server() {  # name export slots batching rate
   python3 samples/load_test.py --url http://127.0.0.1:8000 --model m --requests 3000 --rate "$5" \
     --server-pid $pid --output "/tmp/load-$1.json" >/dev/null
   kill -TERM $pid; wait $pid || true
-  python3 -c "import json; r=json.load(open('/tmp/load-$1.json')); print('$1 http', round(r['served_tokens_per_s']), 'tok/s, tpot p50/p99', round(1e3*r['tpot_p50_s'],2), round(1e3*r['tpot_p99_s'],2), 'ms, errors', r['errors'], 'overhead', round(r['server_metrics']['kvexport_scheduler_overhead'],3))"
+  grep -v "^\s*$" /tmp/serve-$1.log | tail -n 3
+  python3 -c "import json; r=json.load(open('/tmp/load-$1.json')); print('$1 http', r['served_tokens_per_s'], 'tok/s, tpot p50/p99 s', r['tpot_p50_s'], r['tpot_p99_s'], 'errors', r['errors'], 'overhead', r['server_metrics'].get('kvexport_scheduler_overhead'))"
 }
 run_server none-continuous /tmp/p160-none 32 continuous 400
 run_server every2-continuous /tmp/p160-every2 64 continuous 400
 run_server every2-static /tmp/p160-every2 64 static 400
-cp /tmp/engine-*.json /tmp/load-*.json "$OUT/"
+cp /tmp/load-*.json "$OUT/"
