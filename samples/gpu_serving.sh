@@ -36,7 +36,7 @@ run_server() {  # name export slots batching rate
     kill -0 $pid 2>/dev/null || { cat /tmp/serve-$1.log; exit 1; }; sleep 0.5
   done
   python3 samples/load_test.py --url http://127.0.0.1:8000 --model m --requests 3000 --rate "$5" \
-    --server-pid $pid --output "/tmp/load-$1.json" >/dev/null
+    --server-pid $pid --ignore-eos --output "/tmp/load-$1.json" >/dev/null
   kill -TERM $pid; wait $pid || true
   grep -v "^\s*$" /tmp/serve-$1.log | tail -n 3
   python3 -c "import json; r=json.load(open('/tmp/load-$1.json')); print('$1 http', r['served_tokens_per_s'], 'tok/s, tpot p50/p99 s', r['tpot_p50_s'], r['tpot_p99_s'], 'errors', r['errors'], 'overhead', r['server_metrics'].get('kvexport_scheduler_overhead'))"

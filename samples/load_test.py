@@ -39,8 +39,10 @@ def percentile(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else None
 
 
-async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
+              ignore_eos: bool = False) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": ignore_eos}
     started, times, text = time.perf_counter(), [], ""
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
@@ -80,7 +82,7 @@ async def run(args) -> dict:
         if args.rate:  # open loop: arrivals do not wait for answers
             rng, tasks = random.Random(1), []
             for job in jobs:
-                tasks.append(asyncio.create_task(one(client, args.url, args.model, *job)))
+                tasks.append(asyncio.create_task(one(client, args.url, args.model, *job, args.ignore_eos)))
                 await asyncio.sleep(rng.expovariate(args.rate))
             results = await asyncio.gather(*tasks)
         else:  # closed loop: each client sends its next request when the last one ends
@@ -88,7 +90,7 @@ async def run(args) -> dict:
 
             async def client_loop():
                 while queue:
-                    results.append(await one(client, args.url, args.model, *queue.pop()))
+                    results.append(await one(client, args.url, args.model, *queue.pop(), args.ignore_eos))
             await asyncio.gather(*(client_loop() for _ in range(args.concurrency)))
         wall = time.perf_counter() - started
         stop.set()
@@ -135,6 +137,8 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=40, help="distinct (prompt, max_tokens) pairs")
     parser.add_argument("--check-greedy", help="export directory: compare every answer with the prompt run alone")
     parser.add_argument("--server-pid", type=int)
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="every request generates its max_tokens (random weights end early on their EOS)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     report = asyncio.run(run(args))

@@ -38,6 +38,7 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
     stream_options: dict | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past an end-of-sequence token
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -74,7 +75,8 @@ class Completions:
         stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         try:
             config = SamplingConfig(max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                    seed=body.seed, stop_token_ids=self.engine.model.facts.eos_token_ids)
+                                    seed=body.seed,
+                                    stop_token_ids=[] if body.ignore_eos else self.engine.model.facts.eos_token_ids)
             handles = self.submit_all(prompts, config)
         except QueueFullError as refusal:
             return error(429, str(refusal), kind="rate_limit_error", code="queue_full")

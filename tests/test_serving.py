@@ -198,3 +198,20 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(server):
     assert result["response"].status_code == 200
     assert result["response"].json()["usage"]["completion_tokens"] == 400
     assert process.wait(timeout=60) == 0
+
+
+def test_ignore_eos_generates_past_an_end_of_sequence_token(served_export, alone):
+    """vLLM's `ignore_eos` extension: with the engine's end-of-sequence token set to one the prompt's greedy answer
+    reaches at its third token, a request stops there, and with ignore_eos goes on to max_tokens."""
+    from fastapi.testclient import TestClient
+
+    from kvexport.serving.app import create_app
+
+    engine = Engine(served_export, max_slots=2)
+    engine.model.facts.eos_token_ids = [alone[PROMPTS[0]][2]]
+    with TestClient(create_app(engine, "tiny-neox")) as client:
+        body = {"model": "tiny-neox", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
+        stopped = client.post("/v1/completions", json=body).json()
+        going_on = client.post("/v1/completions", json={**body, "ignore_eos": True}).json()
+    assert stopped["usage"]["completion_tokens"] == 3 and stopped["choices"][0]["finish_reason"] == "stop"
+    assert going_on["usage"]["completion_tokens"] == 8 and going_on["choices"][0]["finish_reason"] == "length"
