@@ -152,8 +152,10 @@ class Step:
     tokens: torch.Tensor  # host copy of its chosen tokens (pinned on CUDA), valid once `done` has passed
     started: float  # host clock when it was queued
     steady: bool  # queued in an iteration that ran no prefill
-    # CUDA: events recorded before and after it on the device; on the CPU the step ran when queued, in ran_ms
+    # CUDA: events recorded on the device before it, after the model's run, and after its tokens' copy; on the CPU
+    # the model's run took ran_ms when the step was queued
     begin: torch.cuda.Event | None = None
+    ran: torch.cuda.Event | None = None
     done: torch.cuda.Event | None = None
     ran_ms: float = 0.0
 
@@ -167,10 +169,11 @@ class EngineStats:
     prompt_tokens: int = 0
     decode_steps: int = 0
     # Steady decoding (iterations with no prefill): wall time from one step's queueing to the next's, and the
-    # device's time in those steps (the scheduler's share is what the device does not cover).
+    # device's time in the model's run of those steps (the rest of the wall time is the scheduler's: choosing and
+    # streaming tokens, bookkeeping, and waiting for the thread that streams).
     steady_steps: int = 0
     steady_wall_seconds: float = 0.0
-    steady_device_seconds: float = 0.0
+    steady_graph_seconds: float = 0.0
     loop_seconds: float = 0.0  # wall time of scheduler iterations that did work (prefill included)
     last_step_ms: float = 0.0
 
@@ -254,10 +257,10 @@ class Engine:
             "prompt_tokens": stats.prompt_tokens, "decode_steps": stats.decode_steps,
             "last_step_ms": stats.last_step_ms,
             "steady_step_ms": 1e3 * stats.steady_wall_seconds / stats.steady_steps if stats.steady_steps else 0.0,
-            "steady_device_step_ms": (1e3 * stats.steady_device_seconds / stats.steady_steps
-                                      if stats.steady_steps else 0.0),
-            # the share of a steady decode step in which the device waits for the scheduler
-            "scheduler_overhead": (max(0.0, 1 - stats.steady_device_seconds / stats.steady_wall_seconds)
+            "steady_graph_step_ms": (1e3 * stats.steady_graph_seconds / stats.steady_steps
+                                     if stats.steady_steps else 0.0),
+            # the share of a steady decode step that is not the model's run
+            "scheduler_overhead": (max(0.0, 1 - stats.steady_graph_seconds / stats.steady_wall_seconds)
                                    if stats.steady_wall_seconds else 0.0),
             "tokens_per_s": stats.generated_tokens / stats.loop_seconds if stats.loop_seconds else 0.0,
         }
@@ -369,14 +372,17 @@ class Engine:
         if begin is not None:
             begin.record()
         logits = self.decoder.decode_rows(self._next_tokens[:len(rows)], lengths)[:, -1]
+        ran = torch.cuda.Event(enable_timing=True) if begin is not None else None
+        if ran is not None:
+            ran.record()
+        ran_ms = 1e3 * (time.perf_counter() - started)
         self._choose(logits, decoding)
         tokens = self._next_tokens[:len(rows)].to("cpu", non_blocking=True, copy=True)
-        step = Step([(row, self._slots[row]) for row in decoding], tokens, started, steady, begin)
+        step = Step([(row, self._slots[row]) for row in decoding], tokens, started, steady, begin, ran,
+                    ran_ms=ran_ms)
         if begin is not None:
             step.done = torch.cuda.Event(enable_timing=True)
             step.done.record()
-        else:
-            step.ran_ms = 1e3 * (time.perf_counter() - started)
         for row in decoding:
             self._slots[row].fed += 1
         self.stats.decode_steps += 1
@@ -398,19 +404,19 @@ class Engine:
     def _take(self, step: Step, queued: Step | None) -> None:
         """Stream a queued step's tokens once they reach the host (the step queued after it keeps the device busy
         meanwhile); rows freed since it was queued drop theirs."""
-        device_ms = step.ran_ms
+        graph_ms = step.ran_ms
         if step.done is not None:
             step.done.synchronize()
-            device_ms = step.begin.elapsed_time(step.done)
+            graph_ms = step.begin.elapsed_time(step.ran)
         tokens = step.tokens.tolist()
         for row, slot in step.slots:
             if self._slots[row] is slot:
                 self._accept(row, slot, tokens[row])
-        self.stats.last_step_ms = device_ms
+        self.stats.last_step_ms = graph_ms
         if step.steady and queued is not None and queued.steady:
             self.stats.steady_steps += 1
             self.stats.steady_wall_seconds += queued.started - step.started
-            self.stats.steady_device_seconds += device_ms / 1e3
+            self.stats.steady_graph_seconds += graph_ms / 1e3
 
     def _accept(self, row: int, slot: Slot, token: int) -> None:
         """Record and stream a new token; it is the request's last if the request should stop."""
