@@ -277,6 +277,7 @@ class Engine:
             started = time.perf_counter()
             try:
                 prefilled = self._prefill()
+                self._flush()  # first tokens out now, not after the next step
                 queued = self._queue_step(steady=not prefilled)
                 if self._pending is not None:
                     self._take(self._pending, queued)

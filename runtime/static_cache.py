@@ -61,7 +61,7 @@ class StaticKVCache(KVCache):
 class StaticCacheDecoder(Decoder):
     def __init__(self, model: ExportedModel, provider: str = "cpu", device_id: int = 0, max_batch: int = 8,
                  cuda_graph: bool = False, max_length: int | None = None, prefill_chunk: int = 512,
-                 prefill_batch: int = 8):
+                 prefill_batch: int | None = None):
         static = model.manifest["files"].get("static_decode")
         if not static:
             raise KvexportError(f"{model.directory} has no static decode graph: export with --static")
@@ -75,6 +75,9 @@ class StaticCacheDecoder(Decoder):
         if self.max_length > model.facts.max_positions:
             raise InputError(f"max_length {self.max_length} exceeds the model's {model.facts.max_positions} positions: "
                              f"use at most {model.facts.max_positions}")
+        # Batching first prompts pays on CUDA (one launch-bound run instead of several); on the CPU, compute-bound,
+        # the padding would cost more than it saves, so they run one at a time there by default.
+        prefill_batch = prefill_batch or (8 if provider == "cuda" else 1)
         self.prefill_chunk, self.prefill_batch = min(prefill_chunk, self.max_length), prefill_batch
         self.device = torch.device("cuda", device_id) if provider == "cuda" else torch.device("cpu")
         self.stream = torch.cuda.Stream(self.device) if provider == "cuda" else None

@@ -1,7 +1,8 @@
-"""Where the host time of an ort-static decode step goes on CUDA (docs/results.md): wall clock per step, over many
-steps, of the captured graph's replay alone, of a greedy loop that waits for each step's token on the host (as a
-loop that streams tokens one by one without overlap would), and of the same loop with the token fed back on the
-device and the host never waiting (as `kvexport bench` and the engine run it).
+"""Where the host time of an ort-static decode step goes on CUDA (docs/results.md, issue 16): wall clock per step,
+over many steps, of the captured graph's replay alone; of a greedy loop that takes each step's token to the host
+(a loop that streams without overlap); of the same loop with the token fed back on the device, the host never
+waiting (as `kvexport bench` and the engine run it), from the caller's stream and from the decoder's own; and of
+two ways to put the argmax next to the replay (on the decoder's stream, and inside the captured graph).
 
     python samples/step_overhead.py EXPORT_DIR BATCH CONTEXT
 """

@@ -61,7 +61,7 @@ def test_batched_first_prompts_equal_prompts_prefilled_one_by_one(static_export)
     their rows (here not adjacent): the same logits and K/V as each prompt prefilled alone, other rows untouched,
     and decoding goes on from them alike."""
     model = ExportedModel.load(static_export)
-    batched, alone = (StaticCacheDecoder(model, max_batch=4, max_length=32) for _ in range(2))
+    batched, alone = (StaticCacheDecoder(model, max_batch=4, max_length=32, prefill_batch=n) for n in (2, 1))
     batched.storage.normal_()
     untouched = batched.storage[:, [0, 2]].clone()
     rows, prompts = [3, 1], [torch.tensor(PROMPTS[0]), torch.tensor(PROMPTS[1])]
