@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from kvexport.runtime.ort_session import run_named
+from kvexport.runtime.ort_session import quiet_options, run_named
 from kvexport.strategies import KvexportError, Strategy
 from kvexport.strategies import contract as c
 
@@ -119,10 +119,10 @@ def session_for(path: Path, dtype: str, static: bool) -> ort.InferenceSession:
     their MatMuls; basic optimization, priority order and no memory arena cast one weight at a time, just before
     it is used. The kernels are the same: the graph's contrib ops are explicit."""
     cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+    options = quiet_options()
     if cuda and not (static and dtype == "float32"):  # TF32 would round float32 MatMuls past the tolerance
-        return ort.InferenceSession(str(path), providers=[("CUDAExecutionProvider", {"use_tf32": "0"}),
-                                                          "CPUExecutionProvider"])
-    options = ort.SessionOptions()
+        return ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", {"use_tf32": "0"}),
+                                                                   "CPUExecutionProvider"])
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.enable_cpu_mem_arena = False
     options.execution_order = ort.ExecutionOrder.PRIORITY_BASED

@@ -35,14 +35,21 @@ def check_provider(provider: str) -> None:
                             "torch on a machine with an NVIDIA GPU, or use --provider cpu")
 
 
+def quiet_options() -> ort.SessionOptions:
+    """Session options that log errors only: ONNX Runtime's start-up notes and warnings (placement of Memcpy
+    nodes, providers) are not kvexport's output."""
+    ort.set_default_logger_severity(3)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return options
+
+
 def make_session(path, provider: str = "cpu", device_id: int = 0) -> ort.InferenceSession:
     """An ONNX Runtime session on the CPU or on CUDA. On CUDA it runs on torch's current stream, so that work
     queued by torch (cache writes, sampling) and by ORT is ordered without host synchronisation."""
     check_provider(provider)
-    ort.set_default_logger_severity(3)  # errors only: ORT's start-up notes are not kvexport's output
-    options = ort.SessionOptions()
+    options = quiet_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
     if provider == "cpu":
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     import torch
