@@ -426,7 +426,9 @@ class Engine:
         self.stats.generated_tokens += 1
         if token in request.config.stop_token_ids:
             self._release(row, "stop", token)
-        elif len(request.tokens) >= request.config.max_new_tokens or slot.length + 1 >= self.decoder.max_length:
+        # Counted from the tokens taken, not slot.length, which already counts a step queued after this token's.
+        elif (len(request.tokens) >= request.config.max_new_tokens
+              or slot.prefilled + len(request.tokens) >= self.decoder.max_length):
             self._release(row, "length", token)
         else:
             self._send(request, Event(token, ""))

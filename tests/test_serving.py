@@ -71,6 +71,16 @@ def test_cancel_deadline_backpressure_and_static_batching(served_export, alone):
     engine.close()
 
 
+def test_a_request_that_fills_the_cache_gets_all_its_tokens(served_export):
+    """A prompt plus max_new_tokens exactly as long as the cache: every token asked for comes, although the engine
+    queues each row's next step before it has seen the row's last token."""
+    engine = Engine(served_export, max_slots=2, max_length=32)
+    prompt = [417, 1203, 33, 998, 4000]
+    handle = engine.submit(prompt, SamplingConfig(max_new_tokens=32 - len(prompt), stop_token_ids=[]))
+    assert list(handle)[-1].finish_reason == "length" and len(handle.tokens) == 32 - len(prompt)
+    engine.close()
+
+
 def test_async_iteration(served_export, alone):
     import asyncio
 
