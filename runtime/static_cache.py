@@ -8,8 +8,8 @@ session (the weights are on the device once) serve both phases of model_static.o
 length (so ONNX Runtime meets few shapes, each of which costs it a kernel plan), into staging rows, whose K/V are
 then copied into the prompts' own rows; a prompt's further chunks are appended to its row one row at a time.
 GroupQueryAttention writes the K/V in place without materializing attention scores, and only each row's last
-token's logits are computed. Each decode step runs one token for every row; all its inputs and outputs are bound to fixed addresses,
-so the step can be captured as a CUDA graph and replayed. Logits stay on the device.
+token's logits are computed. Each decode step runs one token for every row; all its inputs and outputs are bound
+to fixed addresses, so the step can be captured as a CUDA graph and replayed. Logits stay on the device.
 
 On CUDA the decoder works on a stream of its own, ordered after the caller's work and before the caller's next
 (stream waits, not host waits), and ONNX Runtime does not synchronise at the end of a run. A step's inputs may be

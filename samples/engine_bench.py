@@ -1,7 +1,7 @@
 """The engine without HTTP: N requests submitted at once to an Engine, all streamed (with their text, to one
 asyncio event loop, as the server consumes them); tokens/s, time per output token, and the scheduler's share of a
-decode step. Used beside samples/load_test.py (which goes through the server)
-to tell the engine's throughput from the HTTP layer's.
+decode step. Used beside samples/load_test.py (which goes through the server) to tell the engine's throughput
+from the HTTP layer's.
 
     python samples/engine_bench.py EXPORT --provider cuda --cuda-graph --max-slots 64 --max-length 512 \\
         --requests 512 [--batching static] --output engine.json
@@ -60,8 +60,8 @@ def main() -> None:
     tpot = [(t[-1] - t[0]) / (len(t) - 1) for t in times.values() if len(t) > 1]
     metrics = engine.metrics()
     engine.close()
-    report = {"export": args.export, "max_slots": args.max_slots, "switch_interval_s": sys.getswitchinterval(), "max_length": args.max_length,
-              "batching": args.batching, "requests": args.requests, "new_tokens": args.new_tokens, "wall_s": wall,
+    report = {"export": args.export, "max_slots": args.max_slots, "max_length": args.max_length,
+              "switch_interval_s": sys.getswitchinterval(), "batching": args.batching, "requests": args.requests, "new_tokens": args.new_tokens, "wall_s": wall,
               "generated_tokens": sum(len(t) for t in times.values()),
               "tokens_per_s": sum(len(t) for t in times.values()) / wall,
               "tpot_p50_ms": 1e3 * percentile(tpot, 50), "tpot_p99_ms": 1e3 * percentile(tpot, 99),

@@ -14,9 +14,9 @@ for s in none every:2; do
   python3 -m kvexport export --model /tmp/p160 --share $s --dtype float16 --static --max-new-tokens 0 \
     --output /tmp/p160-${s/:/} 2>&1 | grep -v Memcpy | tail -1
 done
-run_engine() {  # name export slots batching [engine_bench options]
+run_engine() {  # name export slots batching
   python3 samples/engine_bench.py "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 \
-    --requests 1024 --batching "$4" "${@:5}" --output "/tmp/engine-$1.json" 2>&1 | grep -v Memcpy \
+    --requests 1024 --batching "$4" --output "/tmp/engine-$1.json" 2>&1 | grep -v Memcpy \
     | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); e=r['engine']; print('$1', round(r['tokens_per_s']), 'tok/s, tpot p50/p99', round(r['tpot_p50_ms'],2), round(r['tpot_p99_ms'],2), 'ms, steady step', round(e['steady_step_ms'],3), 'graph', round(e['steady_graph_step_ms'],3), 'overhead', round(e['scheduler_overhead'],3), 'steps', e['decode_steps'])"
 }
 parts=${*:-engine server}  # bash samples/gpu_serving.sh [engine] [server]

@@ -64,6 +64,15 @@ def add_routes(app: FastAPI, engine: Engine, model_name: str) -> None:
 SWITCH_INTERVAL_S = 0.0005
 
 
+def start_engine(directory: Path, **engine_options) -> Engine:
+    """The engine of a server process (kvexport serve, a Ray Serve replica). Its scheduler thread and the event
+    loop that streams share the GIL, and a thread asking for it waits up to the switch interval: 5 ms by default,
+    longer than a decode step on a GPU. 0.5 ms served 25% more tokens/s for `none` on the H100 (docs/results.md,
+    issue 13; mixed for `every:2`)."""
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    return Engine(directory, **engine_options)
+
+
 def create_app(engine: Engine, model_name: str) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_):
@@ -78,11 +87,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 def serve(directory: Path, host: str, port: int, model_name: str | None, **engine_options) -> int:
     import uvicorn
 
-    # The scheduler thread and the event loop that streams share the GIL; a thread asking for it waits up to the
-    # switch interval (5 ms by default, longer than a decode step on a GPU): 0.5 ms keeps the device fed
-    # (docs/results.md, issue 13).
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    engine = Engine(directory, **engine_options)
+    engine = start_engine(directory, **engine_options)
     name = model_name or engine.model.facts.source
     print(f"serving {name} from {directory} on http://{host}:{port}/v1 ({engine.max_slots} slots, "
           f"{engine.model.layout.bytes_per_token()} KV bytes/token)", flush=True)

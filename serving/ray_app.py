@@ -21,9 +21,7 @@ def deployment(directory: Path, model_name: str | None, replicas: int, gpus_per_
     """A bound Ray Serve application: `replicas` copies of the API, each over its own Engine."""
     from ray import serve
 
-    from kvexport.runtime.engine import Engine
-
-    from .app import metrics_response, models_payload
+    from .app import metrics_response, models_payload, start_engine
     from .openai_api import Completions
 
     app = FastAPI(title="kvexport")
@@ -33,7 +31,7 @@ def deployment(directory: Path, model_name: str | None, replicas: int, gpus_per_
     @serve.ingress(app)
     class KvexportReplica:
         def __init__(self):
-            self.engine = Engine(directory, **engine_options)
+            self.engine = start_engine(directory, **engine_options)
             self.name = model_name or self.engine.model.facts.source
             self.completions_api, self.created = Completions(self.engine, self.name), int(time.time())
 
