@@ -9,6 +9,7 @@ Runtime and TensorRT's parser both take it.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -218,7 +219,7 @@ class DecoderGraph:
         return probs if self.dtype == "float32" else g.op("Cast", probs, to=ONNX_TYPES[self.dtype])
 
     def attend_fused(self, h: str, layer: Layer, i: int, cos: str, sin: str,
-                     owner_kv: dict[int, tuple[str, str]]) -> str:
+                     owner_kv: dict[int, tuple[str, str]], appended: Linear | None = None) -> tuple[str, str | None]:
         """Static graph: ONNX Runtime's GroupQueryAttention over the owner's whole cache buffer, which it updates
         in place (the runtime binds present.{i}.* to the same buffer as past_key_values.{owner}.*): it writes the
         new K/V at each row's slot seqlens_k, attends over slots 0..seqlens_k, and reads the cache once.
@@ -227,15 +228,16 @@ class DecoderGraph:
         rewrites the values the owner wrote at the same slot, so nothing is copied and the buffer stays right
         (validate_static checks that both writes agree). Rotary runs inside the op where its kernel takes the
         shape (head_dim a multiple of 16, rotary_dim / 2 a multiple of 8), else in RotaryEmbedding before it.
-        An owner that no layer shares with passes Q|K|V packed, as one input.
+        An owner that no layer shares with passes Q|K|V packed, as one input. Returns (context, the output of
+        `appended`, a linear of h run in the same MatMul: see project_qkv).
         """
         d, g = self.d, self.g
         owner = self.strategy.kv_source[i]
         inside = d.head_dim % 16 == 0 and (d.rotary_dim // 2) % 8 == 0
         if self.strategy.is_owner(i) and inside and not self.has_sharers(i):
-            query, key, value = self.project_qkv(h, layer, i, split=False), "", ""
+            (query, extra), key, value = self.project_qkv(h, layer, i, split=False, appended=appended), "", ""
         else:
-            q, k, v = self.project_qkv(h, layer, i)
+            q, k, v, extra = self.project_qkv(h, layer, i, appended=appended)
             if not inside:
                 q = self.rotary(q, cos, sin, d.num_heads)
                 k = None if k is None else self.rotary(k, cos, sin, d.num_kv_heads)
@@ -247,14 +249,16 @@ class DecoderGraph:
             c.SEQLENS_K, c.TOTAL_SEQUENCE_LENGTH, *((cos, sin) if inside else ()),
             outputs=[None, *(c.present_name(i, kind) for kind in c.KV_KINDS)], domain="com.microsoft",
             num_heads=d.num_heads, kv_num_heads=d.num_kv_heads, scale=1.0, do_rotary=int(inside))
-        return context
+        return context, extra
 
     def has_sharers(self, owner: int) -> bool:
         return any(source == owner for j, source in enumerate(self.strategy.kv_source) if j != owner)
 
-    def project_qkv(self, h: str, layer: Layer, i: int, split: bool = True):
-        """(q, k, v): owners run one fused Q|K|V MatMul (split=False: its packed output); shared layers only Q,
-        so no K/V weights exist for them.
+    def project_qkv(self, h: str, layer: Layer, i: int, split: bool = True, appended: Linear | None = None):
+        """(q, k, v, extra) in one MatMul: owners project Q|K|V (split=False: (packed Q|K|V, extra)), shared layers
+        only Q (k and v None: no K/V weights exist for them). `appended` is a further linear of the same input
+        run in the same MatMul (the parallel-residual MLP's up projection, see parallel_block); extra is its
+        output, or None.
 
         The attention scale 1/sqrt(head_dim) is folded into the Q weights (rotary is linear, so it commutes):
         one multiplication less per layer and step.
@@ -262,24 +266,31 @@ class DecoderGraph:
         d, g = self.d, self.g
         scale = d.head_dim**-0.5
         q = Linear(layer.q.weight * scale, None if layer.q.bias is None else layer.q.bias * scale)
-        if not self.strategy.is_owner(i):
-            return self.linear(h, q, f"layers.{i}.attn.q_proj"), None, None
-        fused = Linear(
-            torch.cat([q.weight, layer.k.weight, layer.v.weight], dim=1),
-            None if q.bias is None else torch.cat([q.bias, layer.k.bias, layer.v.bias]),
-        )
-        qkv = self.linear(h, fused, f"layers.{i}.attn.qkv_proj")
-        if not split:
-            return qkv
-        kv_width = d.num_kv_heads * d.head_dim
-        return g.op("Split", qkv, g.const([d.num_heads * d.head_dim, kv_width, kv_width]), axis=-1, outputs=3)
+        parts = [q, layer.k, layer.v] if self.strategy.is_owner(i) else [q]
+        widths = [lin.weight.shape[1] for lin in parts]
+        packed = list(widths) if split else [sum(widths)]
+        if appended is not None:
+            parts.append(appended)
+            packed.append(appended.weight.shape[1])
+        name = f"layers.{i}." + ("in_proj" if appended is not None else
+                                 "attn.qkv_proj" if self.strategy.is_owner(i) else "attn.q_proj")
+        out = self.linear(h, concat_linears(parts), name)
+        outputs = [out] if len(packed) == 1 else g.op("Split", out, g.const(packed), axis=-1, outputs=len(packed))
+        if appended is None:
+            outputs.append(None)
+        if split and len(widths) == 1:
+            outputs[1:1] = [None, None]
+        return outputs
 
     def mlp(self, h: str, layer: Layer, i: int, down_bias: bool = True) -> str:
-        up = self.linear(h, layer.up, f"layers.{i}.mlp.up_proj")
+        """down(act(up(h))), or SwiGLU's down(act(gate(h)) * up(h)) with gate|up packed in one MatMul."""
         if layer.gate is None:
-            inner = self.activation(up)
+            inner = self.activation(self.linear(h, layer.up, f"layers.{i}.mlp.up_proj"))
         else:
-            inner = self.g.op("Mul", self.activation(self.linear(h, layer.gate, f"layers.{i}.mlp.gate_proj")), up)
+            gate_up = self.linear(h, concat_linears([layer.gate, layer.up]), f"layers.{i}.mlp.gate_up_proj")
+            gate, up = self.g.op("Split", gate_up, self.g.const([layer.gate.weight.shape[1], layer.up.weight.shape[1]]),
+                                 axis=-1, outputs=2)
+            inner = self.g.op("Mul", self.activation(gate), up)
         return self.linear(inner, layer.down, f"layers.{i}.mlp.down_proj", bias=down_bias)
 
     def build(self) -> onnx.ModelProto:
@@ -287,15 +298,18 @@ class DecoderGraph:
         cos, sin = self.rotary_tables()
         bias = None if self.static else self.attention_bias()
         x = g.op("Gather", g.weight("embed_tokens.weight", d.embed), c.INPUT_IDS, axis=0)
-        h = self.norm(x, d.layers[0].input_norm, "layers.0.input_norm")
+        unit = unit_norm(d)
+        h = self.norm(x, unit if d.parallel_residual else d.layers[0].input_norm, "layers.0.input_norm")
         fold = self.static  # the output biases go into the fused residual-norm kernel (residual_norm)
         new_kv: dict[int, tuple[str, str]] = {}  # owner -> this step's (k, v), static graph
         present: dict[int, tuple[str, str]] = {}  # owner -> past + new, dynamic graph
         for i, layer in enumerate(d.layers):
+            block = fold_parallel_norms(layer) if d.parallel_residual else layer
+            appended = block.up if d.parallel_residual else None
             if self.static:
-                context = self.attend_fused(h, layer, i, cos, sin, new_kv)
+                context, up = self.attend_fused(h, block, i, cos, sin, new_kv, appended)
             else:
-                q, k, v = self.project_qkv(h, layer, i)
+                q, k, v, up = self.project_qkv(h, block, i, appended=appended)
                 q = self.rotary(self.split_heads(q, d.num_heads), cos, sin, d.num_heads)
                 if k is not None:
                     k = self.rotary(self.split_heads(k, d.num_kv_heads), cos, sin, d.num_kv_heads)
@@ -303,16 +317,19 @@ class DecoderGraph:
                     present[i] = tuple(g.op("Concat", c.past_name(i, kind), new, axis=2,
                                             outputs=[c.present_name(i, kind)]) for kind, new in zip(c.KV_KINDS, (k, v)))
                 context = self.attend(q, *present[self.strategy.kv_source[i]], bias)
-            attn = self.linear(context, layer.o, f"layers.{i}.attn.o_proj", bias=not fold)
             last = i + 1 == len(d.layers)
-            following, following_name = ((d.final_norm, "final_norm") if last
-                                         else (d.layers[i + 1].input_norm, f"layers.{i + 1}.input_norm"))
+            following, following_name = ((d.final_norm, "final_norm") if last else
+                                         (unit if d.parallel_residual else d.layers[i + 1].input_norm,
+                                          f"layers.{i + 1}.input_norm"))
             if d.parallel_residual:
-                mlp = self.mlp(self.norm(x, layer.post_attention_norm, f"layers.{i}.post_attention_norm"), layer, i,
-                               down_bias=not fold)
-                h, x = self.residual_norm(x, [attn, mlp], [layer.o.bias, layer.down.bias], following,
-                                          following_name)
+                # The attention's output projection and the MLP's down projection as one MatMul over their
+                # inputs side by side: x + context Wo + act(up) Wdown = x + [context, act(up)] [Wo; Wdown].
+                out = concat_linears([layer.o, layer.down], axis=0)
+                inputs = g.op("Concat", context, self.activation(up), axis=-1)
+                delta = self.linear(inputs, out, f"layers.{i}.out_proj", bias=not fold)
+                h, x = self.residual_norm(x, [delta], [out.bias], following, following_name)
             else:
+                attn = self.linear(context, layer.o, f"layers.{i}.attn.o_proj", bias=not fold)
                 h, x = self.residual_norm(x, [attn], [layer.o.bias], layer.post_attention_norm,
                                           f"layers.{i}.post_attention_norm")
                 mlp = self.mlp(h, layer, i, down_bias=not fold)
@@ -370,6 +387,42 @@ class DecoderGraph:
 
     def layout(self) -> c.CacheLayout:
         return cache_layout(self.d, self.strategy, self.dtype)
+
+
+def concat_linears(parts: list[Linear], axis: int = 1) -> Linear:
+    """Linears as one: of one input side by side (axis=1: their outputs concatenated), or of inputs side by side
+    summed (axis=0: their weights stacked, their biases added)."""
+    if len(parts) == 1:
+        return parts[0]
+    weight = torch.cat([lin.weight for lin in parts], dim=axis)
+    if all(lin.bias is None for lin in parts):
+        return Linear(weight)
+    biases = [torch.zeros(lin.weight.shape[1]) if lin.bias is None else lin.bias.float() for lin in parts]
+    return Linear(weight, torch.cat(biases) if axis == 1 else sum(biases))
+
+
+def unit_norm(description: DecoderDescription) -> Norm:
+    """The normalisation alone (weight 1, bias 0): what a parallel-residual block keeps once fold_parallel_norms
+    has moved its norms' weights into the projections."""
+    ones = torch.ones(description.hidden_size)
+    return Norm(ones, torch.zeros_like(ones) if description.norm == "layernorm" else None)
+
+
+def fold_parallel_norms(layer: Layer) -> Layer:
+    """A parallel-residual layer's two norms normalise the same input and differ only in weight and bias, so each
+    folds into the projections it feeds: (n(x) * w + b) W + c = n(x) (w^T * W) + (b W + c). Then one normalisation
+    feeds one MatMul for Q|K|V and the MLP's up projection (GPT-NeoX: one norm and one MatMul less per layer)."""
+
+    def fold(lin: Linear, norm: Norm) -> Linear:
+        weight = lin.weight.float()
+        bias = torch.zeros(weight.shape[1]) if lin.bias is None else lin.bias.float()
+        if norm.bias is not None:
+            bias = bias + norm.bias.float() @ weight
+        return Linear(norm.weight.float()[:, None] * weight, bias)
+
+    attention, mlp = layer.input_norm, layer.post_attention_norm
+    return replace(layer, q=fold(layer.q, attention), k=fold(layer.k, attention), v=fold(layer.v, attention),
+                   up=fold(layer.up, mlp))
 
 
 def cache_layout(description: DecoderDescription, strategy: Strategy, dtype: str) -> c.CacheLayout:

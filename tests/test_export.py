@@ -44,16 +44,15 @@ def test_graph_has_kv_io_and_projections_for_owners_only(tiny_neox, export_cache
         f"past_key_values.{i}.{k}" for i in owners for k in ("key", "value")]
     assert outputs == ["logits"] + [f"present.{i}.{k}" for i in owners for k in ("key", "value")]
     weights = {init.name: init for init in model.graph.initializer}
-    hidden, q_width = 64, 64
+    hidden, q_width, inner = 64, 64, 256
     for layer in range(4):
-        if layer in owners:
-            assert onnx.numpy_helper.to_array(weights[f"layers.{layer}.attn.qkv_proj.weight"]).shape == (hidden, 3 * q_width)
-            assert f"layers.{layer}.attn.q_proj.weight" not in weights
-        else:  # a shared layer projects its queries and nothing else
-            assert onnx.numpy_helper.to_array(weights[f"layers.{layer}.attn.q_proj.weight"]).shape == (hidden, q_width)
-            assert not any(name.startswith(f"layers.{layer}.attn.qkv") for name in weights)
+        # GPT-NeoX's parallel block: one MatMul for Q(|K|V) and the MLP's up projection (exporter.onnx_graph.
+        # fold_parallel_norms); a shared layer projects its queries and no keys or values
+        width = (3 if layer in owners else 1) * q_width + inner
+        assert onnx.numpy_helper.to_array(weights[f"layers.{layer}.in_proj.weight"]).shape == (hidden, width)
+        assert not any(name.startswith(f"layers.{layer}.attn.") for name in weights)
     matmul_weights = [n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
-    assert len(matmul_weights) == 4 * 4 + 1  # per layer: q(kv), o, up, down; plus the LM head
+    assert len(matmul_weights) == 2 * 4 + 1  # per layer: in (q|k|v|up) and out (o|down); plus the LM head
 
 
 def test_onnx_matches_a_longer_independent_decode(tiny_neox, export_cache):

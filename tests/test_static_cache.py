@@ -101,7 +101,15 @@ def test_static_graph_uses_fused_kernels(static_export):
     fused = "SkipLayerNormalization" if parallel else "SkipSimplifiedLayerNormalization"
     assert ops.count(fused) == (1 if parallel else 2) * layers  # one per residual add
     assert ops.count("GroupQueryAttention") == layers
-    assert not {"Softmax", "Concat", "Transpose", "Identity"} & set(ops)
+    assert not {"Softmax", "Transpose", "Identity"} & set(ops)
+    # GPT-NeoX: one normalisation and two MatMuls per layer (fold_parallel_norms); the one Concat per layer joins
+    # the attention's context and the MLP's activation, never a cache
+    weighted = (4 if not parallel else 2) * layers + 1  # Llama: q|k|v, o, gate|up, down; plus the LM head
+    assert sum(op == "MatMul" for op in ops) == weighted
+    assert ops.count("LayerNormalization") == (1 if parallel else 0)
+    assert ops.count("Concat") == (layers if parallel else 0)
+    for node in graph.node:
+        assert node.op_type != "Concat" or not any(name.startswith("past_key_values") for name in node.input)
     # tiny_neox's head_dim 16 with 4 rotary dims is outside GroupQueryAttention's rotary kernel: RotaryEmbedding
     # rotates q per layer and k per owner; tiny_llama's rotary runs inside the attention op.
     rotary_outside = parallel
