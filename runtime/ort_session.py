@@ -54,7 +54,9 @@ def make_session(path, provider: str = "cpu", device_id: int = 0) -> ort.Inferen
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     import torch
 
-    cuda_options = {"device_id": str(device_id),
+    # use_tf32 0: a float32 export runs float32 MatMuls, as on the CPU (ONNX Runtime's TF32 default rounds them to
+    # 10 mantissa bits, which flipped greedy near-ties on the H100); float16 exports are the fast path
+    cuda_options = {"device_id": str(device_id), "use_tf32": "0",
                     "user_compute_stream": str(torch.cuda.current_stream(device_id).cuda_stream)}
     with default_environment(ATTENTION_KERNEL_DEFAULTS):
         return ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", cuda_options)])
