@@ -35,7 +35,8 @@ run_server() {  # name export slots batching rate
   until curl -sf localhost:8000/health >/dev/null; do  # a server that failed to start ends the script
     kill -0 $pid 2>/dev/null || { cat /tmp/serve-$1.log; exit 1; }; sleep 0.5
   done
-  python3 samples/load_test.py --url http://127.0.0.1:8000 --model m --requests 3000 --rate "$5" \
+  # 96 clients: more requests in flight than the 64 slots of every:2, which 32 clients never filled (2026-11-25)
+  python3 samples/load_test.py --url http://127.0.0.1:8000 --model m --requests 3000 --rate "$5" --concurrency 96 \
     --server-pid $pid --ignore-eos --output "/tmp/load-$1.json" >/dev/null
   kill -TERM $pid; wait $pid || true
   grep -v "^\s*$" /tmp/serve-$1.log | tail -n 3
