@@ -255,32 +255,31 @@ class DecoderGraph:
         return any(source == owner for j, source in enumerate(self.strategy.kv_source) if j != owner)
 
     def project_qkv(self, h: str, layer: Layer, i: int, split: bool = True, appended: Linear | None = None):
-        """(q, k, v, extra) in one MatMul: owners project Q|K|V (split=False: (packed Q|K|V, extra)), shared layers
-        only Q (k and v None: no K/V weights exist for them). `appended` is a further linear of the same input
-        run in the same MatMul (the parallel-residual MLP's up projection, see parallel_block); extra is its
+        """(q, k, v, extra) from one MatMul: owners project Q|K|V (split=False: (packed Q|K|V, extra)), shared layers
+        only Q (k and v None: no K/V weights exist for them). `appended` is a further linear of the same input run
+        in the same MatMul (a parallel-residual layer's MLP up projection, see fold_parallel_norms); extra is its
         output, or None.
 
         The attention scale 1/sqrt(head_dim) is folded into the Q weights (rotary is linear, so it commutes):
         one multiplication less per layer and step.
         """
-        d, g = self.d, self.g
-        scale = d.head_dim**-0.5
+        scale = self.d.head_dim**-0.5
         q = Linear(layer.q.weight * scale, None if layer.q.bias is None else layer.q.bias * scale)
-        parts = [q, layer.k, layer.v] if self.strategy.is_owner(i) else [q]
-        widths = [lin.weight.shape[1] for lin in parts]
-        packed = list(widths) if split else [sum(widths)]
+        owner = self.strategy.is_owner(i)
+        parts = [q, layer.k, layer.v] if owner else [q]
+        widths = [lin.weight.shape[1] for lin in parts] if split else [sum(lin.weight.shape[1] for lin in parts)]
         if appended is not None:
             parts.append(appended)
-            packed.append(appended.weight.shape[1])
-        name = f"layers.{i}." + ("in_proj" if appended is not None else
-                                 "attn.qkv_proj" if self.strategy.is_owner(i) else "attn.q_proj")
+            widths.append(appended.weight.shape[1])
+        name = f"layers.{i}." + ("in_proj" if appended is not None else "attn.qkv_proj" if owner else "attn.q_proj")
         out = self.linear(h, concat_linears(parts), name)
-        outputs = [out] if len(packed) == 1 else g.op("Split", out, g.const(packed), axis=-1, outputs=len(packed))
-        if appended is None:
-            outputs.append(None)
-        if split and len(widths) == 1:
-            outputs[1:1] = [None, None]
-        return outputs
+        pieces = [out] if len(widths) == 1 else self.g.op("Split", out, self.g.const(widths), axis=-1,
+                                                           outputs=len(widths))
+        extra = pieces.pop() if appended is not None else None
+        if not split:
+            return pieces[0], extra
+        q_out, k_out, v_out = pieces if owner else (pieces[0], None, None)
+        return q_out, k_out, v_out, extra
 
     def mlp(self, h: str, layer: Layer, i: int, down_bias: bool = True) -> str:
         """down(act(up(h))), or SwiGLU's down(act(gate(h)) * up(h)) with gate|up packed in one MatMul."""
@@ -304,7 +303,7 @@ class DecoderGraph:
         new_kv: dict[int, tuple[str, str]] = {}  # owner -> this step's (k, v), static graph
         present: dict[int, tuple[str, str]] = {}  # owner -> past + new, dynamic graph
         for i, layer in enumerate(d.layers):
-            block = fold_parallel_norms(layer) if d.parallel_residual else layer
+            block = fold_parallel_norms(layer, self.strategy.is_owner(i)) if d.parallel_residual else layer
             appended = block.up if d.parallel_residual else None
             if self.static:
                 context, up = self.attend_fused(h, block, i, cos, sin, new_kv, appended)
@@ -408,10 +407,11 @@ def unit_norm(description: DecoderDescription) -> Norm:
     return Norm(ones, torch.zeros_like(ones) if description.norm == "layernorm" else None)
 
 
-def fold_parallel_norms(layer: Layer) -> Layer:
+def fold_parallel_norms(layer: Layer, owner: bool) -> Layer:
     """A parallel-residual layer's two norms normalise the same input and differ only in weight and bias, so each
     folds into the projections it feeds: (n(x) * w + b) W + c = n(x) (w^T * W) + (b W + c). Then one normalisation
-    feeds one MatMul for Q|K|V and the MLP's up projection (GPT-NeoX: one norm and one MatMul less per layer)."""
+    feeds one MatMul for Q|K|V and the MLP's up projection (GPT-NeoX: one norm and one MatMul less per layer).
+    A shared layer (owner False) keeps its unused K/V projections as they are."""
 
     def fold(lin: Linear, norm: Norm) -> Linear:
         weight = lin.weight.float()
@@ -421,8 +421,8 @@ def fold_parallel_norms(layer: Layer) -> Layer:
         return Linear(norm.weight.float()[:, None] * weight, bias)
 
     attention, mlp = layer.input_norm, layer.post_attention_norm
-    return replace(layer, q=fold(layer.q, attention), k=fold(layer.k, attention), v=fold(layer.v, attention),
-                   up=fold(layer.up, mlp))
+    key_value = {"k": fold(layer.k, attention), "v": fold(layer.v, attention)} if owner else {}
+    return replace(layer, q=fold(layer.q, attention), up=fold(layer.up, mlp), **key_value)
 
 
 def cache_layout(description: DecoderDescription, strategy: Strategy, dtype: str) -> c.CacheLayout:
