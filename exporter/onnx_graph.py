@@ -78,6 +78,7 @@ class DecoderGraph:
         self.g = GraphBuilder(dtype, weights)
         self.positions: str | None = None  # static graph: [batch, seq] int64 from seqlens_k, made when first used
         self._seqlens: str | None = None  # static graph: seqlens_k as int64, made when first used
+        self._offsets: tuple[str, str] | None = None  # static graph: (0 .. seq - 1, seq - 1), made when first used
 
     # -- building blocks ---------------------------------------------------------------------------
     def linear(self, x: str, lin: Linear, name: str, bias: bool = True) -> str:
@@ -148,10 +149,9 @@ class DecoderGraph:
             if self.positions is None:
                 # Compact rows: the new tokens sit at seqlens_k + 1 - seq .. seqlens_k; a right-padded first prompt
                 # (seqlens_k + 1 < seq) at 0 .., as GroupQueryAttention places them.
-                seq = g.op("Gather", g.op("Shape", c.INPUT_IDS), g.const([1]), axis=0)
-                last = g.op("Unsqueeze", self.seqlens(), g.const([1]))
-                first = g.op("Max", g.op("Sub", g.op("Add", last, g.const([1])), seq), g.const([0]))
-                offsets = g.op("Range", g.const(0), g.op("Squeeze", seq), g.const(1))
+                offsets, last = self.chunk_offsets()
+                row_last = g.op("Unsqueeze", self.seqlens(), g.const([1]))
+                first = g.op("Max", g.op("Sub", row_last, last), g.const([0]))
                 self.positions = g.op("Add", first, offsets)
             return g.op("RotaryEmbedding", x, self.positions, cos, sin, domain="com.microsoft", interleaved=0,
                         num_heads=heads, rotary_embedding_dim=rot if rot < head_dim else 0)
@@ -344,6 +344,20 @@ class DecoderGraph:
             self._seqlens = self.g.op("Cast", c.SEQLENS_K, to=TensorProto.INT64)
         return self._seqlens
 
+    def chunk_offsets(self) -> tuple[str, str]:
+        """0 .. seq - 1 [seq] and seq - 1 [1] as int64 on the device (static graph): sliced from a constant range
+        by the input's shape, which ONNX Runtime reads on the host when it launches the Slice. Values computed on
+        the host from the shape and copied to the device would be read from a host buffer that a replayed CUDA
+        graph (one per prefill shape) finds overwritten by the last run of another shape."""
+        if self._offsets is None:
+            g = self.g
+            seq = g.op("Gather", g.op("Shape", c.INPUT_IDS), g.const([1]), axis=0)
+            offsets = g.op("Slice", g.const(np.arange(self.d.max_positions, dtype=np.int64)), g.const([0]), seq,
+                           g.const([0]))
+            self._offsets = offsets, g.op("Slice", offsets, g.const([-1]), g.const([np.iinfo(np.int64).max]),
+                                          g.const([0]))
+        return self._offsets
+
     def kept_positions(self, h: str) -> str:
         """The positions whose logits are computed: the last logits_to_keep ones in the dynamic graph (0: all, for
         evaluation); one per row in the static graph (it generates), at min(seqlens_k, seq - 1): the last token of
@@ -353,8 +367,7 @@ class DecoderGraph:
         g = self.g
         if not self.static:
             return g.op("Slice", h, g.op("Neg", c.LOGITS_TO_KEEP), g.const([np.iinfo(np.int64).max]), g.const([1]))
-        last = g.op("Sub", g.op("Gather", g.op("Shape", c.INPUT_IDS), g.const([1]), axis=0), g.const([1]))
-        index = g.op("Min", self.seqlens(), last)
+        index = g.op("Min", self.seqlens(), self.chunk_offsets()[1])
         kept = g.op("GatherND", h, g.op("Unsqueeze", index, g.const([1])), batch_dims=1)  # [batch, hidden]
         return g.op("Unsqueeze", kept, g.const([1]))
 

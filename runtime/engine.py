@@ -8,7 +8,8 @@ queue. Each scheduler iteration:
      `prefill_batch` new prompts in one run (StaticCacheDecoder.prefill_first; while requests wait for rows and
      others decode, until an eighth of the rows are admitted), further chunks of long prompts row by row, so that a
      long prompt never stalls the requests that are decoding; a prompt's first token is chosen on the device,
-     into the row's entry of the next-token buffer;
+     into the row's entry of the next-token buffer, and streamed once the prefill has run (on CUDA after the
+     step below is queued, so the host never waits for a device with nothing queued);
   3. queues one decode step for rows 0..n-1 (n: the highest decoding row + 1, bucketed on CUDA), each at its own
      length, fed from the next-token buffer, and the choice of each row's next token (each with its own settings
      and generator) back into that buffer; rows that are not decoding write one slot past their valid tokens,
@@ -30,16 +31,17 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tokenizers.decoders import DecodeStream
 
 from kvexport.strategies import InputError, KvexportError
 
 from .exported import ExportedModel
-from .generator import Generator, Prompt
+from .generator import Generator, Prompt, RequestChecker
 from .sampling import SamplingConfig, choose_tokens
 
 
@@ -93,15 +95,36 @@ class RequestHandle:
                 return
 
     async def __aiter__(self) -> AsyncIterator[Event]:
+        async for events in self.batches():
+            for event in events:
+                yield event
+
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """The events that have arrived at each wake-up, at least one: a consumer that falls behind (a server
+        streaming to many clients) handles several tokens at once."""
         with self._lock:  # events already emitted move to the asyncio queue, in order
             self._loop, self._async_events = asyncio.get_running_loop(), asyncio.Queue()
             while not self._events.empty():
                 self._async_events.put_nowait(self._events.get_nowait())
         while True:
-            event = self._text.add(await self._async_events.get())
-            yield event
-            if event.finish_reason is not None:
+            events = [await self._async_events.get()]
+            while not self._async_events.empty():
+                events.append(self._async_events.get_nowait())
+            events = [self._text.add(event) for event in events]
+            yield events
+            if events[-1].finish_reason is not None:
                 return
+
+
+def deliver(items: list[tuple[RequestHandle, Event]]) -> None:
+    """Hand events to their handles: one wake-up per asyncio loop (a server's), not one per token."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for handle, event in items:
+        loop = handle._deliver(event)
+        if loop is not None:
+            by_loop.setdefault(loop, []).append((handle, event))
+    for loop, batch in by_loop.items():
+        loop.call_soon_threadsafe(deliver_async, batch)
 
 
 def deliver_async(items: list[tuple[RequestHandle, Event]]) -> None:
@@ -111,16 +134,21 @@ def deliver_async(items: list[tuple[RequestHandle, Event]]) -> None:
 
 
 class Detokenizer:
-    """A request's text, one token at a time, on the consumer's side (not the scheduler's): each token decodes a
-    few tokens of context (as vLLM does), not the whole output, and a character split over tokens waits for its
-    last byte."""
+    """A request's text, one token at a time, on the consumer's side (not the scheduler's); a character split over
+    tokens waits for its last byte. Fast tokenizers use the tokenizers library's DecodeStream (under a microsecond a
+    token); others decode a few tokens of context per token (as vLLM does), not the whole output."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.tokens, self.prefix, self.read = tokenizer, [], 0, 0
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.stream = DecodeStream(skip_special_tokens=True) if backend is not None else None
+        self.backend = backend
 
     def add(self, event: Event) -> Event:
         if event.token_id is None or self.tokenizer is None:
             return event
+        if self.stream is not None:
+            return Event(event.token_id, self.stream.step(self.backend, event.token_id) or "", event.finish_reason)
         self.tokens.append(event.token_id)
         decode = self.tokenizer.decode
         before = decode(self.tokens[self.prefix:self.read], skip_special_tokens=True)
@@ -146,17 +174,27 @@ class Slot:
 
 
 @dataclass
-class Step:
+class Chosen:
+    """Tokens chosen on the device for some rows, on their way to the host."""
+    slots: list[tuple[int, Slot]]  # (row, slot) they were chosen for
+    tokens: torch.Tensor  # host copy of the next-token buffer (pinned on CUDA), valid once `done` has passed
+    done: torch.cuda.Event | None  # CUDA: recorded after the copy
+
+    def wait(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.tokens.tolist()
+
+
+@dataclass
+class Step(Chosen):
     """A decode step queued on the device, whose tokens the host has not taken yet."""
-    slots: list[tuple[int, Slot]]  # (row, slot) fed to it
-    tokens: torch.Tensor  # host copy of its chosen tokens (pinned on CUDA), valid once `done` has passed
-    started: float  # host clock when it was queued
-    steady: bool  # queued in an iteration that ran no prefill
-    # CUDA: events recorded on the device before it, after the model's run, and after its tokens' copy; on the CPU
-    # the model's run took ran_ms when the step was queued
+    started: float = 0.0  # host clock when it was queued
+    steady: bool = False  # queued in an iteration that ran no prefill
+    # CUDA: events recorded on the device before it and after the model's run; on the CPU the model's run took
+    # ran_ms when the step was queued
     begin: torch.cuda.Event | None = None
     ran: torch.cuda.Event | None = None
-    done: torch.cuda.Event | None = None
     ran_ms: float = 0.0
 
 
@@ -175,18 +213,40 @@ class EngineStats:
     steady_wall_seconds: float = 0.0
     steady_graph_seconds: float = 0.0
     loop_seconds: float = 0.0  # wall time of scheduler iterations that did work (prefill included)
+    # of which the scheduler waited for the device (chosen tokens to reach the host) and handed events on (to the
+    # consumers, or to the front end of an engine in its own process, blocking while that one is behind)
+    device_wait_seconds: float = 0.0
+    delivery_seconds: float = 0.0
     last_step_ms: float = 0.0
+
+
+def check_submission(requests: RequestChecker, prompt: Prompt, config: SamplingConfig | None,
+                     timeout_s: float | None) -> tuple[list[int], SamplingConfig]:
+    """A request's token ids and settings (the model's end-of-sequence tokens stop it by default), or an InputError
+    if it cannot run."""
+    config = config or SamplingConfig(stop_token_ids=requests.model.facts.eos_token_ids)
+    if not isinstance(config, SamplingConfig):
+        raise InputError(f"config must be a SamplingConfig, got a {type(config).__name__}")
+    ids = requests.encode([prompt])[0]
+    requests.check(1, len(ids), config)
+    if timeout_s is not None and not timeout_s > 0:
+        raise InputError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    return ids, config
 
 
 class Engine:
     def __init__(self, model: ExportedModel | str | Path, provider: str = "cpu", max_slots: int = 8,
                  max_length: int | None = None, max_queue: int = 256, prefill_chunk: int = 256,
-                 cuda_graph: bool = False, batching: str = "continuous", device_id: int = 0):
+                 cuda_graph: bool = False, batching: str = "continuous", device_id: int = 0,
+                 prefill_batch: int | None = None, on_events: Callable[[list[tuple[RequestHandle, Event]]], None]
+                 | None = None):
+        """on_events: given each iteration's events instead of delivering them to the handles (an engine in a
+        process of its own sends them to its front end, see engine_process.py)."""
         if batching not in ("continuous", "static"):
             raise KvexportError("batching must be continuous or static")
         self.generator = Generator(model, provider=provider, device_id=device_id, backend="ort-static",
                                    max_batch=max_slots, cuda_graph=cuda_graph, max_length=max_length,
-                                   prefill_chunk=prefill_chunk)
+                                   prefill_chunk=prefill_chunk, prefill_batch=prefill_batch)
         self.model, self.decoder = self.generator.model, self.generator.decoder
         self.max_slots, self.max_queue, self.batching = max_slots, max_queue, batching
         self.device = self.decoder.device
@@ -195,6 +255,7 @@ class Engine:
         self._next_tokens = torch.zeros(max_slots, dtype=torch.int64, device=self.device)
         self._pending: Step | None = None  # the step queued last, whose tokens the host has not taken
         self._outbox: list[tuple[RequestHandle, Event]] = []  # events of this iteration, delivered at its end
+        self._on_events = on_events or deliver
         self.stats = EngineStats()
         self._slots: list[Slot | None] = [None] * max_slots
         self._waiting: deque[RequestHandle] = deque()
@@ -210,13 +271,7 @@ class Engine:
                timeout_s: float | None = None) -> RequestHandle:
         """Queue a request (text or token ids). Refused at once, with an InputError, if it cannot run (bad
         prompt or settings, longer than the cache); QueueFullError when the queue is full."""
-        config = config or SamplingConfig(stop_token_ids=self.model.facts.eos_token_ids)
-        if not isinstance(config, SamplingConfig):
-            raise InputError(f"config must be a SamplingConfig, got a {type(config).__name__}")
-        ids = self.generator.encode([prompt])[0]
-        self.generator.check_request(1, len(ids), config)
-        if timeout_s is not None and not timeout_s > 0:
-            raise InputError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        ids, config = check_submission(self.generator.requests, prompt, config, timeout_s)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._wake:
             if self._closing:
@@ -263,6 +318,8 @@ class Engine:
             "scheduler_overhead": (max(0.0, 1 - stats.steady_graph_seconds / stats.steady_wall_seconds)
                                    if stats.steady_wall_seconds else 0.0),
             "tokens_per_s": stats.generated_tokens / stats.loop_seconds if stats.loop_seconds else 0.0,
+            "loop_seconds": stats.loop_seconds, "device_wait_seconds": stats.device_wait_seconds,
+            "delivery_seconds": stats.delivery_seconds,
         }
 
     # -- the scheduler -----------------------------------------------------------------------------
@@ -276,9 +333,14 @@ class Engine:
                 self._admit()
             started = time.perf_counter()
             try:
-                prefilled = self._prefill()
-                self._flush()  # first tokens out now, not after the next step
+                prefilled, first = self._prefill()
+                if first is not None and self.device.type != "cuda":
+                    self._accept_chosen(first)  # on the CPU, before the next step (which takes long there)
+                    self._flush()
+                    first = None
                 queued = self._queue_step(steady=not prefilled)
+                if first is not None:  # on CUDA, once the prefill has run, while the step just queued runs
+                    self._accept_chosen(first)
                 if self._pending is not None:
                     self._take(self._pending, queued)
                 self._pending = queued
@@ -292,15 +354,11 @@ class Engine:
         self._outbox.append((handle, event))
 
     def _flush(self) -> None:
-        """Deliver the iteration's events: one wake-up per asyncio loop (a server's), not one per token."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for handle, event in self._outbox:
-            loop = handle._deliver(event)
-            if loop is not None:
-                by_loop.setdefault(loop, []).append((handle, event))
-        self._outbox.clear()
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(deliver_async, items)
+        if self._outbox:
+            started = time.perf_counter()
+            self._on_events(self._outbox)
+            self._outbox = []
+            self.stats.delivery_seconds += time.perf_counter() - started
 
     def _admit(self) -> None:
         if self.batching == "static" and any(self._slots):
@@ -316,10 +374,11 @@ class Engine:
                 generator = None if handle.config.greedy else handle.config.generator(self.device)
                 self._slots[row] = Slot(handle, generator=generator)
 
-    def _prefill(self) -> bool:
+    def _prefill(self) -> tuple[bool, Chosen | None]:
         """Up to prefill_chunk prompt tokens per iteration, earliest-admitted prompts first: the first chunks of new
         prompts in one batched run, then further chunks of long prompts row by row. A prompt's first token is
-        chosen as soon as the prompt is all in its row. Whether any prompt token ran."""
+        chosen on the device as soon as the prompt is all in its row. Whether any prompt token ran, and the first
+        tokens chosen (not waited for)."""
         decoder, budget = self.decoder, self.decoder.prefill_chunk
         pending = [row for _, row in sorted((s.request.id, row) for row, s in enumerate(self._slots)
                                             if s and s.prefilled < len(s.request.prompt_ids))]
@@ -350,14 +409,14 @@ class Engine:
             slot.prefilled += len(chunk)
             budget -= len(chunk)
         complete = [row for row in pending if self._slots[row].prefilled == len(self._slots[row].request.prompt_ids)]
+        first = None
         if complete:
-            chosen = self._choose(decoder.logits[:, -1], complete).tolist()
+            self._choose(decoder.logits[:, -1], complete)
             for row in complete:
-                slot = self._slots[row]
-                self.stats.prompt_tokens += len(slot.request.prompt_ids)
-                slot.decoding = True
-                self._accept(row, slot, chosen[row])
-        return budget < decoder.prefill_chunk
+                self.stats.prompt_tokens += len(self._slots[row].request.prompt_ids)
+                self._slots[row].decoding = True
+            first = self._to_host([(row, self._slots[row]) for row in complete], Chosen)
+        return budget < decoder.prefill_chunk, first
 
     def _queue_step(self, steady: bool) -> Step | None:
         """Queue one decode step for the rows that go on decoding, and the choice of their next tokens, without
@@ -377,42 +436,53 @@ class Engine:
         if ran is not None:
             ran.record()
         ran_ms = 1e3 * (time.perf_counter() - started)
-        self._choose(logits, decoding)
-        tokens = self._next_tokens[:len(rows)].to("cpu", non_blocking=True, copy=True)
-        step = Step([(row, self._slots[row]) for row in decoding], tokens, started, steady, begin, ran,
-                    ran_ms=ran_ms)
-        if begin is not None:
-            step.done = torch.cuda.Event(enable_timing=True)
-            step.done.record()
+        self._choose(logits, decoding, others_idle=True)
+        step = self._to_host([(row, self._slots[row]) for row in decoding], Step, started=started, steady=steady,
+                             begin=begin, ran=ran, ran_ms=ran_ms)
         for row in decoding:
             self._slots[row].fed += 1
         self.stats.decode_steps += 1
         return step
 
-    def _choose(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    def _choose(self, logits: torch.Tensor, rows: list[int], others_idle: bool = False) -> None:
         """The next token of each of `rows` (logits [n, vocab], indexed by row), on the device, into the next-token
-        buffer: greedy rows from one argmax, each sampling row with its own settings and generator. Returns the
-        choice for every one of the n rows (only `rows`' are meant)."""
+        buffer: greedy rows from one argmax, each sampling row with its own settings and generator. others_idle:
+        no other row of the n holds a token still to be fed (a decode step's rows), so all n entries are written
+        at once, without an index."""
         chosen = logits.argmax(-1)
         for row in rows:
             slot = self._slots[row]
             if not slot.request.config.greedy:
                 chosen[row] = choose_tokens(logits[row:row + 1], slot.request.config, slot.generator)[0]
+        if others_idle:
+            self._next_tokens[:len(chosen)].copy_(chosen)
+            return
         index = torch.tensor(rows).to(self.device, non_blocking=True)
         self._next_tokens.index_copy_(0, index, chosen.index_select(0, index))
-        return chosen
 
-    def _take(self, step: Step, queued: Step | None) -> None:
-        """Stream a queued step's tokens once they reach the host (the step queued after it keeps the device busy
-        meanwhile); rows freed since it was queued drop theirs."""
-        graph_ms = step.ran_ms
-        if step.done is not None:
-            step.done.synchronize()
-            graph_ms = step.begin.elapsed_time(step.ran)
-        tokens = step.tokens.tolist()
-        for row, slot in step.slots:
+    def _to_host(self, slots: list[tuple[int, Slot]], kind: type[Chosen], **fields) -> Chosen:
+        """Queue the copy of the next-token buffer (up to the highest of `slots`' rows) to the host."""
+        rows = max(row for row, _ in slots) + 1
+        tokens = self._next_tokens[:rows].to("cpu", non_blocking=True, copy=True)
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return kind(slots, tokens, done, **fields)
+
+    def _accept_chosen(self, chosen: Chosen) -> None:
+        """Stream chosen tokens once they reach the host; rows freed since they were chosen drop theirs."""
+        started = time.perf_counter()
+        tokens = chosen.wait()
+        self.stats.device_wait_seconds += time.perf_counter() - started
+        for row, slot in chosen.slots:
             if self._slots[row] is slot:
                 self._accept(row, slot, tokens[row])
+
+    def _take(self, step: Step, queued: Step | None) -> None:
+        """Stream a queued step's tokens (the step queued after it keeps the device busy meanwhile)."""
+        self._accept_chosen(step)
+        graph_ms = step.ran_ms if step.begin is None else step.begin.elapsed_time(step.ran)
         self.stats.last_step_ms = graph_ms
         if step.steady and queued is not None and queued.steady:
             self.stats.steady_steps += 1

@@ -61,7 +61,7 @@ BACKENDS = ("ort", "ort-static", "tensorrt")
 
 def make_decoder(model: ExportedModel, backend: str = "ort", provider: str = "cpu", device_id: int = 0,
                  max_batch: int = 8, cuda_graph: bool = False, max_length: int | None = None,
-                 prefill_chunk: int = 512) -> Decoder:
+                 prefill_chunk: int = 512, prefill_batch: int | None = None) -> Decoder:
     """ort: the dynamic graph, cache growing per step; ort-static: preallocated buffers updated in place
     (CUDA graphs optional; prompts prefilled in chunks of at most prefill_chunk tokens); tensorrt: an engine
     built by kvexport build-engine."""
@@ -70,7 +70,8 @@ def make_decoder(model: ExportedModel, backend: str = "ort", provider: str = "cp
     if backend == "ort-static":
         from .static_cache import StaticCacheDecoder
 
-        return StaticCacheDecoder(model, provider, device_id, max_batch, cuda_graph, max_length, prefill_chunk)
+        return StaticCacheDecoder(model, provider, device_id, max_batch, cuda_graph, max_length, prefill_chunk,
+                                  prefill_batch)
     if backend == "tensorrt":
         from .tensorrt_backend import TensorRTDecoder
 
@@ -78,20 +79,14 @@ def make_decoder(model: ExportedModel, backend: str = "ort", provider: str = "cp
     raise KvexportError(f"backend '{backend}' is not supported: use {' or '.join(BACKENDS)}")
 
 
-class Generator:
-    """Every request is checked in full (prompts, token ids, sampling settings, batch and lengths against the export
-    and the decoder) before anything runs, so a bad one raises an InputError and leaves nothing half done."""
+class RequestChecker:
+    """Prompts to token ids, and requests checked against the export and a decoder's limits before anything runs,
+    so that a bad one raises an InputError and leaves nothing half done. Needs no decoder: an engine's front end in
+    another process than its decoder checks requests with it (engine_process.py)."""
 
-    def __init__(self, model: ExportedModel | str | Path, provider: str = "cpu", device_id: int = 0,
-                 backend: str = "ort", max_batch: int = 8, cuda_graph: bool = False, max_length: int | None = None,
-                 verify: bool = False, prefill_chunk: int = 512):
-        """verify: check every file's sha256 against the manifest when loading a directory (about a second per GB;
-        sizes and the graphs' inputs and outputs are always checked)."""
-        self.model = model if isinstance(model, ExportedModel) else ExportedModel.load(model, verify_hashes=verify)
-        self.decoder = make_decoder(self.model, backend, provider, device_id, max_batch, cuda_graph, max_length,
-                                    prefill_chunk)
+    def __init__(self, model: ExportedModel, max_batch: int | None, max_length: int | None):
+        self.model, self.max_batch, self.max_length = model, max_batch, max_length
         self._tokenizer = None
-        self.last_stats: GenerationStats | None = None
 
     @property
     def tokenizer(self):
@@ -127,20 +122,40 @@ class Generator:
             encoded.append([int(t) for t in ids])
         return encoded
 
-    def check_request(self, batch: int, prompt_length: int, config: SamplingConfig) -> None:
+    def check(self, batch: int, prompt_length: int, config: SamplingConfig) -> None:
         vocab = self.model.facts.vocab_size
         outside = [t for t in config.stop_token_ids if not 0 <= t < vocab]
         if outside:
             raise InputError(f"stop token id {outside[0]} is outside the vocabulary [0, {vocab})")
-        if self.decoder.max_batch is not None and batch > self.decoder.max_batch:
-            raise InputError(f"{batch} prompts exceed the decoder's max_batch {self.decoder.max_batch}: send fewer "
+        if self.max_batch is not None and batch > self.max_batch:
+            raise InputError(f"{batch} prompts exceed the decoder's max_batch {self.max_batch}: send fewer "
                              "or create the Generator with a larger max_batch")
         limits = [(self.model.facts.max_positions, "the model's positions"),
-                  (self.decoder.max_length, "the decoder's cache length")]
+                  (self.max_length, "the decoder's cache length")]
         for limit, what in limits:
             if limit is not None and prompt_length + config.max_new_tokens > limit:
                 raise InputError(f"prompt of {prompt_length} tokens plus {config.max_new_tokens} new tokens exceeds "
                                  f"{what} ({limit}): shorten the prompt or lower max_new_tokens")
+
+
+class Generator:
+    """Every request is checked in full (prompts, token ids, sampling settings, batch and lengths against the export
+    and the decoder) before anything runs (RequestChecker)."""
+
+    def __init__(self, model: ExportedModel | str | Path, provider: str = "cpu", device_id: int = 0,
+                 backend: str = "ort", max_batch: int = 8, cuda_graph: bool = False, max_length: int | None = None,
+                 verify: bool = False, prefill_chunk: int = 512, prefill_batch: int | None = None):
+        """verify: check every file's sha256 against the manifest when loading a directory (about a second per GB;
+        sizes and the graphs' inputs and outputs are always checked)."""
+        self.model = model if isinstance(model, ExportedModel) else ExportedModel.load(model, verify_hashes=verify)
+        self.decoder = make_decoder(self.model, backend, provider, device_id, max_batch, cuda_graph, max_length,
+                                    prefill_chunk, prefill_batch)
+        self.requests = RequestChecker(self.model, self.decoder.max_batch, self.decoder.max_length)
+        self.last_stats: GenerationStats | None = None
+
+    @property
+    def tokenizer(self):
+        return self.requests.tokenizer
 
     @property
     def pad_token_id(self) -> int:
@@ -167,9 +182,9 @@ class Generator:
         config = config or SamplingConfig(stop_token_ids=self.model.facts.eos_token_ids)
         if not isinstance(config, SamplingConfig):
             raise InputError(f"config must be a SamplingConfig, got a {type(config).__name__}")
-        encoded = self.encode(prompts)
+        encoded = self.requests.encode(prompts)
         ids, mask = self._left_pad(encoded)
-        self.check_request(len(encoded), ids.shape[1], config)
+        self.requests.check(len(encoded), ids.shape[1], config)
         batch = len(encoded)
         rng = None
         stops = np.array(sorted(set(config.stop_token_ids)), dtype=np.int64)
@@ -210,7 +225,7 @@ class Generator:
         )
 
     def generate(self, prompts: Sequence[Prompt], config: SamplingConfig | None = None) -> GenerationResult:
-        encoded = self.encode(prompts)  # validated before anything else touches them
+        encoded = self.requests.encode(prompts)  # validated before anything else touches them
         generated: list[list[int]] = [[] for _ in encoded]
         done = [False] * len(encoded)
         for event in self.stream(encoded, config):

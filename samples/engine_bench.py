@@ -1,10 +1,10 @@
 """The engine without HTTP: N requests submitted at once to an Engine, all streamed (with their text, to one
 asyncio event loop, as the server consumes them); tokens/s, time per output token, and the scheduler's share of a
 decode step. Used beside samples/load_test.py (which goes through the server) to tell the engine's throughput
-from the HTTP layer's.
+from the HTTP layer's. --process runs the engine in a process of its own, as the server does (EngineProcess).
 
     python samples/engine_bench.py EXPORT --provider cuda --cuda-graph --max-slots 64 --max-length 512 \\
-        --requests 512 [--batching static] --output engine.json
+        --requests 512 [--batching static] [--process] --output engine.json
 """
 
 import argparse
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kvexport.runtime import SamplingConfig
 from kvexport.runtime.engine import Engine
+from kvexport.runtime.engine_process import EngineProcess
 
 sys.path.insert(0, str(Path(__file__).parent))
 from load_test import percentile, prompts
@@ -36,12 +37,17 @@ def main() -> None:
     parser.add_argument("--switch-interval", type=float, metavar="MS",
                         help="Python's GIL switch interval (default 5 ms): how long the scheduler thread may wait "
                              "for the thread that streams")
+    parser.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per scheduler iteration")
+    parser.add_argument("--prefill-batch", type=int, help="first prompts per prefill run (default: 8 on CUDA)")
+    parser.add_argument("--process", action="store_true", help="the engine in a process of its own")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval / 1e3)
-    engine = Engine(args.export, provider=args.provider, max_slots=args.max_slots, max_length=args.max_length,
-                    max_queue=args.requests, cuda_graph=args.cuda_graph, batching=args.batching)
+    engine = (EngineProcess if args.process else Engine)(
+        args.export, provider=args.provider, max_slots=args.max_slots, max_length=args.max_length,
+        max_queue=args.requests, cuda_graph=args.cuda_graph, batching=args.batching, prefill_chunk=args.prefill_chunk,
+        prefill_batch=args.prefill_batch)
     warm = engine.submit("warm up", SamplingConfig(max_new_tokens=4))
     list(warm)
     work = prompts(args.requests, new_tokens=tuple(args.new_tokens))
@@ -61,7 +67,9 @@ def main() -> None:
     metrics = engine.metrics()
     engine.close()
     report = {"export": args.export, "max_slots": args.max_slots, "max_length": args.max_length,
-              "switch_interval_s": sys.getswitchinterval(), "batching": args.batching, "requests": args.requests, "new_tokens": args.new_tokens, "wall_s": wall,
+              "switch_interval_s": sys.getswitchinterval(), "batching": args.batching, "process": args.process,
+              "prefill_chunk": args.prefill_chunk, "prefill_batch": args.prefill_batch, "requests": args.requests,
+              "new_tokens": args.new_tokens, "wall_s": wall,
               "generated_tokens": sum(len(t) for t in times.values()),
               "tokens_per_s": sum(len(t) for t in times.values()) / wall,
               "tpot_p50_ms": 1e3 * percentile(tpot, 50), "tpot_p99_ms": 1e3 * percentile(tpot, 99),

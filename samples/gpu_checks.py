@@ -1,6 +1,8 @@
 """Correctness on the GPU (docs/results.md): greedy tokens of a float32 export on the CPU and CUDA; of a float16
 export's dynamic graph and static graph with CUDA graphs on CUDA (prompts of different lengths, so the static
-graph's rows differ in length), and their agreement with float32; float16 against float32 logits on CUDA.
+graph's rows differ in length), and their agreement with float32; float16 against float32 logits on CUDA; the
+serving engine (in its own process, CUDA graphs for decode steps and prefill shapes) against the static graph's
+Generator, every request generating all its tokens.
 
     python samples/gpu_checks.py --output gpu-checks [--model tiny-llama --share every:2]
 """
@@ -17,6 +19,7 @@ import torch
 from kvexport.exporter import export
 from kvexport.runtime import ExportedModel, Generator, OrtDecoder, SamplingConfig
 from kvexport.runtime.compare import compare_decoders
+from kvexport.runtime.engine_process import EngineProcess
 
 PROMPTS = ["In Python, a list", "The", "Exceptions are raised when", "import os\n"]
 
@@ -50,6 +53,21 @@ def main() -> None:
     report["greedy_tokens_equal_static_graph_vs_dynamic_fp16_cuda"] = (
         tokens["cuda-fp16-static-graph"] == tokens["cuda-fp16"])
     report["greedy_agreement_static_graph_fp16_vs_cpu_fp32"] = agreement("cuda-fp16-static-graph", "cpu-fp32")
+    full_length = SamplingConfig(max_new_tokens=48, stop_token_ids=[])  # rows never leave the batch: same shapes
+    alone = runs["cuda-fp16-static-graph"].generate(PROMPTS, full_length).token_ids
+    engine = EngineProcess(fp16, provider="cuda", cuda_graph=True, max_slots=4, max_length=128)
+    handles = [engine.submit(prompt, full_length) for prompt in PROMPTS]
+    for handle in handles:
+        list(handle)
+    engine.close()
+    # The engine admits requests as they arrive, so its batches' shapes differ from the Generator's: float16
+    # numerics may differ, as between any two batch shapes; agreement is the measure, with the first difference.
+    served = [handle.tokens for handle in handles]
+    report["greedy_tokens_equal_engine_vs_static_graph_fp16_cuda"] = served == alone
+    report["greedy_agreement_engine_vs_static_graph_fp16_cuda"] = sum(
+        a == b for x, y in zip(served, alone) for a, b in zip(x, y)) / sum(map(len, alone))
+    report["engine_first_difference_per_prompt"] = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None)
+                                                    for x, y in zip(served, alone)]
     report["sample_text_static_graph"] = runs["cuda-fp16-static-graph"].generate(PROMPTS[:1], config).texts[0]
     comparison = compare_decoders(OrtDecoder(ExportedModel.load(fp32), "cuda"),
                                   OrtDecoder(ExportedModel.load(fp16), "cuda"), batch=4, prompt=16, decode_steps=16)

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # On the GPU machine, after .gpu/stage.sh: issue #13's H100 figures. pythia-160m shape (random fp16 weights),
 # `none` with 32 slots and `every:2` with 64 slots of 1024 tokens (the same KV bytes: 2.25 GiB), continuous and
-# static batching; first the engine alone (samples/engine_bench.py), then through `kvexport serve` over loopback
-# with an open-loop load (samples/load_test.py). The server part needs fastapi and uvicorn on that machine, which
-# reaches no registry and gets neither from .gpu/stage.sh: carry their wheels in .whl (pip download fastapi uvicorn
-# and their dependencies; see the device tool's README); without them it is skipped. Results in $OUT.
+# static batching, under two loads of the shipped held-out text's prompts (1 to 60 words): short answers (8 to 64
+# new tokens; more prompt tokens than new ones) and long ones (64 to 512). First the engine alone
+# (samples/engine_bench.py, the engine in its own process as the server runs it), then, for the long answers,
+# through `kvexport serve` over loopback with an open-loop load (samples/load_test.py). The server part needs
+# fastapi and uvicorn on that machine, which reaches no registry and gets neither from .gpu/stage.sh: carry their
+# wheels in .whl (pip download fastapi uvicorn and their dependencies; see the device tool's README); without them
+# it is skipped. Results in $OUT.
 source samples/gpu_setup.sh
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -14,16 +17,21 @@ for s in none every:2; do
   python3 -m kvexport export --model /tmp/p160 --share $s --dtype float16 --static --max-new-tokens 0 \
     --output /tmp/p160-${s/:/} 2>&1 | grep -v Memcpy | tail -1
 done
-run_engine() {  # name export slots batching
+declare -A NEW_TOKENS=([short]="8 64" [long]="64 512")
+declare -A REQUESTS=([short]=1024 [long]=512)
+run_engine() {  # name export slots batching load
   python3 samples/engine_bench.py "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 \
-    --requests 1024 --batching "$4" --output "/tmp/engine-$1.json" 2>&1 | grep -v Memcpy \
-    | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); e=r['engine']; print('$1', round(r['tokens_per_s']), 'tok/s, tpot p50/p99', round(r['tpot_p50_ms'],2), round(r['tpot_p99_ms'],2), 'ms, steady step', round(e['steady_step_ms'],3), 'graph', round(e['steady_graph_step_ms'],3), 'overhead', round(e['scheduler_overhead'],3), 'steps', e['decode_steps'])"
+    --requests "${REQUESTS[$5]}" --new-tokens ${NEW_TOKENS[$5]} --batching "$4" --process \
+    --output "/tmp/engine-$1-$5.json" 2>&1 | grep -v Memcpy \
+    | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); e=r['engine']; print('$1 $5', round(r['tokens_per_s']), 'tok/s, tpot p50/p99', round(r['tpot_p50_ms'],2), round(r['tpot_p99_ms'],2), 'ms, steady step', round(e['steady_step_ms'],3), 'graph', round(e['steady_graph_step_ms'],3), 'overhead', round(e['scheduler_overhead'],3), 'steps', e['decode_steps'], 'loop/device wait/delivery s', round(e['loop_seconds'],2), round(e['device_wait_seconds'],2), round(e['delivery_seconds'],2))"
 }
 parts=${*:-engine server}  # bash samples/gpu_serving.sh [engine] [server]
 if [[ $parts == *engine* ]]; then
-  run_engine none-continuous /tmp/p160-none 32 continuous
-  run_engine every2-continuous /tmp/p160-every2 64 continuous
-  run_engine every2-static /tmp/p160-every2 64 static
+  for load in short long; do
+    run_engine none-continuous /tmp/p160-none 32 continuous $load
+    run_engine every2-continuous /tmp/p160-every2 64 continuous $load
+    run_engine every2-static /tmp/p160-every2 64 static $load
+  done
   cp /tmp/engine-*.json "$OUT/"
 fi
 [[ $parts == *server* ]] || exit 0
@@ -36,11 +44,11 @@ run_server() {  # name export slots batching rate
     kill -0 $pid 2>/dev/null || { cat /tmp/serve-$1.log; exit 1; }; sleep 0.5
   done
   # 96 clients: more requests in flight than the 64 slots of every:2, which 32 clients never filled (2026-11-25)
-  python3 samples/load_test.py --url http://127.0.0.1:8000 --model m --requests 3000 --rate "$5" --concurrency 96 \
-    --server-pid $pid --ignore-eos --output "/tmp/load-$1.json" >/dev/null
+  python3 samples/load_test.py --url http://127.0.0.1:8000 --model m --requests 2000 --rate "$5" --concurrency 96 \
+    --new-tokens ${NEW_TOKENS[long]} --server-pid $pid --ignore-eos --output "/tmp/load-$1.json" >/dev/null
   kill -TERM $pid; wait $pid || true
   grep -v "^\s*$" /tmp/serve-$1.log | tail -n 3
-  python3 -c "import json; r=json.load(open('/tmp/load-$1.json')); print('$1 http', r['served_tokens_per_s'], 'tok/s, tpot p50/p99 s', r['tpot_p50_s'], r['tpot_p99_s'], 'errors', r['errors'], 'overhead', r['server_metrics'].get('kvexport_scheduler_overhead'))"
+  python3 -c "import json; r=json.load(open('/tmp/load-$1.json')); print('$1 http', round(r['served_tokens_per_s']), 'tok/s, tpot p50/p99 ms', round(1e3*r['tpot_p50_s'],2), round(1e3*r['tpot_p99_s'],2), 'ttft p50/p99 s', round(r['ttft_p50_s'],3), round(r['ttft_p99_s'],3), 'errors', r['errors'], 'overhead', r['server_metrics'].get('kvexport_scheduler_overhead'))"
 }
 run_server none-continuous /tmp/p160-none 32 continuous 400
 run_server every2-continuous /tmp/p160-every2 64 continuous 400

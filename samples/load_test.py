@@ -4,10 +4,12 @@
         --check-greedy EXPORT_DIR --server-pid PID --output load.json
     python samples/load_test.py --url ... --requests 2000 --rate 200 --output open.json      # open loop, req/s
 
-Every request streams; it records time to first token and time per output token (TPOT: from the first to the last
-token, over the tokens after the first), errors by status, and with --check-greedy whether every greedy answer
-equals the same prompt run alone (kvexport's Generator on the export, batch 1). With --server-pid it samples the
-server's resident memory every half second.
+Every request streams; it records time to first token and time per output token (TPOT: from the first streamed
+piece to the last, over the completion's tokens after the first, counted by the usage the stream ends with; a piece
+holds the tokens that reached the server together, and the last one the finish reason), errors
+by status, and with --check-greedy whether every greedy answer equals the same prompt run alone (kvexport's
+Generator on the export, batch 1). With --server-pid it samples the resident memory of the server and its child
+processes (its engine's) every half second.
 """
 
 import argparse
@@ -39,11 +41,21 @@ def percentile(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else None
 
 
+def resident_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("VmRSS")).split()[1]) * 1024
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
+
+
 async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
               ignore_eos: bool = False) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": ignore_eos}
-    started, times, text = time.perf_counter(), [], ""
+            "ignore_eos": ignore_eos, "stream_options": {"include_usage": True}}
+    started, times, text, tokens = time.perf_counter(), [], "", 0
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -51,20 +63,21 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_
                 return {"status": response.status_code, "prompt": prompt, "max_tokens": max_tokens}
             async for line in response.aiter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
-                    choices = json.loads(line[6:])["choices"]
-                    if choices and choices[0]["text"]:
+                    chunk = json.loads(line[6:])
+                    if chunk["choices"]:  # a text delta, or the last piece with the finish reason
                         times.append(time.perf_counter())
-                        text += choices[0]["text"]
+                        text += chunk["choices"][0]["text"]
+                    tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
     except httpx.HTTPError as error:
         return {"status": type(error).__name__, "prompt": prompt, "max_tokens": max_tokens}
     return {"status": 200, "prompt": prompt, "max_tokens": max_tokens, "text": text,
             "ttft_s": times[0] - started if times else None,
-            "tpot_s": (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
-            "pieces": len(times), "seconds": time.perf_counter() - started}
+            "tpot_s": (times[-1] - times[0]) / (tokens - 1) if len(times) > 1 and tokens > 1 else None,
+            "pieces": len(times), "tokens": tokens, "seconds": time.perf_counter() - started}
 
 
 async def run(args) -> dict:
-    work = prompts(args.distinct)
+    work = prompts(args.distinct, new_tokens=tuple(args.new_tokens))
     jobs = [work[i % len(work)] for i in range(args.requests)]
     results, memory = [], []
     limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
@@ -73,8 +86,7 @@ async def run(args) -> dict:
 
         async def sample_memory():
             while args.server_pid and not stop.is_set():
-                status = Path(f"/proc/{args.server_pid}/status").read_text()
-                memory.append(int(next(x for x in status.splitlines() if x.startswith("VmRSS")).split()[1]) * 1024)
+                memory.append(sum(map(resident_bytes, [args.server_pid, *children(args.server_pid)])))
                 await asyncio.sleep(0.5)
 
         sampler = asyncio.create_task(sample_memory())
@@ -135,6 +147,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
     parser.add_argument("--rate", type=float, default=0.0, help="open loop: Poisson arrivals per second")
     parser.add_argument("--distinct", type=int, default=40, help="distinct (prompt, max_tokens) pairs")
+    parser.add_argument("--new-tokens", type=int, nargs=2, default=(8, 64), metavar=("LO", "HI"),
+                        help="max_tokens per request, drawn uniformly from LO..HI")
     parser.add_argument("--check-greedy", help="export directory: compare every answer with the prompt run alone")
     parser.add_argument("--server-pid", type=int)
     parser.add_argument("--ignore-eos", action="store_true",

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 
-from kvexport.runtime.engine import Engine
+from kvexport.runtime.engine_process import EngineProcess
 
 from .openai_api import Completions, error, prometheus
 
@@ -27,11 +27,11 @@ def models_payload(model_name: str, created: int) -> dict:
                                         "owned_by": "kvexport"}]}
 
 
-def metrics_response(engine: Engine) -> PlainTextResponse:
+def metrics_response(engine: EngineProcess) -> PlainTextResponse:
     return PlainTextResponse(prometheus(engine.metrics()), media_type="text/plain; version=0.0.4")
 
 
-def add_routes(app: FastAPI, engine: Engine, model_name: str) -> None:
+def add_routes(app: FastAPI, engine: EngineProcess, model_name: str) -> None:
     created = int(time.time())
     app.add_api_route("/v1/completions", Completions(engine, model_name), methods=["POST"])
 
@@ -44,7 +44,7 @@ def add_routes(app: FastAPI, engine: Engine, model_name: str) -> None:
         return {"status": "ok", "model": model_name}
 
     @app.get("/metrics")
-    async def metrics():
+    def metrics():  # a round trip to the engine process: in FastAPI's thread pool, not on the event loop
         return metrics_response(engine)
 
     @app.exception_handler(RequestValidationError)
@@ -64,16 +64,15 @@ def add_routes(app: FastAPI, engine: Engine, model_name: str) -> None:
 SWITCH_INTERVAL_S = 0.0005
 
 
-def start_engine(directory: Path, **engine_options) -> Engine:
-    """The engine of a server process (kvexport serve, a Ray Serve replica). Its scheduler thread and the event
-    loop that streams share the GIL, and a thread asking for it waits up to the switch interval: 5 ms by default,
-    longer than a decode step on a GPU. 0.5 ms served 25% more tokens/s for `none` on the H100 (docs/results.md,
-    issue 13; mixed for `every:2`)."""
+def start_engine(directory: Path, **engine_options) -> EngineProcess:
+    """The engine of a server (kvexport serve, a Ray Serve replica), in a process of its own, so that streaming
+    never delays a step. The server's thread that receives the engine's tokens and its event loop share the GIL,
+    and a thread asking for it waits up to the switch interval (5 ms by default): 0.5 ms keeps the tokens moving."""
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    return Engine(directory, **engine_options)
+    return EngineProcess(directory, **engine_options)
 
 
-def create_app(engine: Engine, model_name: str) -> FastAPI:
+def create_app(engine: EngineProcess, model_name: str) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_):
         yield

@@ -1,4 +1,4 @@
-"""The OpenAI completions protocol over an Engine: request checking, responses, streaming, errors.
+"""The OpenAI completions protocol over an engine: request checking, responses, streaming, errors.
 
 Shared by the single-process server (serving/app.py) and the Ray Serve deployment (serving/ray_app.py). Every
 refusal is an OpenAI-style JSON error with a 4xx status: 400 for a request that cannot run (malformed JSON, wrong
@@ -17,7 +17,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kvexport.runtime.engine import Engine, EngineClosedError, Event, QueueFullError, RequestHandle
+from kvexport.runtime.engine import EngineClosedError, QueueFullError, RequestHandle
+from kvexport.runtime.engine_process import EngineProcess
 from kvexport.runtime.sampling import SamplingConfig
 from kvexport.strategies import InputError
 
@@ -57,7 +58,7 @@ def validation_error(problem: ValidationError | Exception) -> JSONResponse:
 class Completions:
     """POST /v1/completions for one engine serving one model name."""
 
-    def __init__(self, engine: Engine, model_name: str):
+    def __init__(self, engine: EngineProcess, model_name: str):
         self.engine, self.model_name = engine, model_name
 
     async def __call__(self, request: Request):
@@ -110,8 +111,9 @@ class Completions:
 
     async def stream(self, handles: list[RequestHandle], stops: list[str], completion_id: str, created: int,
                      include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events, one per text delta, a last one per choice with its finish reason, then [DONE]. A
-        client that goes away cancels its requests (the slots are freed at the next step)."""
+        """Server-sent events, one per text delta (the tokens that arrived together form one), a last one per
+        choice with its finish reason, then [DONE]. A client that goes away cancels its requests (the slots are
+        freed at the next step)."""
         def chunk(index: int, text: str, reason: str | None, extra: dict | None = None) -> str:
             choices = [] if index < 0 else [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}]
             payload = {"id": completion_id, "object": "text_completion", "created": created,
@@ -135,16 +137,15 @@ async def stream_text(handle: RequestHandle, stops: list[str]) -> AsyncIterator[
     text); the last characters that could begin one are held back until the next token shows whether they do."""
     hold = max((len(stop) - 1 for stop in stops), default=0)
     pending = ""
-    async for event in handle:
-        event: Event
-        pending += event.text
+    async for events in handle.batches():
+        pending += "".join(event.text for event in events)
         cut = min((i for i in (pending.find(stop) for stop in stops) if i >= 0), default=-1)
         if cut >= 0:
             handle.cancel()
             yield pending[:cut], "stop"
             return
-        if event.finish_reason:
-            yield pending, event.finish_reason
+        if events[-1].finish_reason:
+            yield pending, events[-1].finish_reason
             return
         if len(pending) > hold:
             yield pending[:len(pending) - hold], None

@@ -14,7 +14,8 @@ import pytest
 
 from kvexport.exporter import export
 from kvexport.runtime import Generator, SamplingConfig
-from kvexport.runtime.engine import Engine, QueueFullError
+from kvexport.runtime.engine import Engine, EngineClosedError, QueueFullError
+from kvexport.runtime.engine_process import EngineProcess
 from kvexport.strategies import InputError
 
 PROMPTS = ["In Python, a list", "The dictionary", "def f(x):", "import os", "class A:", "Lambda", "A", "for i in"]
@@ -91,6 +92,38 @@ def test_async_iteration(served_export, alone):
 
     events = asyncio.run(run())
     assert [e.token_id for e in events] == alone[PROMPTS[2]]
+    engine.close()
+
+
+def test_engine_in_a_process_of_its_own(served_export, alone):
+    """The server's engine: a child process behind a front end with the Engine's API. The same answers as alone,
+    backpressure counted on the front end, cancel, metrics, an engine that cannot start raising its error, and a
+    dead engine process ending its requests with 'error'."""
+    with pytest.raises(InputError, match="exceeds the model's"):
+        EngineProcess(served_export, max_length=10**6)
+    engine = EngineProcess(served_export, max_slots=2, max_queue=1)
+    handles = [engine.submit(prompt, GREEDY) for prompt in PROMPTS[:3]]  # two rows and one waiting
+    with pytest.raises(QueueFullError):
+        engine.submit(PROMPTS[3], GREEDY)
+    tokenizer = engine.requests.tokenizer
+    for prompt, handle in zip(PROMPTS, handles):
+        assert "".join(event.text for event in handle) == tokenizer.decode(alone[prompt])
+        assert handle.tokens == alone[prompt] and handle.finish_reason == "length"
+    metrics = engine.metrics()
+    assert metrics["generated_tokens"] == 36 and metrics["active_slots"] == 0 and metrics["refused_queue_full"] == 1
+    with pytest.raises(InputError, match="exceeds"):
+        engine.submit("x", SamplingConfig(max_new_tokens=10_000))
+    long = SamplingConfig(max_new_tokens=200, stop_token_ids=[])
+    cancelled = engine.submit(PROMPTS[0], long)
+    next(iter(cancelled))
+    cancelled.cancel()
+    assert [event.finish_reason for event in cancelled][-1] == "cancelled"
+    stranded = engine.submit(PROMPTS[0], long)
+    next(iter(stranded))
+    engine._process.kill()
+    assert [event.finish_reason for event in stranded][-1] == "error"
+    with pytest.raises(EngineClosedError):
+        engine.submit(PROMPTS[0], GREEDY)
     engine.close()
 
 
