@@ -5,8 +5,9 @@ Rows are compact: row b's tokens fill slots 0..n_b - 1, so a row's length is its
 and rows of different lengths (or requests that joined at different times) share the buffers. One graph and one
 session (the weights are on the device once) serve both phases of model_static.onnx. Prefill: the first chunk
 (at most prefill_chunk tokens) of up to prefill_batch new prompts runs as one batch, right-padded to a bucketed
-length (so ONNX Runtime meets few shapes, each of which costs it a kernel plan), into staging rows, whose K/V are
-then copied into the prompts' own rows; a prompt's further chunks are appended to its row one row at a time.
+length (so ONNX Runtime meets few shapes, each of which costs it a kernel plan, and each (batch, length) shape
+can be captured as a CUDA graph like a decode step), into staging rows, whose K/V are then copied into the
+prompts' own rows; a prompt's further chunks are appended to its row one row at a time.
 GroupQueryAttention writes the K/V in place without materializing attention scores, and only each row's last
 token's logits are computed. Each decode step runs one token for every row; all its inputs and outputs are bound
 to fixed addresses, so the step can be captured as a CUDA graph and replayed. Logits stay on the device.
@@ -181,8 +182,8 @@ class StaticCacheDecoder(Decoder):
     def _run(self, key: int | tuple[int, int], binding: ort.IOBinding) -> None:
         """One run of a binding made once (a decode step's or a prefill shape's) on the decoder's stream: with
         cuda_graph its captured graph (captured at its first run, after two plain runs have sized ONNX Runtime's
-        arena and chosen its GEMM algorithms; replaying one launch instead of ONNX Runtime's per-node launches
-        takes a 6.9 ms prefill run on the H100 to ...), else a plain run."""
+        arena and chosen its GEMM algorithms; one launch instead of ONNX Runtime's per-node launches: an uncaptured
+        prefill run held the host 6.9 ms on the H100, see docs/results.md), else a plain run."""
         if not self.cuda_graph:
             self.session.run_with_iobinding(binding, self._run_options)
             return
