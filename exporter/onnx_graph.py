@@ -344,6 +344,10 @@ class DecoderGraph:
             self._seqlens = self.g.op("Cast", c.SEQLENS_K, to=TensorProto.INT64)
         return self._seqlens
 
+    def chunk_length(self) -> str:
+        """The input's sequence length as int64 [1], from its shape: ONNX Runtime keeps it on the host."""
+        return self.g.op("Gather", self.g.op("Shape", c.INPUT_IDS), self.g.const([1]), axis=0)
+
     def chunk_offsets(self) -> tuple[str, str]:
         """0 .. seq - 1 [seq] and seq - 1 [1] as int64 on the device (static graph): sliced from a constant range
         by the input's shape, which ONNX Runtime reads on the host when it launches the Slice. Values computed on
@@ -351,9 +355,8 @@ class DecoderGraph:
         graph (one per prefill shape) finds overwritten by the last run of another shape."""
         if self._offsets is None:
             g = self.g
-            seq = g.op("Gather", g.op("Shape", c.INPUT_IDS), g.const([1]), axis=0)
-            offsets = g.op("Slice", g.const(np.arange(self.d.max_positions, dtype=np.int64)), g.const([0]), seq,
-                           g.const([0]))
+            offsets = g.op("Slice", g.const(np.arange(self.d.max_positions, dtype=np.int64)), g.const([0]),
+                           self.chunk_length(), g.const([0]))
             self._offsets = offsets, g.op("Slice", offsets, g.const([-1]), g.const([np.iinfo(np.int64).max]),
                                           g.const([0]))
         return self._offsets
@@ -363,13 +366,20 @@ class DecoderGraph:
         evaluation); one per row in the static graph (it generates), at min(seqlens_k, seq - 1): the last token of
         a decode step or of a prompt chunk appended to a row, and the last real token of a right-padded first
         prompt (there seqlens_k is the row's length - 1). The full-vocabulary logits of every prompt position
-        would otherwise be the largest tensor of a prefill."""
+        would otherwise be the largest tensor of a prefill.
+
+        The static graph picks each row's position with GatherElements over int32 indices: four small kernels, none
+        of them reading the host. GatherND, the obvious op, copies shape arrays from pageable host memory inside
+        the run, two more copies per step that a captured CUDA graph replays from host buffers it does not own."""
         g = self.g
         if not self.static:
             return g.op("Slice", h, g.op("Neg", c.LOGITS_TO_KEEP), g.const([np.iinfo(np.int64).max]), g.const([1]))
-        index = g.op("Min", self.seqlens(), self.chunk_offsets()[1])
-        kept = g.op("GatherND", h, g.op("Unsqueeze", index, g.const([1])), batch_dims=1)  # [batch, hidden]
-        return g.op("Unsqueeze", kept, g.const([1]))
+        seq = self.chunk_length()
+        last = g.op("Slice", g.const(np.arange(self.d.max_positions, dtype=np.int32), np.int32),
+                    g.op("Sub", seq, g.const([1])), seq, g.const([0]))  # [seq - 1]
+        index = g.op("Unsqueeze", g.op("Min", c.SEQLENS_K, last), g.const([1, 2]))  # [batch, 1, 1]
+        index = g.op("Expand", index, g.const([1, 1, self.d.hidden_size]))
+        return g.op("GatherElements", h, index, axis=1)  # [batch, 1, hidden]
 
     def _model(self) -> onnx.ModelProto:
         d, kv_type, static = self.d, ONNX_TYPES[self.dtype], self.static

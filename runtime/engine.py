@@ -6,10 +6,10 @@ queue. Each scheduler iteration:
   1. admits waiting requests into free slots (the lowest free row first, so the active rows stay a short prefix);
   2. prefills at most `prefill_chunk` prompt tokens, earliest requests first: the first chunks of up to
      `prefill_batch` new prompts in one run (StaticCacheDecoder.prefill_first; while requests wait for rows and
-     others decode, until an eighth of the rows are admitted), further chunks of long prompts row by row, so that a
-     long prompt never stalls the requests that are decoding; a prompt's first token is chosen on the device,
-     into the row's entry of the next-token buffer, and streamed once the prefill has run (on CUDA after the
-     step below is queued, so the host never waits for a device with nothing queued);
+     others decode, until an eighth of the rows, at most 4, are admitted), further chunks of long prompts row by
+     row, so that a long prompt never stalls the requests that are decoding; a prompt's first token is chosen
+     on the device, into the row's entry of the next-token buffer, and streamed once the prefill has run (on
+     CUDA after the step below is queued, so the host never waits for a device with nothing queued);
   3. queues one decode step for rows 0..n-1 (n: the highest decoding row + 1, bucketed on CUDA), each at its own
      length, fed from the next-token buffer, and the choice of each row's next token (each with its own settings
      and generator) back into that buffer; rows that are not decoding write one slot past their valid tokens,
@@ -385,8 +385,9 @@ class Engine:
         pending = [row for row in pending if not self._stopped(row, self._slots[row])]
         fresh, candidates = [], [row for row in pending if self._slots[row].prefilled == 0]
         # While requests wait for rows and others decode, new prompts are batched, rather than pausing decoding for
-        # each: up to an eighth of the rows (at most prefill_batch) may idle meanwhile.
-        batch_at = max(1, min(decoder.prefill_batch, self.max_slots // 8))
+        # each: up to an eighth of the rows, at most 4, may idle meanwhile (at 64 rows on the H100, waiting for 8
+        # served 2-10% fewer tokens/s than waiting for 4: docs/results.md).
+        batch_at = max(1, min(decoder.prefill_batch, 4, self.max_slots // 8))
         if len(candidates) < batch_at and self._waiting and any(s and s.decoding for s in self._slots):
             candidates = []
         for row in candidates:

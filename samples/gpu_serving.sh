@@ -23,7 +23,7 @@ run_engine() {  # name export slots batching load
   python3 samples/engine_bench.py "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 \
     --requests "${REQUESTS[$5]}" --new-tokens ${NEW_TOKENS[$5]} --batching "$4" --process \
     --output "/tmp/engine-$1-$5.json" 2>&1 | grep -v Memcpy \
-    | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); e=r['engine']; print('$1 $5', round(r['tokens_per_s']), 'tok/s, tpot p50/p99', round(r['tpot_p50_ms'],2), round(r['tpot_p99_ms'],2), 'ms, steady step', round(e['steady_step_ms'],3), 'graph', round(e['steady_graph_step_ms'],3), 'overhead', round(e['scheduler_overhead'],3), 'steps', e['decode_steps'], 'loop/device wait/delivery s', round(e['loop_seconds'],2), round(e['device_wait_seconds'],2), round(e['delivery_seconds'],2))"
+    | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); e=r['engine']; print('$1 $5', round(r['tokens_per_s']), 'tok/s, saturated', round(r['saturated_tokens_per_s']), 'tpot p50/p99', round(r['tpot_p50_ms'],2), round(r['tpot_p99_ms'],2), 'ms, steady step', round(e['steady_step_ms'],3), 'graph', round(e['steady_graph_step_ms'],3), 'overhead', round(e['scheduler_overhead'],3), 'steps', e['decode_steps'], 'loop/device wait/delivery s', round(e['loop_seconds'],2), round(e['device_wait_seconds'],2), round(e['delivery_seconds'],2))"
 }
 parts=${*:-engine server}  # bash samples/gpu_serving.sh [engine] [server]
 if [[ $parts == *engine* ]]; then

@@ -18,7 +18,7 @@ from kvexport.runtime import ExportedModel
 from kvexport.runtime.static_cache import StaticCacheDecoder
 
 STEPS = 5
-TOP_KERNELS = 20
+TOP_KERNELS = 40
 
 
 def profile_point(directory: str, batch: int, context: int) -> None:
