@@ -368,9 +368,9 @@ class DecoderGraph:
         prompt (there seqlens_k is the row's length - 1). The full-vocabulary logits of every prompt position
         would otherwise be the largest tensor of a prefill.
 
-        The static graph picks each row's position with GatherElements over int32 indices: four small kernels, none
-        of them reading the host. GatherND, the obvious op, copies shape arrays from pageable host memory inside
-        the run, two more copies per step that a captured CUDA graph replays from host buffers it does not own."""
+        The static graph picks each row's position with GatherElements over int32 indices (seqlens_k's own type):
+        four small device operations per step, where GatherND's int64 indices took six (a Cast, a second Slice, and
+        GatherND's own offset kernel; H100 profile in docs/results.md)."""
         g = self.g
         if not self.static:
             return g.op("Slice", h, g.op("Neg", c.LOGITS_TO_KEEP), g.const([np.iinfo(np.int64).max]), g.const([1]))

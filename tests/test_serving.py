@@ -14,7 +14,7 @@ import pytest
 
 from kvexport.exporter import export
 from kvexport.runtime import Generator, SamplingConfig
-from kvexport.runtime.engine import Engine, EngineClosedError, QueueFullError
+from kvexport.runtime.engine import Engine, EngineClosedError, QueueFullError, deliver
 from kvexport.runtime.engine_process import EngineProcess
 from kvexport.strategies import InputError
 
@@ -70,6 +70,34 @@ def test_cancel_deadline_backpressure_and_static_batching(served_export, alone):
         engine.submit("x", SamplingConfig(max_new_tokens=10_000))
     assert engine.metrics()["active_slots"] == 0
     engine.close()
+
+
+def test_static_batching_prefills_its_whole_batch_while_the_first_rows_decode(served_export):
+    """Static batching with batched first prompts (as on CUDA): 17 rows take 9 iterations of two prompts each to
+    prefill while the first rows decode; the last prompt must not wait for the batch to end (it did, when the
+    rule that batches continuous batching's new prompts also held back static batching's last one)."""
+    order = []
+
+    def record(items):
+        order.extend(items)
+        deliver(items)
+
+    engine = Engine(served_export, max_slots=17, batching="static", prefill_batch=8, prefill_chunk=16,
+                    on_events=record)
+    config = SamplingConfig(max_new_tokens=24, stop_token_ids=[])
+    first = engine.submit([99] * 6, config)
+    while engine.metrics()["active_slots"] == 0:  # the engine is busy: the next 17 are admitted as one batch
+        time.sleep(0.001)
+    handles = [engine.submit([100 + i] * 6, config) for i in range(20)]  # 6 tokens: two prompts per 16
+    for handle in [first, *handles]:
+        assert list(handle)[-1].finish_reason == "length"
+    engine.close()
+    batch = set(handles[:17])
+    first_tokens = {}
+    for index, (handle, _) in enumerate(order):
+        first_tokens.setdefault(handle, index)
+    first_finish = min(i for i, (handle, event) in enumerate(order) if handle in batch and event.finish_reason)
+    assert max(first_tokens[handle] for handle in batch) < first_finish
 
 
 def test_a_request_that_fills_the_cache_gets_all_its_tokens(served_export):
