@@ -189,14 +189,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as missing:
         raise KvexportError(f"serving needs the serve extra ({missing.name} is missing): pip install "
                             "'kvexport[serve]'") from None
+    if args.stream_interval < 1:
+        raise KvexportError(f"--stream-interval {args.stream_interval}: a streamed event carries at least 1 token")
     options = {"provider": args.provider, "max_slots": args.max_slots, "max_queue": args.max_queue,
                "max_length": args.max_length, "cuda_graph": args.cuda_graph, "batching": args.batching}
     if args.replicas:
         from kvexport.serving.ray_app import serve_on_ray
 
         return serve_on_ray(args.directory, args.host, args.port, args.model_name, args.replicas,
-                            args.gpus_per_replica, **options)
-    return serve(args.directory, args.host, args.port, args.model_name, **options)
+                            args.gpus_per_replica, stream_interval=args.stream_interval, **options)
+    return serve(args.directory, args.host, args.port, args.model_name, args.stream_interval, **options)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -398,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--batching", choices=["continuous", "static"], default="continuous",
                         help="static: admit a new batch only when the last one has finished (for comparison)")
     server.add_argument("--model-name", help="the model id clients send (default: the export's source)")
+    server.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                        help="tokens per streamed event, at least (default 1: each as it comes; more cost the "
+                             "server and its clients less per token)")
     server.add_argument("--replicas", type=int, default=0,
                         help="serve on Ray Serve with this many replicas, one engine each (needs ray[serve])")
     server.add_argument("--gpus-per-replica", type=float, default=0.0)

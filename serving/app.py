@@ -31,9 +31,9 @@ def metrics_response(engine: EngineProcess) -> PlainTextResponse:
     return PlainTextResponse(prometheus(engine.metrics()), media_type="text/plain; version=0.0.4")
 
 
-def add_routes(app: FastAPI, engine: EngineProcess, model_name: str) -> None:
+def add_routes(app: FastAPI, engine: EngineProcess, model_name: str, stream_interval: int) -> None:
     created = int(time.time())
-    app.add_api_route("/v1/completions", Completions(engine, model_name), methods=["POST"])
+    app.add_api_route("/v1/completions", Completions(engine, model_name, stream_interval), methods=["POST"])
 
     @app.get("/v1/models")
     async def models():
@@ -72,18 +72,19 @@ def start_engine(directory: Path, **engine_options) -> EngineProcess:
     return EngineProcess(directory, **engine_options)
 
 
-def create_app(engine: EngineProcess, model_name: str) -> FastAPI:
+def create_app(engine: EngineProcess, model_name: str, stream_interval: int = 1) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_):
         yield
         engine.close(drain=True)  # after uvicorn stopped taking requests and in-flight ones ended
 
     app = FastAPI(title="kvexport", lifespan=lifespan)
-    add_routes(app, engine, model_name)
+    add_routes(app, engine, model_name, stream_interval)
     return app
 
 
-def serve(directory: Path, host: str, port: int, model_name: str | None, **engine_options) -> int:
+def serve(directory: Path, host: str, port: int, model_name: str | None, stream_interval: int = 1,
+          **engine_options) -> int:
     import uvicorn
 
     engine = start_engine(directory, **engine_options)
@@ -93,6 +94,6 @@ def serve(directory: Path, host: str, port: int, model_name: str | None, **engin
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the handler that was there before: with this
     # one, a drained shutdown ends as a clean exit (status 0) instead of a death by signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(create_app(engine, name), host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+    uvicorn.run(create_app(engine, name, stream_interval), host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
     return 0
 

@@ -58,8 +58,8 @@ def validation_error(problem: ValidationError | Exception) -> JSONResponse:
 class Completions:
     """POST /v1/completions for one engine serving one model name."""
 
-    def __init__(self, engine: EngineProcess, model_name: str):
-        self.engine, self.model_name = engine, model_name
+    def __init__(self, engine: EngineProcess, model_name: str, stream_interval: int = 1):
+        self.engine, self.model_name, self.stream_interval = engine, model_name, stream_interval
 
     async def __call__(self, request: Request):
         try:
@@ -111,8 +111,8 @@ class Completions:
 
     async def stream(self, handles: list[RequestHandle], stops: list[str], completion_id: str, created: int,
                      include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events, one per text delta (the tokens that arrived together form one), a last one per
-        choice with its finish reason, then [DONE]. A client that goes away cancels its requests (the slots are
+        """Server-sent events, one per text delta (the tokens that arrived together form one, at least
+        stream_interval of them), a last one per choice with its finish reason, then [DONE]. A client that goes away cancels its requests (the slots are
         freed at the next step)."""
         def chunk(index: int, text: str, reason: str | None, extra: dict | None = None) -> str:
             choices = [] if index < 0 else [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}]
@@ -122,7 +122,7 @@ class Completions:
 
         try:
             for index, handle in enumerate(handles):
-                async for text, reason in stream_text(handle, stops):
+                async for text, reason in stream_text(handle, stops, self.stream_interval):
                     yield chunk(index, text, reason)
             if include_usage:
                 yield chunk(-1, "", None, {"usage": usage(handles)})
@@ -132,13 +132,17 @@ class Completions:
                 handle.cancel()
 
 
-async def stream_text(handle: RequestHandle, stops: list[str]) -> AsyncIterator[tuple[str, str | None]]:
-    """(text delta, finish reason) pairs. A stop string ends the request where it starts (it is not part of the
-    text); the last characters that could begin one are held back until the next token shows whether they do."""
+async def stream_text(handle: RequestHandle, stops: list[str], interval: int = 1
+                      ) -> AsyncIterator[tuple[str, str | None]]:
+    """(text delta, finish reason) pairs, each delta from at least `interval` tokens but the last (fewer events
+    for the server and its clients to handle per token). A stop string ends the request where it starts (it is
+    not part of the text); the last characters that could begin one are held back until the next token shows
+    whether they do."""
     hold = max((len(stop) - 1 for stop in stops), default=0)
-    pending = ""
+    pending, unsent = "", 0
     async for events in handle.batches():
         pending += "".join(event.text for event in events)
+        unsent += len(events)
         cut = min((i for i in (pending.find(stop) for stop in stops) if i >= 0), default=-1)
         if cut >= 0:
             handle.cancel()
@@ -147,9 +151,9 @@ async def stream_text(handle: RequestHandle, stops: list[str]) -> AsyncIterator[
         if events[-1].finish_reason:
             yield pending, events[-1].finish_reason
             return
-        if len(pending) > hold:
+        if unsent >= interval and len(pending) > hold:
             yield pending[:len(pending) - hold], None
-            pending = pending[len(pending) - hold:]
+            pending, unsent = pending[len(pending) - hold:], 0
 
 
 async def collect(handle: RequestHandle, stops: list[str]) -> tuple[str, str]:

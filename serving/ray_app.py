@@ -17,7 +17,8 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 
 
-def deployment(directory: Path, model_name: str | None, replicas: int, gpus_per_replica: float, **engine_options):
+def deployment(directory: Path, model_name: str | None, replicas: int, gpus_per_replica: float,
+               stream_interval: int = 1, **engine_options):
     """A bound Ray Serve application: `replicas` copies of the API, each over its own Engine."""
     from ray import serve
 
@@ -33,7 +34,7 @@ def deployment(directory: Path, model_name: str | None, replicas: int, gpus_per_
         def __init__(self):
             self.engine = start_engine(directory, **engine_options)
             self.name = model_name or self.engine.model.facts.source
-            self.completions_api, self.created = Completions(self.engine, self.name), int(time.time())
+            self.completions_api, self.created = Completions(self.engine, self.name, stream_interval), int(time.time())
 
         @app.post("/v1/completions")
         async def completions(self, request: Request):
@@ -57,14 +58,16 @@ def deployment(directory: Path, model_name: str | None, replicas: int, gpus_per_
 
 
 def serve_on_ray(directory: Path, host: str, port: int, model_name: str | None, replicas: int,
-                 gpus_per_replica: float = 0.0, block: bool = True, **engine_options) -> int:
+                 gpus_per_replica: float = 0.0, block: bool = True, stream_interval: int = 1,
+                 **engine_options) -> int:
     import ray
     from ray import serve
 
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, include_dashboard=False,
              log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(deployment(Path(directory).resolve(), model_name, replicas, gpus_per_replica, **engine_options),
+    serve.run(deployment(Path(directory).resolve(), model_name, replicas, gpus_per_replica, stream_interval,
+                         **engine_options),
               route_prefix="/", name="kvexport")
     print(f"serving {directory} on http://{host}:{port}/v1 with {replicas} Ray Serve replicas", flush=True)
     if not block:

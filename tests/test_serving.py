@@ -165,7 +165,8 @@ def free_port() -> int:
 def server(served_export, tmp_path_factory):
     port = free_port()
     command = [sys.executable, "-c", "import sys; from kvexport.exporter.cli import main; sys.exit(main(sys.argv[1:]))",
-               "serve", str(served_export), "--port", str(port), "--max-slots", "4", "--max-queue", "8"]
+               "serve", str(served_export), "--port", str(port), "--max-slots", "4", "--max-queue", "8",
+               "--stream-interval", "3"]
     process = subprocess.Popen(command, cwd=tmp_path_factory.mktemp("cwd"), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -181,6 +182,12 @@ def server(served_export, tmp_path_factory):
         process.kill()
 
 
+def test_a_bad_stream_interval_is_one_line(served_export):
+    command = [sys.executable, "-m", "kvexport", "serve", str(served_export), "--stream-interval", "0"]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "--stream-interval 0" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
 def test_openai_client_against_the_server(server, alone, served_export):
     from openai import OpenAI
 
@@ -194,6 +201,7 @@ def test_openai_client_against_the_server(server, alone, served_export):
     pieces = [c.choices[0].text for c in client.completions.create(
         model="tiny-neox", prompt=PROMPTS[1], max_tokens=12, temperature=0, stream=True) if c.choices]
     assert "".join(pieces) == tokenizer.decode(alone[PROMPTS[1]])
+    assert len(pieces) <= 12 // 3 + 1  # --stream-interval 3: at least 3 tokens per event (one each by default)
     both = client.completions.create(model="tiny-neox", prompt=PROMPTS[:2], max_tokens=12, temperature=0)
     assert [c.text for c in both.choices] == [tokenizer.decode(alone[p]) for p in PROMPTS[:2]]
     expected = tokenizer.decode(alone[PROMPTS[0]])
