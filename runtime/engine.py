@@ -73,28 +73,19 @@ class RequestHandle:
         self._events: queue.Queue[Event] = queue.Queue()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._async_events: asyncio.Queue[list[Event]] | None = None
-        self._held: list[Event] = []  # events for the asyncio consumer, held until it wants a wake-up
-        self._wake_every = 1
+        self._async_events: asyncio.Queue[Event] | None = None
 
     def cancel(self) -> None:
         """Stop the request; its slot is freed at the next scheduler step and its stream ends with 'cancelled'."""
         self.cancelled = True
 
-    def _deliver(self, event: Event) -> tuple[asyncio.AbstractEventLoop, list[Event]] | None:
-        """Hand an event to a blocking consumer; for an asyncio consumer, hold it until it makes a batch of
-        `_wake_every` (or ends the request), then return the consumer's loop and the batch, which that loop must be
-        given (deliver_async): one wake-up of the loop carries many requests' events, and one wake-up of a
-        consumer as many of its events as it asked for."""
+    def _deliver(self, event: Event) -> asyncio.AbstractEventLoop | None:
+        """Hand an event to a blocking consumer; for an asyncio consumer, return its loop, which must be given the
+        event (deliver_async), so that one wake-up of the loop carries many events."""
         with self._lock:
             if self._loop is None:
                 self._events.put(event)
-                return None
-            self._held.append(event)
-            if len(self._held) < self._wake_every and event.finish_reason is None:
-                return None
-            held, self._held = self._held, []
-            return self._loop, held
+            return self._loop
 
     def __iter__(self) -> Iterator[Event]:
         while True:
@@ -108,19 +99,17 @@ class RequestHandle:
             for event in events:
                 yield event
 
-    async def batches(self, at_least: int = 1) -> AsyncIterator[list[Event]]:
-        """The events that have arrived at each wake-up: at least `at_least` of them (but the request's first and
-        last batches), more for a consumer that falls behind (a server streaming to many clients). A server's
-        consumers each wake once per `at_least` tokens, not once per token."""
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """The events that have arrived at each wake-up, at least one: a consumer that falls behind (a server
+        streaming to many clients) handles several tokens at once."""
         with self._lock:  # events already emitted move to the asyncio queue, in order
-            self._loop, self._async_events, self._wake_every = asyncio.get_running_loop(), asyncio.Queue(), at_least
-            early = [self._events.get_nowait() for _ in range(self._events.qsize())]
-            if early:
-                self._async_events.put_nowait(early)
+            self._loop, self._async_events = asyncio.get_running_loop(), asyncio.Queue()
+            while not self._events.empty():
+                self._async_events.put_nowait(self._events.get_nowait())
         while True:
-            events = await self._async_events.get()
+            events = [await self._async_events.get()]
             while not self._async_events.empty():
-                events += self._async_events.get_nowait()
+                events.append(self._async_events.get_nowait())
             events = [self._text.add(event) for event in events]
             yield events
             if events[-1].finish_reason is not None:
@@ -129,19 +118,19 @@ class RequestHandle:
 
 def deliver(items: list[tuple[RequestHandle, Event]]) -> None:
     """Hand events to their handles: one wake-up per asyncio loop (a server's), not one per token."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, list[Event]]]] = {}
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
     for handle, event in items:
-        ready = handle._deliver(event)
-        if ready is not None:
-            by_loop.setdefault(ready[0], []).append((handle, ready[1]))
+        loop = handle._deliver(event)
+        if loop is not None:
+            by_loop.setdefault(loop, []).append((handle, event))
     for loop, batch in by_loop.items():
         loop.call_soon_threadsafe(deliver_async, batch)
 
 
-def deliver_async(items: list[tuple[RequestHandle, list[Event]]]) -> None:
-    """Run in a consumer's event loop: each consumer's batch of one scheduler iteration, in order."""
-    for handle, events in items:
-        handle._async_events.put_nowait(events)
+def deliver_async(items: list[tuple[RequestHandle, Event]]) -> None:
+    """Run in a consumer's event loop: the events of one scheduler iteration, in order."""
+    for handle, event in items:
+        handle._async_events.put_nowait(event)
 
 
 class Detokenizer:

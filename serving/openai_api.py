@@ -140,7 +140,7 @@ async def stream_text(handle: RequestHandle, stops: list[str], interval: int = 1
     whether they do."""
     hold = max((len(stop) - 1 for stop in stops), default=0)
     pending, unsent = "", 0
-    async for events in handle.batches(interval):
+    async for events in handle.batches():
         pending += "".join(event.text for event in events)
         unsent += len(events)
         cut = min((i for i in (pending.find(stop) for stop in stops) if i >= 0), default=-1)
