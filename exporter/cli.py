@@ -401,8 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="static: admit a new batch only when the last one has finished (for comparison)")
     server.add_argument("--model-name", help="the model id clients send (default: the export's source)")
     server.add_argument("--stream-interval", type=int, default=1, metavar="N",
-                        help="tokens per streamed event, at least (default 1: each as it comes; more cost the "
-                             "server and its clients less per token)")
+                        help="tokens per streamed event, at least (default 1: each as it comes; a larger N sends "
+                             "clients fewer, larger events)")
     server.add_argument("--replicas", type=int, default=0,
                         help="serve on Ray Serve with this many replicas, one engine each (needs ray[serve])")
     server.add_argument("--gpus-per-replica", type=float, default=0.0)
