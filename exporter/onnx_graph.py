@@ -79,6 +79,7 @@ class DecoderGraph:
         self.positions: str | None = None  # static graph: [batch, seq] int64 from seqlens_k, made when first used
         self._seqlens: str | None = None  # static graph: seqlens_k as int64, made when first used
         self._offsets: tuple[str, str] | None = None  # static graph: (0 .. seq - 1, seq - 1), made when first used
+        self._length: str | None = None  # static graph: the input's sequence length, made when first used
 
     # -- building blocks ---------------------------------------------------------------------------
     def linear(self, x: str, lin: Linear, name: str, bias: bool = True) -> str:
@@ -346,7 +347,9 @@ class DecoderGraph:
 
     def chunk_length(self) -> str:
         """The input's sequence length as int64 [1], from its shape: ONNX Runtime keeps it on the host."""
-        return self.g.op("Gather", self.g.op("Shape", c.INPUT_IDS), self.g.const([1]), axis=0)
+        if self._length is None:
+            self._length = self.g.op("Gather", self.g.op("Shape", c.INPUT_IDS), self.g.const([1]), axis=0)
+        return self._length
 
     def chunk_offsets(self) -> tuple[str, str]:
         """0 .. seq - 1 [seq] and seq - 1 [1] as int64 on the device (static graph): sliced from a constant range

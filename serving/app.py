@@ -94,6 +94,7 @@ def serve(directory: Path, host: str, port: int, model_name: str | None, stream_
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the handler that was there before: with this
     # one, a drained shutdown ends as a clean exit (status 0) instead of a death by signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(create_app(engine, name, stream_interval), host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+    uvicorn.run(create_app(engine, name, stream_interval), host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=60)
     return 0
 

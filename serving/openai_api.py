@@ -112,8 +112,8 @@ class Completions:
     async def stream(self, handles: list[RequestHandle], stops: list[str], completion_id: str, created: int,
                      include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events, one per text delta (the tokens that arrived together form one, at least
-        stream_interval of them), a last one per choice with its finish reason, then [DONE]. A client that goes away cancels its requests (the slots are
-        freed at the next step)."""
+        stream_interval of them), a last one per choice with its finish reason, then [DONE]. A client that goes
+        away cancels its requests (the slots are freed at the next step)."""
         def chunk(index: int, text: str, reason: str | None, extra: dict | None = None) -> str:
             choices = [] if index < 0 else [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}]
             payload = {"id": completion_id, "object": "text_completion", "created": created,
