@@ -191,6 +191,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             "'kvexport[serve]'") from None
     if args.stream_interval < 1:
         raise KvexportError(f"--stream-interval {args.stream_interval}: a streamed event carries at least 1 token")
+    if args.api_servers < 1:
+        raise KvexportError(f"--api-servers {args.api_servers}: a server needs at least 1 API server process")
     options = {"provider": args.provider, "max_slots": args.max_slots, "max_queue": args.max_queue,
                "max_length": args.max_length, "cuda_graph": args.cuda_graph, "batching": args.batching}
     if args.replicas:
@@ -198,7 +200,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         return serve_on_ray(args.directory, args.host, args.port, args.model_name, args.replicas,
                             args.gpus_per_replica, stream_interval=args.stream_interval, **options)
-    return serve(args.directory, args.host, args.port, args.model_name, args.stream_interval, **options)
+    return serve(args.directory, args.host, args.port, args.model_name, args.stream_interval, args.api_servers,
+                 **options)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -403,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--stream-interval", type=int, default=1, metavar="N",
                         help="tokens per streamed event, at least (default 1: each as it comes; a larger N sends "
                              "clients fewer, larger events)")
+    server.add_argument("--api-servers", type=int, default=1, metavar="N",
+                        help="HTTP front-end processes over the one engine (vLLM's --api-server-count); one "
+                             "streams about 20k tokens/s, so a fast engine needs several")
     server.add_argument("--replicas", type=int, default=0,
                         help="serve on Ray Serve with this many replicas, one engine each (needs ray[serve])")
     server.add_argument("--gpus-per-replica", type=float, default=0.0)

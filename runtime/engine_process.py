@@ -1,17 +1,22 @@
-"""An Engine in a process of its own, behind a front end with the Engine's API (submit, metrics, close).
+"""An Engine in a process of its own, behind one or more front ends with the Engine's API (submit, metrics, close).
 
 Threads of one Python process share one interpreter lock, so there the scheduler's steps wait while the server
 turns tokens into text and streams them: on the H100 the engine served 10.9k tokens/s to consumers that
 detokenize and 15.7k to consumers of token ids (docs/results.md, issue 13). As vLLM's engine core does, the
 engine runs in a child process ('spawn': CUDA state is never forked) and sends each scheduler iteration's token ids
-in one message; the front end checks requests (encoding prompts with the tokenizer), the consumers of its handles
-turn ids into text, and it counts the requests in flight for backpressure (refusing when max_queue of them wait
-for one of max_slots rows), so the engine's own queue never refuses.
+in one message per front end; a front end checks requests (encoding prompts with the tokenizer), the consumers of
+its handles turn ids into text, and the front ends count the requests in flight for backpressure in one counter
+in shared memory (a submit takes one, the engine gives it back when the request ends; a submit that would pass
+max_slots + max_queue is refused), so the engine's own queue never refuses. A server can run several front ends,
+in processes of their own, each over its own pipe to the one engine (vLLM's --api-server-count):
+`launch_engine(..., front_ends=N)`, then an `EngineClient` per pipe, in the process that serves it.
 
-Messages, front end to engine: ("submit", id, token ids, config, timeout_s), ("cancel", id), ("metrics", id),
-("close", drain). Engine to front end: ("ready", None) or ("failed", (error type, message)) once, then
-("events", [(id, token or None, finish reason or None), ...]) per iteration, ("metrics", (id, dict)), and
-("closed", None) after the last request drained.
+Messages, front end to engine: ("submit", id, token ids, config, timeout_s), ("cancel", id), ("refused", None),
+("metrics", id), ("close", drain). Engine to front end: ("ready", None) or ("failed", (error type, message)) once,
+on the first connection, then ("events", [(id, token or None, finish reason or None), ...]) per iteration,
+("metrics", (id, dict)), and ("closed", None) once that front end's last request has ended after its close.
+The engine process ends when every front end has closed or gone; a front end that goes away (its pipe ends)
+has its requests cancelled.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import queue
+import signal
 import threading
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
 from kvexport.strategies import InputError, KvexportError
@@ -33,10 +41,34 @@ from .sampling import SamplingConfig
 REPLY_TIMEOUT_S = 30.0
 
 
-class RemoteHandle(RequestHandle):
-    """A request's handle on the front end: cancelling it tells the engine process."""
+def launch_engine(model: str | Path, front_ends: int = 1, max_slots: int = 8, max_queue: int = 256,
+                  max_length: int | None = None, **engine_options) -> tuple[BaseProcess, list[Connection], Synchronized]:
+    """Start the engine process, with one pipe per front end and the counter of requests in flight that they
+    share; an Engine that cannot start raises its error here. engine_options: the Engine's (provider, cuda_graph,
+    batching, ...)."""
+    context = multiprocessing.get_context("spawn")
+    pipes = [context.Pipe() for _ in range(front_ends)]
+    in_flight = context.Value("i", 0)
+    options = dict(engine_options, max_slots=max_slots, max_queue=max_slots + max_queue, max_length=max_length)
+    process = context.Process(target=run_engine, args=([child for _, child in pipes], in_flight, str(model), options),
+                              name="kvexport-engine", daemon=True)
+    process.start()
+    for _, child in pipes:
+        child.close()
+    try:
+        kind, detail = pipes[0][0].recv()
+    except EOFError:
+        kind, detail = "failed", ("KvexportError", f"the engine process exited ({process.exitcode})")
+    if kind == "failed":
+        process.join()
+        raise (InputError if detail[0] == "InputError" else KvexportError)(detail[1])
+    return process, [front for front, _ in pipes], in_flight
 
-    def __init__(self, engine: EngineProcess, *args):
+
+class RemoteHandle(RequestHandle):
+    """A request's handle on a front end: cancelling it tells the engine process."""
+
+    def __init__(self, engine: EngineClient, *args):
         super().__init__(*args)
         self._engine = engine
 
@@ -46,36 +78,24 @@ class RemoteHandle(RequestHandle):
             self._engine._send(("cancel", self.id))
 
 
-class EngineProcess:
-    def __init__(self, model: str | Path, max_slots: int = 8, max_queue: int = 256, max_length: int | None = None,
-                 **engine_options):
-        """engine_options: the Engine's (provider, cuda_graph, batching, ...); an Engine that cannot start raises
-        its error here."""
+class EngineClient:
+    """A front end over one pipe to an engine process (launch_engine): the Engine's submit, metrics and close.
+    in_flight: the requests queued or running over every front end, which submit keeps at most max_slots +
+    max_queue."""
+
+    def __init__(self, model: str | Path, connection: Connection, in_flight: Synchronized, max_slots: int,
+                 max_queue: int, max_length: int | None = None):
         self.model = ExportedModel.load(model)
-        self.max_slots, self.max_queue = max_slots, max_queue
+        self.max_slots, self.max_queue, self._in_flight = max_slots, max_queue, in_flight
         self.requests = RequestChecker(self.model, None, max_length or self.model.facts.max_positions)
         self._tokenizer = self.requests.tokenizer if self.model.has_tokenizer else None
-        context = multiprocessing.get_context("spawn")
-        self._connection, child = context.Pipe()
-        options = dict(engine_options, max_slots=max_slots, max_queue=max_queue + max_slots, max_length=max_length)
-        self._process = context.Process(target=run_engine, args=(child, str(self.model.directory), options),
-                                        name="kvexport-engine", daemon=True)
-        self._process.start()
-        child.close()
-        try:
-            kind, detail = self._connection.recv()
-        except EOFError:
-            kind, detail = "failed", ("KvexportError", f"the engine process exited ({self._process.exitcode})")
-        if kind == "failed":
-            self._process.join()
-            raise (InputError if detail[0] == "InputError" else KvexportError)(detail[1])
+        self._connection = connection
         self._handles: dict[int, RemoteHandle] = {}  # requests in flight
         self._replies: dict[int, queue.Queue] = {}
         self._ids = itertools.count()
         self._handles_lock = threading.Lock()
         self._send_lock = threading.Lock()  # one message at a time; never held while waiting for the receiver
         self._closing = False
-        self.refused_queue_full = 0
         self._receiver = threading.Thread(target=self._receive, name="kvexport-engine-receiver", daemon=True)
         self._receiver.start()
 
@@ -86,23 +106,30 @@ class EngineProcess:
         with self._send_lock:
             if self._closing:
                 raise EngineClosedError("the engine is shutting down and takes no new requests")
-            with self._handles_lock:
-                if len(self._handles) >= self.max_queue + self.max_slots:
-                    self.refused_queue_full += 1
-                    raise QueueFullError(f"{len(self._handles)} requests are in flight for {self.max_slots} rows: "
-                                         "retry later")
+            with self._in_flight.get_lock():
+                in_flight = self._in_flight.value
+                full = in_flight >= self.max_slots + self.max_queue
+                self._in_flight.value += 0 if full else 1
+            if not full:
                 handle = RemoteHandle(self, next(self._ids), ids, config, None, self._tokenizer)
-                self._handles[handle.id] = handle
-            try:
-                self._connection.send(("submit", handle.id, ids, config, timeout_s))
-            except OSError:
                 with self._handles_lock:
-                    self._handles.pop(handle.id, None)
+                    self._handles[handle.id] = handle
+            try:
+                self._connection.send(("refused", None) if full else ("submit", handle.id, ids, config, timeout_s))
+            except OSError:
+                if not full:
+                    with self._handles_lock:
+                        self._handles.pop(handle.id, None)
+                    with self._in_flight.get_lock():
+                        self._in_flight.value -= 1
                 raise EngineClosedError("the engine process has stopped") from None
+        if full:
+            raise QueueFullError(f"{in_flight} requests are in flight for {self.max_slots} rows: retry later")
         return handle
 
     def metrics(self) -> dict:
-        """The engine's metrics (as Engine.metrics), asked of the engine process."""
+        """The engine's metrics (as Engine.metrics, with refusals counted over every front end), asked of the
+        engine process."""
         token, reply = next(self._ids), queue.Queue(1)
         self._replies[token] = reply
         if not self._receiver.is_alive():
@@ -117,7 +144,7 @@ class EngineProcess:
             self._replies.pop(token, None)
         if metrics is None:
             raise EngineClosedError("the engine process has stopped")
-        return {**metrics, "refused_queue_full": self.refused_queue_full}
+        return metrics
 
     def close(self, drain: bool = True) -> None:
         """Take no new requests; with drain, finish the ones queued and running, else cancel them."""
@@ -129,12 +156,13 @@ class EngineProcess:
                 except OSError:  # the engine process is gone already
                     pass
         self._receiver.join()
-        self._process.join()
 
     def _send(self, message: tuple) -> None:
         with self._send_lock:
-            if self._process.is_alive():
+            try:
                 self._connection.send(message)
+            except OSError:  # the engine process is gone: the receiver ends its requests
+                pass
 
     def _receive(self) -> None:
         """Everything the engine has sent at each wake-up is handled together: a front end that falls behind the
@@ -174,54 +202,114 @@ class EngineProcess:
         deliver(events)
 
 
-def run_engine(connection: Connection, directory: str, options: dict) -> None:
-    """The engine process: an Engine whose events go to the front end, and the front end's commands."""
-    send_lock, map_lock = threading.Lock(), threading.Lock()
-    front_ids: dict[int, int] = {}  # engine handle id -> front end id, while in flight
-    handles: dict[int, RequestHandle] = {}  # front end id -> engine handle, while in flight
+class EngineProcess(EngineClient):
+    """An engine process with this process as its one front end."""
 
-    def send(message: tuple) -> None:
+    def __init__(self, model: str | Path, max_slots: int = 8, max_queue: int = 256, max_length: int | None = None,
+                 **engine_options):
+        """engine_options: the Engine's (provider, cuda_graph, batching, ...); an Engine that cannot start raises
+        its error here."""
+        self._process, (connection,), in_flight = launch_engine(model, 1, max_slots, max_queue, max_length,
+                                                                **engine_options)
+        super().__init__(model, connection, in_flight, max_slots, max_queue, max_length)
+
+    def close(self, drain: bool = True) -> None:
+        super().close(drain)
+        self._process.join()
+
+
+class Routes:
+    """The engine process's map between its requests and the front ends' (connection index, front end id)."""
+
+    def __init__(self, front_ends: int):
+        self.lock = threading.Lock()
+        self.fronts: dict[int, tuple[int, int]] = {}  # engine handle id -> (connection, front end id), in flight
+        self.handles: list[dict[int, RequestHandle]] = [{} for _ in range(front_ends)]  # per connection
+        self.closing: set[int] = set()  # connections that asked to close and await "closed"
+
+
+def run_engine(connections: list[Connection], in_flight: Synchronized, directory: str, options: dict) -> None:
+    """The engine process: an Engine whose events go to their front ends, and the front ends' commands; it gives
+    back a request's count in flight when the request ends."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C: the front ends decide when this ends
+    send_lock, routes, refused = threading.Lock(), Routes(len(connections)), 0
+
+    def send(index: int, message: tuple) -> None:
         with send_lock:
-            connection.send(message)
+            try:
+                connections[index].send(message)
+            except OSError:  # that front end is gone; the loop below cancels its requests
+                pass
+
+    def closed_if_done(index: int) -> None:  # under routes.lock
+        if index in routes.closing and not routes.handles[index]:
+            routes.closing.discard(index)
+            send(index, ("closed", None))
+
+    def ended(count: int) -> None:
+        with in_flight.get_lock():
+            in_flight.value -= count
 
     def on_events(items: list[tuple[RequestHandle, Event]]) -> None:
-        out = []
-        with map_lock:
+        out: dict[int, list] = {}
+        with routes.lock:
             for handle, event in items:
-                front = front_ids[handle.id]
+                index, front = routes.fronts[handle.id]
                 if event.finish_reason is not None:
-                    del front_ids[handle.id], handles[front]
-                out.append((front, event.token_id, event.finish_reason))
-        send(("events", out))
+                    del routes.fronts[handle.id], routes.handles[index][front]
+                out.setdefault(index, []).append((front, event.token_id, event.finish_reason))
+            ended(sum(event.finish_reason is not None for _, event in items))
+            for index, events in out.items():
+                send(index, ("events", events))
+                closed_if_done(index)
+
+    def cancel_all(index: int) -> None:
+        with routes.lock:
+            handles = list(routes.handles[index].values())
+        for handle in handles:
+            handle.cancel()
 
     try:
         engine = Engine(directory, on_events=on_events, **options)
     except Exception as error:  # noqa: BLE001 - the front end raises it
-        send(("failed", (type(error).__name__, str(error))))
+        send(0, ("failed", (type(error).__name__, str(error))))
         return
-    send(("ready", None))
-    while True:
-        try:
-            kind, *detail = connection.recv()
-        except EOFError:  # the front end is gone: nobody reads the answers
-            engine.close(drain=False)
-            return
-        if kind == "submit":
-            front, ids, config, timeout_s = detail
+    send(0, ("ready", None))
+    listening = dict(enumerate(connections))
+    while listening:
+        for connection in wait(list(listening.values())):
+            index = connections.index(connection)
             try:
-                with map_lock:
-                    handle = engine.submit(ids, config, timeout_s)
-                    front_ids[handle.id], handles[front] = front, handle
-            except KvexportError:  # checked by the front end already; a race with close, for example
-                send(("events", [(front, None, "error")]))
-        elif kind == "cancel":
-            with map_lock:
-                handle = handles.get(detail[0])
-            if handle is not None:
-                handle.cancel()
-        elif kind == "metrics":
-            send(("metrics", (detail[0], engine.metrics())))
-        elif kind == "close":
-            engine.close(drain=detail[0])
-            send(("closed", None))
-            return
+                kind, *detail = connection.recv()
+            except (EOFError, OSError):  # that front end is gone: nobody reads its answers
+                del listening[index]
+                cancel_all(index)
+                continue
+            if kind == "submit":
+                front, ids, config, timeout_s = detail
+                try:
+                    with routes.lock:
+                        handle = engine.submit(ids, config, timeout_s)
+                        routes.fronts[handle.id], routes.handles[index][front] = (index, front), handle
+                except KvexportError:  # checked by the front end already; a race with close, for example
+                    ended(1)
+                    send(index, ("events", [(front, None, "error")]))
+            elif kind == "cancel":
+                with routes.lock:
+                    handle = routes.handles[index].get(detail[0])
+                if handle is not None:
+                    handle.cancel()
+            elif kind == "refused":
+                refused += 1
+            elif kind == "metrics":
+                metrics = engine.metrics()
+                metrics["refused_queue_full"] += refused
+                send(index, ("metrics", (detail[0], metrics)))
+            elif kind == "close":
+                del listening[index]
+                if not detail[0]:
+                    cancel_all(index)
+                with routes.lock:
+                    routes.closing.add(index)
+                    closed_if_done(index)
+    engine.close(drain=True)  # every front end has closed or gone: what is left was cancelled

@@ -7,7 +7,9 @@
 # through `kvexport serve` over loopback with an open-loop load (samples/load_test.py). The server part needs
 # fastapi and uvicorn on that machine, which reaches no registry and gets neither from .gpu/stage.sh: carry their
 # wheels in .whl (pip download fastapi uvicorn and their dependencies; see the device tool's README); without them
-# it is skipped. STREAM_INTERVAL=N passes --stream-interval N to the server. Results in $OUT.
+# it is skipped. STREAM_INTERVAL=N passes --stream-interval N to the server, API_SERVERS=N --api-servers N (default 1),
+# LOAD_PROCESSES=N runs the load from N processes (default 4: one reads about 20k events/s), CONCURRENCY=N caps the
+# load's connections (default 96), SERVER_RUNS picks runs by name. Results in $OUT.
 source samples/gpu_setup.sh
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -37,21 +39,31 @@ fi
 [[ $parts == *server* ]] || exit 0
 python3 -c "import fastapi, uvicorn" || { echo "server part skipped: fastapi/uvicorn do not import (carry .whl)"; exit 0; }
 interval=${STREAM_INTERVAL:-1}  # tokens per streamed event, at least (kvexport serve --stream-interval)
+api=${API_SERVERS:-1}
+tag=i$interval-a$api-c${CONCURRENCY:-96}
 run_server() {  # name export slots batching rate
   python3 -m kvexport serve "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 --batching "$4" \
-    --max-queue 4096 --model-name m --port 8000 --stream-interval "$interval" >/tmp/serve-$1.log 2>&1 &
+    --max-queue 4096 --model-name m --port 8000 --stream-interval "$interval" --api-servers "$api" \
+    >/tmp/serve-$1.log 2>&1 &
   pid=$!
   until curl -sf localhost:8000/health >/dev/null; do  # a server that failed to start ends the script
     kill -0 $pid 2>/dev/null || { cat /tmp/serve-$1.log; exit 1; }; sleep 0.5
   done
   # 96 clients: more requests in flight than the 64 slots of every:2, which 32 clients never filled (2026-11-25)
-  python3 samples/load_test.py --url http://127.0.0.1:8000 --model m --requests 2000 --rate "$5" --concurrency 96 \
-    --new-tokens ${NEW_TOKENS[long]} --server-pid $pid --ignore-eos --output "/tmp/load-$1-i$interval.json" >/dev/null
+  python3 samples/load_test.py --url http://127.0.0.1:8000 --model m --requests 2000 --rate "$5" \
+    --concurrency "${CONCURRENCY:-96}" \
+    --new-tokens ${NEW_TOKENS[long]} --server-pid $pid --ignore-eos --processes "${LOAD_PROCESSES:-4}" \
+    --output "/tmp/load-$1-$tag.json" >/dev/null
+  # CPU seconds of each of the server's processes (the engine, the API servers): which one bounds the load
+  python3 -c "import os,sys; sys.path.insert(0, 'samples'); from load_test import children; from pathlib import Path
+print('$1 cpu s', sorted(round(sum(map(int, Path(f'/proc/{k}/stat').read_text().rsplit(')', 1)[1].split()[11:13]))
+      / os.sysconf('SC_CLK_TCK'), 1) for k in children($pid)))"
   kill -TERM $pid; wait $pid || true
   grep -v "^\s*$" /tmp/serve-$1.log | tail -n 3
-  python3 -c "import json; r=json.load(open('/tmp/load-$1-i$interval.json')); print('$1 interval $interval http', round(r['served_tokens_per_s']), 'tok/s, tpot p50/p99 ms', round(1e3*r['tpot_p50_s'],2), round(1e3*r['tpot_p99_s'],2), 'ttft p50/p99 s', round(r['ttft_p50_s'],3), round(r['ttft_p99_s'],3), 'errors', r['errors'], 'overhead', r['server_metrics'].get('kvexport_scheduler_overhead'))"
+  python3 -c "import json; r=json.load(open('/tmp/load-$1-$tag.json')); print('$1 $tag http', round(r['served_tokens_per_s']), 'tok/s, tpot p50/p99 ms', round(1e3*r['tpot_p50_s'],2), round(1e3*r['tpot_p99_s'],2), 'ttft p50/p99 s', round(r['ttft_p50_s'],3), round(r['ttft_p99_s'],3), 'errors', r['errors'], 'overhead', r['server_metrics'].get('kvexport_scheduler_overhead'), 'tokens/step', round(r['server_metrics']['kvexport_generated_tokens'] / max(1, r['server_metrics']['kvexport_decode_steps']), 1))"
 }
-run_server none-continuous /tmp/p160-none 32 continuous 400
-run_server every2-continuous /tmp/p160-every2 64 continuous 400
-run_server every2-static /tmp/p160-every2 64 static 400
-cp /tmp/load-*-i$interval.json "$OUT/"
+runs=${SERVER_RUNS:-none-continuous every2-continuous every2-static}
+[[ $runs == *none-continuous* ]] && run_server none-continuous /tmp/p160-none 32 continuous 400
+[[ $runs == *every2-continuous* ]] && run_server every2-continuous /tmp/p160-every2 64 continuous 400
+[[ $runs == *every2-static* ]] && run_server every2-static /tmp/p160-every2 64 static 400
+cp /tmp/load-*-$tag.json "$OUT/"

@@ -15,9 +15,12 @@ processes (its engine's) every half second.
 import argparse
 import asyncio
 import json
+import multiprocessing
 import random
 import statistics
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -76,26 +79,22 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_
             "pieces": len(times), "tokens": tokens, "seconds": time.perf_counter() - started}
 
 
-async def run(args) -> dict:
+async def run_share(args, share: int, start_at: float) -> tuple[list[dict], float, float]:
+    """One load process's part of the load: every `processes`-th request, at its share of the rate and of the
+    clients. Returns its results and the wall-clock times (time.time()) it started and ended."""
     work = prompts(args.distinct, new_tokens=tuple(args.new_tokens))
-    jobs = [work[i % len(work)] for i in range(args.requests)]
-    results, memory = [], []
-    limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
+    jobs = [work[i % len(work)] for i in range(args.requests)][share::args.processes]
+    rate, concurrency = args.rate / args.processes, -(-args.concurrency // args.processes)
+    results = []
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        stop = asyncio.Event()
-
-        async def sample_memory():
-            while args.server_pid and not stop.is_set():
-                memory.append(sum(map(resident_bytes, [args.server_pid, *children(args.server_pid)])))
-                await asyncio.sleep(0.5)
-
-        sampler = asyncio.create_task(sample_memory())
-        started = time.perf_counter()
-        if args.rate:  # open loop: arrivals do not wait for answers
-            rng, tasks = random.Random(1), []
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        started = time.time()
+        if rate:  # open loop: arrivals do not wait for answers
+            rng, tasks = random.Random(1 + share), []
             for job in jobs:
                 tasks.append(asyncio.create_task(one(client, args.url, args.model, *job, args.ignore_eos)))
-                await asyncio.sleep(rng.expovariate(args.rate))
+                await asyncio.sleep(rng.expovariate(rate))
             results = await asyncio.gather(*tasks)
         else:  # closed loop: each client sends its next request when the last one ends
             queue = list(reversed(jobs))
@@ -103,14 +102,54 @@ async def run(args) -> dict:
             async def client_loop():
                 while queue:
                     results.append(await one(client, args.url, args.model, *queue.pop(), args.ignore_eos))
-            await asyncio.gather(*(client_loop() for _ in range(args.concurrency)))
-        wall = time.perf_counter() - started
-        stop.set()
-        await sampler
-        metrics = (await client.get(f"{args.url}/metrics")).text
+            await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    return results, started, time.time()
+
+
+def run_share_sync(args, share: int, start_at: float) -> tuple[list[dict], float, float]:
+    return asyncio.run(run_share(args, share, start_at))
+
+
+def run(args) -> dict:
+    """The load from --processes processes (one Python process reads about 20k server-sent events a second),
+    the server's memory sampled meanwhile."""
+    memory, timeline, stop = [], [], threading.Event()
+    watched = ("generated_tokens", "requests_submitted", "active_slots", "queue_depth")
+
+    start_at = time.time() + (5.0 if args.processes > 1 else 0.0)  # after the load processes have started
+
+    def sample():  # the server's memory, and what its engine is doing, every half second from start_at
+        while not stop.is_set():
+            if args.server_pid:
+                memory.append(sum(map(resident_bytes, [args.server_pid, *children(args.server_pid)])))
+            try:
+                text = httpx.get(f"{args.url}/metrics", timeout=30).text
+            except httpx.HTTPError:  # a server too busy to answer in time: a gap in the timeline
+                text = ""
+            lines = dict(line.split()[:2] for line in text.splitlines() if line and not line.startswith("#"))
+            if lines:
+                timeline.append([round(time.time() - start_at, 2), *(float(lines.get(f"kvexport_{k}", 0))
+                                                                    for k in watched)])
+            stop.wait(0.5)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    if args.processes == 1:
+        shares = [run_share_sync(args, 0, start_at)]
+    else:
+        with ProcessPoolExecutor(args.processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            shares = list(pool.map(run_share_sync, [args] * args.processes, range(args.processes),
+                                   [start_at] * args.processes))
+    stop.set()
+    sampler.join()
+    results = [result for share, _, _ in shares for result in share]
+    wall = max(end for _, _, end in shares) - min(start for _, start, _ in shares)
+    metrics = httpx.get(f"{args.url}/metrics").text
+    work = prompts(args.distinct, new_tokens=tuple(args.new_tokens))
     ok = [r for r in results if r["status"] == 200]
     report = {
         "url": args.url, "requests": len(results), "concurrency": args.concurrency, "rate": args.rate,
+        "processes": args.processes,
         "wall_s": wall, "errors": {str(s): sum(r["status"] == s for r in results) for s in
                                    {r["status"] for r in results} if s != 200},
         "output_pieces_per_s": sum(r["pieces"] for r in ok) / wall,
@@ -122,6 +161,7 @@ async def run(args) -> dict:
                            if line and not line.startswith("#")},
     }
     report["served_tokens_per_s"] = report["server_metrics"].get("kvexport_generated_tokens", 0) / wall
+    report["timeline"] = {"columns": ["s", *watched], "rows": timeline}
     if memory:
         tail = memory[len(memory) // 5:]
         report["server_rss_mib"] = {"first": memory[0] / 2**20, "min_last_80pct": min(tail) / 2**20,
@@ -146,6 +186,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
     parser.add_argument("--rate", type=float, default=0.0, help="open loop: Poisson arrivals per second")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="load processes, each with its share of the requests, rate and clients")
     parser.add_argument("--distinct", type=int, default=40, help="distinct (prompt, max_tokens) pairs")
     parser.add_argument("--new-tokens", type=int, nargs=2, default=(8, 64), metavar=("LO", "HI"),
                         help="max_tokens per request, drawn uniformly from LO..HI")
@@ -155,7 +197,7 @@ def main() -> None:
                         help="every request generates its max_tokens (random weights end early on their EOS)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
-    report = asyncio.run(run(args))
+    report = run(args)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:

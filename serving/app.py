@@ -1,4 +1,5 @@
-"""`kvexport serve`: one Engine behind an OpenAI-compatible HTTP API (FastAPI on uvicorn).
+"""`kvexport serve`: one Engine behind an OpenAI-compatible HTTP API (FastAPI on uvicorn), in one or more API
+server processes.
 
 Routes: POST /v1/completions, GET /v1/models, GET /health, GET /metrics (Prometheus). uvicorn's graceful shutdown
 on SIGTERM stops taking connections and lets in-flight requests finish; the engine then drains and the process
@@ -8,16 +9,23 @@ exits 0.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+import os
 import signal
+import socket
 import sys
 import time
+from multiprocessing.connection import Connection
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 
-from kvexport.runtime.engine_process import EngineProcess
+from kvexport.runtime.engine_process import EngineClient, EngineProcess, launch_engine
+from kvexport.runtime.exported import ExportedModel
+from kvexport.strategies import KvexportError
 
 from .openai_api import Completions, error, prometheus
 
@@ -27,11 +35,11 @@ def models_payload(model_name: str, created: int) -> dict:
                                         "owned_by": "kvexport"}]}
 
 
-def metrics_response(engine: EngineProcess) -> PlainTextResponse:
+def metrics_response(engine: EngineClient) -> PlainTextResponse:
     return PlainTextResponse(prometheus(engine.metrics()), media_type="text/plain; version=0.0.4")
 
 
-def add_routes(app: FastAPI, engine: EngineProcess, model_name: str, stream_interval: int) -> None:
+def add_routes(app: FastAPI, engine: EngineClient, model_name: str, stream_interval: int) -> None:
     created = int(time.time())
     app.add_api_route("/v1/completions", Completions(engine, model_name, stream_interval), methods=["POST"])
 
@@ -41,7 +49,7 @@ def add_routes(app: FastAPI, engine: EngineProcess, model_name: str, stream_inte
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name}
+        return {"status": "ok", "model": model_name, "api_server": os.getpid()}
 
     @app.get("/metrics")
     def metrics():  # a round trip to the engine process: in FastAPI's thread pool, not on the event loop
@@ -65,14 +73,12 @@ SWITCH_INTERVAL_S = 0.0005
 
 
 def start_engine(directory: Path, **engine_options) -> EngineProcess:
-    """The engine of a server (kvexport serve, a Ray Serve replica), in a process of its own, so that streaming
-    never delays a step. The server's thread that receives the engine's tokens and its event loop share the GIL,
-    and a thread asking for it waits up to the switch interval (5 ms by default): 0.5 ms keeps the tokens moving."""
+    """The engine of a Ray Serve replica, in a process of its own, so that streaming never delays a step."""
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     return EngineProcess(directory, **engine_options)
 
 
-def create_app(engine: EngineProcess, model_name: str, stream_interval: int = 1) -> FastAPI:
+def create_app(engine: EngineClient, model_name: str, stream_interval: int = 1) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_):
         yield
@@ -83,18 +89,69 @@ def create_app(engine: EngineProcess, model_name: str, stream_interval: int = 1)
     return app
 
 
-def serve(directory: Path, host: str, port: int, model_name: str | None, stream_interval: int = 1,
-          **engine_options) -> int:
+def listen(host: str, port: int, count: int) -> list[socket.socket]:
+    """The server's listening sockets, opened before anything starts, so a taken port is a one-line error. Several
+    API servers get one socket each on the same port (SO_REUSEPORT), over which the kernel spreads connections
+    evenly, where processes sharing one socket take them as they happen to wake."""
+    spread = count > 1 and hasattr(socket, "SO_REUSEPORT")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        first = socket.create_server((host, port), family=family, backlog=2048, reuse_port=spread)
+        port = first.getsockname()[1]  # port 0: the others share the one the first got
+        return [first, *(socket.create_server((host, port), family=family, backlog=2048, reuse_port=True)
+                         for _ in range(count - 1 if spread else 0))]
+    except OSError as problem:
+        raise KvexportError(f"cannot listen on {host}:{port} ({problem.strerror}): pick another --port or "
+                            "--host") from None
+
+
+def run_api_server(listener: socket.socket, connection: Connection, in_flight: Synchronized, directory: Path,
+                   model_name: str, stream_interval: int, limits: tuple[int, int, int | None]) -> None:
+    """One front end (an API server process): HTTP on the shared listening socket, over its pipe to the engine.
+    The thread that receives the engine's tokens and the event loop share the GIL, and a thread asking for it
+    waits up to the switch interval (5 ms by default): 0.5 ms keeps the tokens moving."""
     import uvicorn
 
-    engine = start_engine(directory, **engine_options)
-    name = model_name or engine.model.facts.source
-    print(f"serving {name} from {directory} on http://{host}:{port}/v1 ({engine.max_slots} slots, "
-          f"{engine.model.layout.bytes_per_token()} KV bytes/token)", flush=True)
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the handler that was there before: with this
-    # one, a drained shutdown ends as a clean exit (status 0) instead of a death by signal.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(create_app(engine, name, stream_interval), host=host, port=port, log_level="warning",
-                timeout_graceful_shutdown=60)
-    return 0
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    engine = EngineClient(directory, connection, in_flight, *limits)
+    config = uvicorn.Config(create_app(engine, model_name, stream_interval), log_level="warning",
+                            timeout_graceful_shutdown=60)
+    # uvicorn shuts down gracefully on SIGTERM or SIGINT, then re-raises the signal to the handler that was there
+    # before: with these, a drained shutdown ends as a clean exit (status 0) instead of a death by signal.
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, lambda *_: None)
+    uvicorn.Server(config).run(sockets=[listener])
 
+
+def serve(directory: Path, host: str, port: int, model_name: str | None, stream_interval: int = 1,
+          api_servers: int = 1, max_slots: int = 16, max_queue: int = 256, max_length: int | None = None,
+          **engine_options) -> int:
+    """The engine in a process of its own and `api_servers` front-end processes that accept connections on one
+    port (see listen), each over its own pipe to the engine. SIGTERM to this process is passed
+    on to the front ends, which stop taking connections and finish their requests; a terminal's Ctrl-C reaches
+    them directly. Returns 0 when every front end shut down cleanly."""
+    model = ExportedModel.load(directory)
+    listeners = listen(host, port, api_servers)
+    limits = (max_slots, max_queue, max_length)
+    engine, connections, in_flight = launch_engine(directory, api_servers, *limits, **engine_options)
+    name = model_name or model.facts.source
+    context = multiprocessing.get_context("spawn")
+    fronts = [context.Process(target=run_api_server, name=f"kvexport-api-{index}",
+                              args=(listeners[index % len(listeners)], connection, in_flight, directory, name,
+                                    stream_interval, limits))
+              for index, connection in enumerate(connections)]
+    signal.signal(signal.SIGTERM, lambda *_: [front.terminate() for front in fronts if front.is_alive()])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for front in fronts:
+        front.start()
+    for connection in connections:  # each is the front end's now
+        connection.close()
+    for listener in listeners:
+        listener.close()
+    print(f"serving {name} from {directory} on http://{host}:{port}/v1 ({max_slots} slots, "
+          f"{model.layout.bytes_per_token()} KV bytes/token, {api_servers} API server process"
+          f"{'es' if api_servers > 1 else ''})", flush=True)
+    for front in fronts:
+        front.join()
+    engine.join()
+    return 0 if all(front.exitcode == 0 for front in fronts) else 1

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvexport.runtime.engine import EngineClosedError, QueueFullError, RequestHandle
-from kvexport.runtime.engine_process import EngineProcess
+from kvexport.runtime.engine_process import EngineClient
 from kvexport.runtime.sampling import SamplingConfig
 from kvexport.strategies import InputError
 
@@ -58,7 +58,7 @@ def validation_error(problem: ValidationError | Exception) -> JSONResponse:
 class Completions:
     """POST /v1/completions for one engine serving one model name."""
 
-    def __init__(self, engine: EngineProcess, model_name: str, stream_interval: int = 1):
+    def __init__(self, engine: EngineClient, model_name: str, stream_interval: int = 1):
         self.engine, self.model_name, self.stream_interval = engine, model_name, stream_interval
 
     async def __call__(self, request: Request):

@@ -161,14 +161,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(served_export, tmp_path_factory):
+def start_server(export_dir, cwd, *options: str) -> tuple[str, subprocess.Popen]:
     port = free_port()
     command = [sys.executable, "-c", "import sys; from kvexport.exporter.cli import main; sys.exit(main(sys.argv[1:]))",
-               "serve", str(served_export), "--port", str(port), "--max-slots", "4", "--max-queue", "8",
-               "--stream-interval", "3"]
-    process = subprocess.Popen(command, cwd=tmp_path_factory.mktemp("cwd"), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+               "serve", str(export_dir), "--port", str(port), "--max-slots", "4", "--max-queue", "8", *options]
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -177,15 +174,71 @@ def server(served_export, tmp_path_factory):
                 break
         except httpx.TransportError:
             time.sleep(0.1)
+    return url, process
+
+
+@pytest.fixture(scope="module")
+def server(served_export, tmp_path_factory):
+    url, process = start_server(served_export, tmp_path_factory.mktemp("cwd"), "--stream-interval", "3")
     yield url, process
     if process.poll() is None:
         process.kill()
 
 
-def test_a_bad_stream_interval_is_one_line(served_export):
-    command = [sys.executable, "-m", "kvexport", "serve", str(served_export), "--stream-interval", "0"]
+@pytest.mark.parametrize("option", ["--stream-interval", "--api-servers"])
+def test_a_bad_serve_option_is_one_line(served_export, option):
+    command = [sys.executable, "-m", "kvexport", "serve", str(served_export), option, "0"]
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "--stream-interval 0" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert done.returncode != 0 and f"{option} 0" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_taken_port_is_one_line(served_export):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        command = [sys.executable, "-m", "kvexport", "serve", str(served_export), "--port",
+                   str(taken.getsockname()[1])]
+        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "cannot listen" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_api_servers_share_one_engine(served_export, alone, tmp_path):
+    """--api-servers 2: two front-end processes on one port over one engine. Connections reach both, each
+    request gets what it gets alone, metrics and the queue bound are the whole server's, and SIGTERM drains the
+    requests in flight and exits 0."""
+    url, process = start_server(served_export, tmp_path, "--api-servers", "2")
+    try:
+        pids = {httpx.get(f"{url}/health").json()["api_server"] for _ in range(40)}  # a new connection each
+        assert len(pids) == 2
+        answers: dict[str, list[int]] = {}
+
+        def complete(prompt: str, max_tokens: int = 12) -> None:
+            body = {"model": "tiny-neox", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+            answers[prompt] = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
+
+        threads = [threading.Thread(target=complete, args=(prompt,)) for prompt in PROMPTS]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        tokenizer = Generator(served_export).tokenizer
+        assert {p: a["choices"][0]["text"] for p, a in answers.items()} == {
+            p: tokenizer.decode(alone[p]) for p in PROMPTS}
+        assert f"kvexport_generated_tokens {12 * len(PROMPTS)}" in httpx.get(f"{url}/metrics").text
+        full = {"model": "tiny-neox", "prompt": ["a"] * 13, "max_tokens": 200}  # 4 slots + 8 queued in all
+        assert httpx.post(f"{url}/v1/completions", json=full, timeout=60).status_code == 429
+        assert all("kvexport_refused_queue_full 1" in httpx.get(f"{url}/metrics").text for _ in range(6))
+        client = threading.Thread(target=complete, args=("for i in range(10):", 400))
+        client.start()
+        while "kvexport_active_slots 1" not in httpx.get(f"{url}/metrics").text:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        client.join()
+        assert answers["for i in range(10):"]["usage"]["completion_tokens"] == 400
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def test_openai_client_against_the_server(server, alone, served_export):
