@@ -256,6 +256,10 @@ class Engine:
         self._pending: Step | None = None  # the step queued last, whose tokens the host has not taken
         self._outbox: list[tuple[RequestHandle, Event]] = []  # events of this iteration, delivered at its end
         self._on_events = on_events or deliver
+        # The handles' text needs the tokenizer, loaded here and not by the first submit, which would hold the
+        # scheduler's lock meanwhile (on the H100 the server's first request waited about 12 s, docs/results.md).
+        # Events sent elsewhere (engine_process.py) are turned into text there.
+        self._tokenizer = self.generator.tokenizer if on_events is None and self.model.has_tokenizer else None
         self.stats = EngineStats()
         self._slots: list[Slot | None] = [None] * max_slots
         self._waiting: deque[RequestHandle] = deque()
@@ -279,8 +283,7 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 self.stats.refused_queue_full += 1
                 raise QueueFullError(f"the queue holds {self.max_queue} waiting requests: retry later")
-            tokenizer = self.generator.tokenizer if self.model.has_tokenizer else None
-            handle = RequestHandle(next(self._ids), ids, config, deadline, tokenizer)
+            handle = RequestHandle(next(self._ids), ids, config, deadline, self._tokenizer)
             self._waiting.append(handle)
             self.stats.requests_submitted += 1
             self._wake.notify()

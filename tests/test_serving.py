@@ -123,6 +123,19 @@ def test_async_iteration(served_export, alone):
     engine.close()
 
 
+def test_the_tokenizer_loads_with_the_engine_not_with_its_first_request(served_export):
+    """Loading it in the first submit held the scheduler's lock meanwhile (12 s on the H100's first request). An
+    engine whose events go to another process (a server's) never needs it: text is made there."""
+    engine = Engine(served_export, max_slots=1)
+    assert engine.generator.requests._tokenizer is not None
+    engine.close()
+    sent = []
+    remote = Engine(served_export, max_slots=1, on_events=sent.extend)
+    remote.submit([1, 2, 3], GREEDY)
+    remote.close()
+    assert remote.generator.requests._tokenizer is None and sent[-1][1].finish_reason == "length"
+
+
 def test_engine_in_a_process_of_its_own(served_export, alone):
     """The server's engine: a child process behind a front end with the Engine's API. The same answers as alone,
     backpressure counted on the front end, cancel, metrics, an engine that cannot start raising its error, and a
