@@ -407,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokens per streamed event, at least (default 1: each as it comes; a larger N sends "
                              "clients fewer, larger events)")
     server.add_argument("--api-servers", type=int, default=1, metavar="N",
-                        help="HTTP front-end processes over the one engine (vLLM's --api-server-count); one "
-                             "streams about 20k tokens/s, so a fast engine needs several")
+                        help="HTTP front-end processes on the port over the one engine (vLLM's "
+                             "--api-server-count), for when one process's CPU cannot stream what the engine makes")
     server.add_argument("--replicas", type=int, default=0,
                         help="serve on Ray Serve with this many replicas, one engine each (needs ray[serve])")
     server.add_argument("--gpus-per-replica", type=float, default=0.0)
