@@ -359,10 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     heads = sub.add_parser("compress-heads", help="fewer KV heads: turn multi-head into grouped-query attention")
     heads.add_argument("--model", default=DEFAULT_MODEL)
     heads.add_argument("--kv-heads", type=int, required=True, help="KV heads per layer after compression")
-    heads.add_argument("--method", choices=["rope-svd", "rope-svd-plain", "mean"], default="rope-svd",
+    heads.add_argument("--method", choices=["rope-svd-refit", "rope-svd", "rope-svd-plain", "mean"],
+                       default="rope-svd-refit",
                        help="rope-svd: fitted to calibration K/V where their errors reach scores and outputs, "
-                            "commuting with rotary; rope-svd-plain: the same, fitting K/V themselves; mean: GQA's "
-                            "mean-pooling")
+                            "commuting with rotary; rope-svd-refit: then each layer's output projection refitted "
+                            "to the original's attention output; rope-svd-plain: the fit of the K/V themselves; "
+                            "mean: GQA's mean-pooling")
     heads.add_argument("--calib", help="calibration text file (default: the default model's held-out text)")
     heads.add_argument("--samples", type=int, default=32, help="calibration windows")
     heads.add_argument("--length", type=int, default=128, help="tokens per calibration window")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kvexport.strategies import Strategy
 
-from .models import DecoderDescription, Linear, Norm
+from .models import DecoderDescription, Layer, Linear, Norm
 
 LINEAR_BLOCK_ELEMENTS = 1 << 25  # weights cast at a time by the reference: 256 MiB in float64
 MASKED = -1e9  # additive bias for masked keys; finite so fully padded rows stay NaN-free
@@ -31,6 +31,14 @@ class ReferenceOutput:
     final_hidden: torch.Tensor  # [batch, seq, hidden], after the final norm
     layer_kv: dict[int, KV] = field(default_factory=dict)  # every layer's own new K/V, when asked for
     layer_queries: dict[int, torch.Tensor] = field(default_factory=dict)  # every layer's queries, when asked for
+
+
+@dataclass
+class LayerInputs:
+    x: torch.Tensor  # [batch, seq, hidden], the embeddings
+    bias: torch.Tensor  # [batch, 1, seq, total], see attention_bias
+    cos: torch.Tensor  # [batch, 1, seq, rotary_dim], see rotary_tables
+    sin: torch.Tensor
 
 
 def attention_bias(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -105,45 +113,65 @@ class ReferenceDecoder:
         collect_layer_kv: bool = False,
         collect_queries: bool = False,
     ) -> ReferenceOutput:
-        d, past = self.d, past or {}
-        input_ids, attention_mask, position_ids = (t.to(self.device) for t in (input_ids, attention_mask, position_ids))
-        batch, seq = input_ids.shape
-        x = self._t(d.embed[input_ids.to(d.embed.device)])  # only the rows used
-        bias = attention_bias(attention_mask, seq, self.dtype)
-        cos, sin = rotary_tables(position_ids, d.rotary_dim, d.rope_theta, self.dtype)
-        present: dict[int, KV] = {}
-        layer_kv: dict[int, KV] = {}
-        layer_queries: dict[int, torch.Tensor] = {}
+        d = self.d
+        inputs = self.prepare(input_ids, attention_mask, position_ids)
+        x, present = inputs.x, {}
+        layer_kv: dict[int, KV] | None = {} if collect_layer_kv else None
+        layer_queries: dict[int, torch.Tensor] | None = {} if collect_queries else None
         for i, layer in enumerate(d.layers):
-            h = self._norm(x, layer.input_norm)
-            q = apply_rotary(self._heads(self._linear(h, layer.q), d.num_heads), cos, sin)
-            if self.strategy.is_owner(i) or collect_layer_kv:
-                k = apply_rotary(self._heads(self._linear(h, layer.k), d.num_kv_heads), cos, sin)
-                v = self._heads(self._linear(h, layer.v), d.num_kv_heads)
-                if collect_layer_kv:
-                    layer_kv[i] = (k, v)
-                if self.strategy.is_owner(i):
-                    if i in past:
-                        k, v = torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
-                    present[i] = (k, v)
-            if collect_queries:
-                layer_queries[i] = q
-            keys, values = present[self.strategy.kv_source[i]]
-            if d.kv_groups > 1:
-                keys = keys.repeat_interleave(d.kv_groups, dim=1)
-                values = values.repeat_interleave(d.kv_groups, dim=1)
-            scores = (q @ keys.transpose(-1, -2)) * d.head_dim**-0.5 + bias
-            attn = torch.softmax(scores, dim=-1) @ values
-            attn = self._linear(attn.transpose(1, 2).reshape(batch, seq, d.num_heads * d.head_dim), layer.o)
-            if d.parallel_residual:
-                x = x + attn + self._mlp(self._norm(x, layer.post_attention_norm), layer)
-            else:
-                x = x + attn
-                x = x + self._mlp(self._norm(x, layer.post_attention_norm), layer)
+            context = self.attention(i, layer, x, inputs, present, past or {}, layer_kv, layer_queries)
+            x = self.residual(layer, x, self.output(layer, context))
         final = self._norm(x, d.final_norm)
         logits = self._linear(final, d.lm_head)
         d.release()
-        return ReferenceOutput(logits, present, final, layer_kv, layer_queries)
+        return ReferenceOutput(logits, present, final, layer_kv or {}, layer_queries or {})
+
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> LayerInputs:
+        """The embeddings and what every layer's attention uses: a pass can then be run layer by layer."""
+        input_ids, attention_mask, position_ids = (t.to(self.device) for t in (input_ids, attention_mask, position_ids))
+        x = self._t(self.d.embed[input_ids.to(self.d.embed.device)])  # only the rows used
+        cos, sin = rotary_tables(position_ids, self.d.rotary_dim, self.d.rope_theta, self.dtype)
+        return LayerInputs(x, attention_bias(attention_mask, input_ids.shape[1], self.dtype), cos, sin)
+
+    def attention(self, i: int, layer: Layer, x: torch.Tensor, inputs: LayerInputs, present: dict[int, KV],
+                  past: dict[int, KV] | None = None, layer_kv: dict[int, KV] | None = None,
+                  layer_queries: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Layer i's attention context [batch, seq, heads * head_dim], before its output projection; an owner adds
+        its K/V (after `past`'s) to `present`; `layer_kv` / `layer_queries`, when given, get the layer's own."""
+        d = self.d
+        batch, seq, _ = x.shape
+        h = self._norm(x, layer.input_norm)
+        q = apply_rotary(self._heads(self._linear(h, layer.q), d.num_heads), inputs.cos, inputs.sin)
+        if self.strategy.is_owner(i) or layer_kv is not None:
+            k = apply_rotary(self._heads(self._linear(h, layer.k), d.num_kv_heads), inputs.cos, inputs.sin)
+            v = self._heads(self._linear(h, layer.v), d.num_kv_heads)
+            if layer_kv is not None:
+                layer_kv[i] = (k, v)
+            if self.strategy.is_owner(i):
+                if past and i in past:
+                    k, v = torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
+                present[i] = (k, v)
+        if layer_queries is not None:
+            layer_queries[i] = q
+        keys, values = present[self.strategy.kv_source[i]]
+        if d.kv_groups > 1:
+            keys = keys.repeat_interleave(d.kv_groups, dim=1)
+            values = values.repeat_interleave(d.kv_groups, dim=1)
+        scores = (q @ keys.transpose(-1, -2)) * d.head_dim**-0.5 + inputs.bias
+        context = torch.softmax(scores, dim=-1) @ values
+        return context.transpose(1, 2).reshape(batch, seq, d.num_heads * d.head_dim)
+
+    def output(self, layer: Layer, context: torch.Tensor) -> torch.Tensor:
+        """The attention's output projection."""
+        return self._linear(context, layer.o)
+
+    def residual(self, layer: Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the layer, given its attention output."""
+        if self.d.parallel_residual:
+            return x + attn + self._mlp(self._norm(x, layer.post_attention_norm), layer)
+        x = x + attn
+        return x + self._mlp(self._norm(x, layer.post_attention_norm), layer)
 
     def _mlp(self, h: torch.Tensor, layer) -> torch.Tensor:
         if layer.gate is None:
