@@ -9,7 +9,9 @@ piece to the last, over the completion's tokens after the first, counted by the 
 holds the tokens that reached the server together, and the last one the finish reason), errors
 by status, and with --check-greedy whether every greedy answer equals the same prompt run alone (kvexport's
 Generator on the export, batch 1). With --server-pid it samples the resident memory of the server and its child
-processes (its engine's) every half second.
+processes (its engine's) every half second; the engine's metrics (tokens, requests, active rows, queue) are sampled
+as often into a timeline, which shows when the engine starts and stops working. --processes N sends the load from N
+processes (one Python process reads about 20k server-sent events a second).
 """
 
 import argparse
