@@ -146,6 +146,7 @@ def serve(directory: Path, host: str, port: int, model_name: str | None, stream_
         front.start()
     for connection in connections:  # each is the front end's now
         connection.close()
+    port = listeners[0].getsockname()[1]  # the one the kernel chose, for --port 0
     for listener in listeners:
         listener.close()
     print(f"serving {name} from {directory} on http://{host}:{port}/v1 ({max_slots} slots, "
