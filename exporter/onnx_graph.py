@@ -366,23 +366,19 @@ class DecoderGraph:
 
     def kept_positions(self, h: str) -> str:
         """The positions whose logits are computed: the last logits_to_keep ones in the dynamic graph (0: all, for
-        evaluation); one per row in the static graph (it generates), at min(seqlens_k, seq - 1): the last token of
-        a decode step or of a prompt chunk appended to a row, and the last real token of a right-padded first
-        prompt (there seqlens_k is the row's length - 1). The full-vocabulary logits of every prompt position
-        would otherwise be the largest tensor of a prefill.
+        evaluation); one per row in the static graph (it generates), given by the runtime as flat indices
+        (logits_index): the last token of a decode step or of a prompt chunk appended to a row, and the last real
+        token of a right-padded first prompt. The full-vocabulary logits of every prompt position would otherwise be
+        the largest tensor of a prefill.
 
-        The static graph picks each row's position with GatherElements over int32 indices (seqlens_k's own type):
-        four small device operations per step, where GatherND's int64 indices took six (a Cast, a second Slice, and
-        GatherND's own offset kernel; H100 profile in docs/results.md)."""
+        The static graph picks them with one Gather over the flattened tokens: computing the positions in the graph
+        from seqlens_k took four small device kernels per step (Slice, Min, Expand, GatherElements), and a decode
+        step's indices never change (row b's one token is b), so the runtime writes them once per batch size."""
         g = self.g
         if not self.static:
             return g.op("Slice", h, g.op("Neg", c.LOGITS_TO_KEEP), g.const([np.iinfo(np.int64).max]), g.const([1]))
-        seq = self.chunk_length()
-        last = g.op("Slice", g.const(np.arange(self.d.max_positions, dtype=np.int32), np.int32),
-                    g.op("Sub", seq, g.const([1])), seq, g.const([0]))  # [seq - 1]
-        index = g.op("Unsqueeze", g.op("Min", c.SEQLENS_K, last), g.const([1, 2]))  # [batch, 1, 1]
-        index = g.op("Expand", index, g.const([1, 1, self.d.hidden_size]))
-        return g.op("GatherElements", h, index, axis=1)  # [batch, 1, hidden]
+        flat = g.op("Reshape", h, g.const([-1, self.d.hidden_size]))  # [batch * seq, hidden]: no copy
+        return g.op("Unsqueeze", g.op("Gather", flat, c.LOGITS_INDEX, axis=0), g.const([1]))  # [batch, 1, hidden]
 
     def _model(self) -> onnx.ModelProto:
         d, kv_type, static = self.d, ONNX_TYPES[self.dtype], self.static
@@ -392,7 +388,8 @@ class DecoderGraph:
         inputs = [value_info(c.INPUT_IDS, TensorProto.INT64, [c.BATCH, c.SEQUENCE])]
         if static:
             inputs += [value_info(c.SEQLENS_K, TensorProto.INT32, [c.BATCH]),
-                       value_info(c.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [1])]
+                       value_info(c.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [1]),
+                       value_info(c.LOGITS_INDEX, TensorProto.INT32, [c.BATCH])]
         else:
             inputs += [value_info(c.ATTENTION_MASK, TensorProto.INT64, [c.BATCH, c.TOTAL]),
                        value_info(c.POSITION_IDS, TensorProto.INT64, [c.BATCH, c.SEQUENCE]),

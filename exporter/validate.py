@@ -172,6 +172,7 @@ def validate_static(static_path: Path, case: ValidationCase, description: Decode
     def step(rows: slice, ids: np.ndarray, seqlens: np.ndarray, expected: np.ndarray, label: str) -> None:
         feeds = {c.INPUT_IDS: ids, c.SEQLENS_K: seqlens.astype(np.int32),
                  c.TOTAL_SEQUENCE_LENGTH: np.array([max_length], dtype=np.int32),
+                 c.LOGITS_INDEX: np.array(c.logits_index(seqlens, ids.shape[1]), dtype=np.int32),
                  **{name: buffer[rows] for name, buffer in buffers.items()}}
         outputs = run_named(session, feeds)
         diff, relative = _relative(outputs[c.LOGITS][:, 0], expected, np.ones(expected.shape, dtype=bool))

@@ -95,6 +95,8 @@ class StaticCacheDecoder(Decoder):
         # captured, so it is the constant buffer length; the rows' lengths come from seqlens_k.
         self.input_ids = torch.zeros((max_batch, 1), dtype=torch.int64, device=self.device)
         self.seqlens = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
+        # A decode step's logits_index never changes: row b's one token is the step's token b.
+        self.decode_index = torch.tensor(c.logits_index([0] * max_batch, 1), dtype=torch.int32, device=self.device)
         self.total_length = torch.tensor([self.max_length], dtype=torch.int32)
         self.logits = torch.zeros((max_batch, 1, model.facts.vocab_size), dtype=torch.float32, device=self.device)
         self.staging_logits = torch.zeros((prefill_batch, 1, model.facts.vocab_size), dtype=torch.float32,
@@ -160,8 +162,8 @@ class StaticCacheDecoder(Decoder):
     def _decode_binding(self, batch: int) -> ort.IOBinding:
         """One binding per batch size, made once: the addresses never change, as CUDA graph replay needs."""
         if batch not in self._bindings:
-            self._bindings[batch] = self._binding(self.input_ids[:batch], self.seqlens[:batch], slice(0, batch),
-                                                  self.logits[:batch])
+            self._bindings[batch] = self._binding(self.input_ids[:batch], self.seqlens[:batch],
+                                                  self.decode_index[:batch], slice(0, batch), self.logits[:batch])
         return self._bindings[batch]
 
     def _run_decode(self, batch: int) -> None:
@@ -169,14 +171,16 @@ class StaticCacheDecoder(Decoder):
         self._run(batch, self._decode_binding(batch))
 
     def _prefill_binding(self, batch: int, width: int) -> tuple[ort.IOBinding, torch.Tensor, torch.Tensor]:
-        """The binding of a batch of first prompts of one bucketed shape, made once, with its token and length
-        buffers at fixed addresses (so that the run can be captured too)."""
+        """The binding of a batch of first prompts of one bucketed shape, made once, with its token buffer and its
+        [seqlens_k; logits_index] buffer (one copy fills both) at fixed addresses, so that the run can be captured
+        too."""
         if (batch, width) not in self._prefill_bindings:
             ids = torch.zeros((batch, width), dtype=torch.int64, device=self.device)
-            seqlens = torch.zeros(batch, dtype=torch.int32, device=self.device)
+            rows = torch.zeros((2, batch), dtype=torch.int32, device=self.device)
             total = torch.tensor([width], dtype=torch.int32)  # read on the host during the run: kept alive here
-            binding = self._binding(ids, seqlens, slice(0, batch), self.staging_logits[:batch], self.staging, total)
-            self._prefill_bindings[batch, width] = binding, ids, seqlens, total
+            binding = self._binding(ids, rows[0], rows[1], slice(0, batch), self.staging_logits[:batch],
+                                    self.staging, total)
+            self._prefill_bindings[batch, width] = binding, ids, rows, total
         return self._prefill_bindings[batch, width][:3]
 
     def _run(self, key: int | tuple[int, int], binding: ort.IOBinding) -> None:
@@ -197,13 +201,15 @@ class StaticCacheDecoder(Decoder):
             self._graphs[key] = graph
         self._graphs[key].replay()
 
-    def _binding(self, input_ids: torch.Tensor, seqlens: torch.Tensor, rows: slice, logits: torch.Tensor,
-                 storage: torch.Tensor | None = None, total_length: torch.Tensor | None = None) -> ort.IOBinding:
+    def _binding(self, input_ids: torch.Tensor, seqlens: torch.Tensor, logits_index: torch.Tensor, rows: slice,
+                 logits: torch.Tensor, storage: torch.Tensor | None = None,
+                 total_length: torch.Tensor | None = None) -> ort.IOBinding:
         """rows of `storage` (the decoder's buffers unless given); total_sequence_length is the buffers' length,
         or for a batch of first prompts their padded length (GroupQueryAttention then writes slots 0..)."""
         binding = self.session.io_binding()
         bind(binding, c.INPUT_IDS, input_ids)
         bind(binding, c.SEQLENS_K, seqlens)
+        bind(binding, c.LOGITS_INDEX, logits_index)
         bind(binding, c.TOTAL_SEQUENCE_LENGTH, self.total_length if total_length is None else total_length)
         storage = self.storage if storage is None else storage
         buffer = {past: storage[j, rows] for j, (past, _) in enumerate(self.model.layout.names())}
@@ -268,11 +274,12 @@ class StaticCacheDecoder(Decoder):
         ids = torch.zeros((batch, width), dtype=torch.int64)
         for index, prompt in enumerate(prompts):
             ids[index, :lengths[index]] = torch.as_tensor(prompt, dtype=torch.int64)
-        seqlens = torch.tensor(lengths + [1] * (batch - len(rows)), dtype=torch.int32) - 1
-        binding, ids_buffer, seqlens_buffer = self._prefill_binding(batch, width)
+        seqlens = [length - 1 for length in lengths] + [0] * (batch - len(rows))
+        binding, ids_buffer, rows_buffer = self._prefill_binding(batch, width)
         with self._on_stream():
             ids_buffer.copy_(ids, non_blocking=True)
-            seqlens_buffer.copy_(seqlens, non_blocking=True)
+            rows_buffer.copy_(torch.tensor([seqlens, c.logits_index(seqlens, width)], dtype=torch.int32),
+                              non_blocking=True)
             self._run((batch, width), binding)
             for index, (row, length) in enumerate(zip(rows, lengths)):
                 self.storage[:, row, :, :length].copy_(self.staging[:, index, :, :length])
@@ -286,9 +293,10 @@ class StaticCacheDecoder(Decoder):
             tokens = torch.as_tensor(tokens, dtype=torch.int64).to(self.device, non_blocking=True)
             for begin in range(0, len(tokens), self.prefill_chunk):
                 chunk = tokens[begin:begin + self.prefill_chunk].view(1, -1)
-                seqlens = torch.tensor([cached + begin + chunk.shape[1] - 1], dtype=torch.int32).to(
+                seqlens = [cached + begin + chunk.shape[1] - 1]
+                lengths = torch.tensor([seqlens, c.logits_index(seqlens, chunk.shape[1])], dtype=torch.int32).to(
                     self.device, non_blocking=True)
-                binding = self._binding(chunk, seqlens, slice(row, row + 1), self.logits[row:row + 1])
+                binding = self._binding(chunk, lengths[0], lengths[1], slice(row, row + 1), self.logits[row:row + 1])
                 self.session.run_with_iobinding(binding, self._run_options)
         return self.logits[row:row + 1]
 

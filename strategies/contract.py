@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 FORMAT_NAME = "kvexport"
-FORMAT_VERSION = 4  # 2: GroupQueryAttention static graph, integrity; 3: one weights file, prefill in the static graph;
-# 4: the static graph's logits at min(seqlens_k, seq - 1), so first prompts can be batched right-padded
+FORMAT_VERSION = 5  # 2: GroupQueryAttention static graph, integrity; 3: one weights file, prefill in the static graph;
+# 4: the static graph's logits at min(seqlens_k, seq - 1), so first prompts can be batched right-padded;
+# 5: the static graph takes those positions as an input (logits_index), one Gather instead of four kernels
 
 MODEL_FILE = "model.onnx"
 STATIC_MODEL_FILE = "model_static.onnx"  # optional decode-only graph over fixed-size cache buffers
@@ -29,6 +30,7 @@ LOGITS_TO_KEEP = "logits_to_keep"  # int64 [1]: logits of the last N positions o
 # next token's slot and position. It decodes one token per row, or prefills a chunk of tokens for one row.
 SEQLENS_K = "seqlens_k"  # int32 [batch]: tokens cached per row after this step, minus one (as in ORT's GQA)
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 [1], on the host: the buffers' length
+LOGITS_INDEX = "logits_index"  # int32 [batch]: each row's logits token, flat in the step's batch * sequence tokens
 
 # Symbolic dimension names used in the graph and in docs/design.md.
 BATCH, SEQUENCE, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
@@ -42,6 +44,12 @@ def positions_from_mask(attention_mask):
     Works on numpy arrays and torch tensors alike.
     """
     return (attention_mask.cumsum(-1) - 1).clip(min=0)
+
+
+def logits_index(seqlens_k, sequence_length: int) -> list[int]:
+    """The static graph's logits_index: row b's position min(seqlens_k[b], s - 1) (the last new token, or a
+    right-padded first prompt's last real one), as a flat index into the step's batch x s tokens."""
+    return [row * sequence_length + min(int(n), sequence_length - 1) for row, n in enumerate(seqlens_k)]
 
 
 class KvexportError(Exception):
@@ -87,7 +95,7 @@ def graph_io_names(kv_source: tuple[int, ...], static: bool) -> tuple[list[str],
     pasts = [past_name(i, kind) for i in owners for kind in KV_KINDS]
     present_layers = range(len(kv_source)) if static else owners
     presents = [present_name(i, kind) for i in present_layers for kind in KV_KINDS]
-    step_inputs = [SEQLENS_K, TOTAL_SEQUENCE_LENGTH] if static else [ATTENTION_MASK, POSITION_IDS, LOGITS_TO_KEEP]
+    step_inputs = [SEQLENS_K, TOTAL_SEQUENCE_LENGTH, LOGITS_INDEX] if static else [ATTENTION_MASK, POSITION_IDS, LOGITS_TO_KEEP]
     return [INPUT_IDS, *step_inputs, *pasts], [LOGITS, *presents]
 
 
