@@ -157,7 +157,7 @@ def cmd_compress_heads(args: argparse.Namespace) -> int:
     from .compress_heads import run_compress_heads
 
     record = run_compress_heads(args.model, args.kv_heads, args.method, args.calib, args.samples, args.length,
-                                args.output)
+                                args.output, args.fit_steps)
     errors = record["layers"]
     mean = {kind: sum(e[f"relative_{kind}_error"] for e in errors) / len(errors) for kind in ("key", "value")}
     print(f"wrote {args.output}: {args.kv_heads} of {record['original_kv_heads']} KV heads per layer "
@@ -359,12 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
     heads = sub.add_parser("compress-heads", help="fewer KV heads: turn multi-head into grouped-query attention")
     heads.add_argument("--model", default=DEFAULT_MODEL)
     heads.add_argument("--kv-heads", type=int, required=True, help="KV heads per layer after compression")
-    heads.add_argument("--method", choices=["rope-svd-refit", "rope-svd", "rope-svd-plain", "mean"],
-                       default="rope-svd-refit",
+    heads.add_argument("--method", choices=["rope-svd-fit", "rope-svd-refit", "rope-svd", "rope-svd-plain", "mean"],
+                       default="rope-svd-fit",
                        help="rope-svd: fitted to calibration K/V where their errors reach scores and outputs, "
                             "commuting with rotary; rope-svd-refit: then each layer's output projection refitted "
-                            "to the original's attention output; rope-svd-plain: the fit of the K/V themselves; "
-                            "mean: GQA's mean-pooling")
+                            "to the original's attention output; rope-svd-fit: then each layer's Q, K, V and O "
+                            "fitted to it by --fit-steps Adam steps; rope-svd-plain: the fit of the K/V "
+                            "themselves; mean: GQA's mean-pooling")
+    heads.add_argument("--fit-steps", type=int,
+                       help="rope-svd-fit's Adam steps per layer (default 200; each a pass of one layer over the "
+                            "calibration windows, forward and backward: the method's cost)")
     heads.add_argument("--calib", help="calibration text file (default: the default model's held-out text)")
     heads.add_argument("--samples", type=int, default=32, help="calibration windows")
     heads.add_argument("--length", type=int, default=128, help="tokens per calibration window")

@@ -27,9 +27,9 @@ def logits(model_dir, ids):
 
 
 def compress(model_dir, out, kv_heads, method=None):
-    chosen = [] if method is None else ["--method", method]  # None: the default, rope-svd-refit
+    chosen = [] if method is None else ["--method", method]  # None: the default, rope-svd-fit
     assert main(["compress-heads", "--model", str(model_dir), "--kv-heads", str(kv_heads), *chosen,
-                 "--samples", "4", "--length", "64", "-o", str(out)]) == 0
+                 "--samples", "4", "--length", "64", "--fit-steps", "10", "-o", str(out)]) == 0
     return out
 
 
@@ -43,7 +43,7 @@ def mha_model(request, tiny_mha_llama, tiny_neox):
 IDS = torch.randint(0, 8192, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("method", ["rope-svd-refit", "rope-svd", "rope-svd-plain"])
+@pytest.mark.parametrize("method", ["rope-svd-fit", "rope-svd-refit", "rope-svd", "rope-svd-plain"])
 def test_as_many_groups_as_heads_reproduces_the_model(mha_model, tmp_path, method):
     out = compress(mha_model, tmp_path / "g4", 4, method)
     torch.testing.assert_close(logits(out, IDS), logits(mha_model, IDS), rtol=1e-4, atol=1e-4)
@@ -68,26 +68,27 @@ def test_compressed_checkpoint_loads_in_transformers_and_exports(mha_model, tmp_
 def test_fitted_heads_beat_mean_pooling(mha_model, tmp_path):
     """Closer to the original model's logits, and the plain fit reconstructs the K/V themselves better."""
     original, distance, errors = logits(mha_model, IDS), {}, {}
-    for method in ("rope-svd-refit", "rope-svd", "rope-svd-plain", "mean"):
+    for method in ("rope-svd-fit", "rope-svd-refit", "rope-svd", "rope-svd-plain", "mean"):
         out = compress(mha_model, tmp_path / method, 2, method)
         distance[method] = float((logits(out, IDS) - original).pow(2).mean())
         layers = json.loads((out / "kvexport_compression.json").read_text())["layers"]
         errors[method] = sum(e["relative_key_error"] + e["relative_value_error"] for e in layers)
-    assert max(distance["rope-svd-refit"], distance["rope-svd"], distance["rope-svd-plain"]) < distance["mean"]
+    assert max(distance[m] for m in ("rope-svd-fit", "rope-svd-refit", "rope-svd", "rope-svd-plain")) < distance["mean"]
     assert errors["rope-svd-plain"] < errors["mean"]
 
 
-def test_the_output_refit_brings_each_layer_closer_to_the_original(mha_model):
-    """On the calibration windows, the refitted first layer's attention output (whose inputs both models share)
-    is nearer the original's than the fitted layer's; the queries, keys and values are not touched."""
-    from kvexport.exporter.compress_heads import compress_heads, refit_outputs
+def test_each_refit_brings_the_first_layer_closer_to_the_original(mha_model):
+    """On the calibration windows, the first layer's attention output (whose inputs all models share) is nearer the
+    original's after the output refit than after the head fit alone, and nearer still after the attention fit; the
+    output refit leaves the queries, keys and values as fitted."""
+    from kvexport.exporter.compress_heads import compress_heads, refit_layers
     from kvexport.exporter.reference import ReferenceDecoder
     from kvexport.strategies import no_sharing
 
     original = load_model(str(mha_model)).description
     windows = torch.randint(0, 8192, (4, 32), generator=torch.Generator().manual_seed(1))
     fitted, _ = compress_heads(original, windows, 2, "rope-svd")
-    refitted = refit_outputs(original, fitted, windows)
+    refitted, attention_fitted = (refit_layers(original, fitted, windows, steps) for steps in (0, 50))
 
     def first_attention_output(description):
         reference = ReferenceDecoder(description, no_sharing(description.num_layers), torch.float64)
@@ -96,7 +97,8 @@ def test_the_output_refit_brings_each_layer_closer_to_the_original(mha_model):
         return reference.output(layer, reference.attention(0, layer, inputs.x, inputs, {}))
 
     target = first_attention_output(original)
-    assert (first_attention_output(refitted) - target).norm() < (first_attention_output(fitted) - target).norm()
+    errors = [float((first_attention_output(d) - target).norm()) for d in (fitted, refitted, attention_fitted)]
+    assert errors[0] > errors[1] > errors[2]
     assert all(torch.equal(getattr(a, name).weight, getattr(b, name).weight) for a, b in
                zip(fitted.layers, refitted.layers) for name in ("q", "k", "v"))
 
@@ -121,6 +123,13 @@ def test_bad_kv_heads_is_one_line_and_nothing_is_written(tiny_mha_llama, tmp_pat
                  str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "use one of 1, 2, 4" in err and not list(tmp_path.iterdir())
+
+
+def test_negative_fit_steps_is_one_line_and_nothing_is_written(tiny_mha_llama, tmp_path, capsys):
+    assert main(["compress-heads", "--model", str(tiny_mha_llama), "--kv-heads", "2", "--fit-steps", "-1", "-o",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--fit-steps must be 0 or more" in err and not list(tmp_path.iterdir())
 
 
 def test_search_and_eval_work_on_a_compressed_model(tiny_mha_llama, tmp_path, capsys):
