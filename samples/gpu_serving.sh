@@ -9,7 +9,8 @@
 # wheels in .whl (pip download fastapi uvicorn and their dependencies; see the device tool's README); without them
 # it is skipped. STREAM_INTERVAL=N passes --stream-interval N to the server, API_SERVERS=N --api-servers N (default 1),
 # LOAD_PROCESSES=N runs the load from N processes (default 4: one reads about 20k events/s), CONCURRENCY=N caps the
-# load's connections (default 96), SERVER_RUNS picks runs by name. Results in $OUT.
+# load's connections (default 96), REQUESTS=N sends N requests (default 2000; more weigh the load's start and end
+# less), SERVER_RUNS picks runs by name. Results in $OUT.
 source samples/gpu_setup.sh
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -40,7 +41,8 @@ fi
 python3 -c "import fastapi, uvicorn" || { echo "server part skipped: fastapi/uvicorn do not import (carry .whl)"; exit 0; }
 interval=${STREAM_INTERVAL:-1}  # tokens per streamed event, at least (kvexport serve --stream-interval)
 api=${API_SERVERS:-1}
-tag=i$interval-a$api-c${CONCURRENCY:-96}
+requests=${REQUESTS:-2000}
+tag=i$interval-a$api-c${CONCURRENCY:-96}-r$requests
 run_server() {  # name export slots batching rate
   python3 -m kvexport serve "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 --batching "$4" \
     --max-queue 4096 --model-name m --port 8000 --stream-interval "$interval" --api-servers "$api" \
@@ -50,7 +52,7 @@ run_server() {  # name export slots batching rate
     kill -0 $pid 2>/dev/null || { cat /tmp/serve-$1.log; exit 1; }; sleep 0.5
   done
   # 96 clients: more requests in flight than the 64 slots of every:2, which 32 clients never filled (2026-11-25)
-  python3 samples/load_test.py --url http://127.0.0.1:8000 --model m --requests 2000 --rate "$5" \
+  python3 samples/load_test.py --url http://127.0.0.1:8000 --model m --requests "$requests" --rate "$5" \
     --concurrency "${CONCURRENCY:-96}" \
     --new-tokens ${NEW_TOKENS[long]} --server-pid $pid --ignore-eos --processes "${LOAD_PROCESSES:-4}" \
     --output "/tmp/load-$1-$tag.json" >/dev/null
