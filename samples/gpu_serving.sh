@@ -9,7 +9,7 @@
 # wheels in .whl (pip download fastapi uvicorn and their dependencies; see the device tool's README); without them
 # it is skipped. STREAM_INTERVAL=N passes --stream-interval N to the server, API_SERVERS=N --api-servers N (default 1),
 # LOAD_PROCESSES=N runs the load from N processes (default 4: one reads about 20k events/s), CONCURRENCY=N caps the
-# load's connections (default 96), REQUESTS=N sends N requests (default 2000; more weigh the load's start and end
+# load's connections (default 96), HTTP_REQUESTS=N sends N requests (default 2000; more weigh the load's start and end
 # less), SERVER_RUNS picks runs by name. Results in $OUT.
 source samples/gpu_setup.sh
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -41,7 +41,7 @@ fi
 python3 -c "import fastapi, uvicorn" || { echo "server part skipped: fastapi/uvicorn do not import (carry .whl)"; exit 0; }
 interval=${STREAM_INTERVAL:-1}  # tokens per streamed event, at least (kvexport serve --stream-interval)
 api=${API_SERVERS:-1}
-requests=${REQUESTS:-2000}
+requests=${HTTP_REQUESTS:-2000}
 tag=i$interval-a$api-c${CONCURRENCY:-96}-r$requests
 run_server() {  # name export slots batching rate
   python3 -m kvexport serve "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 --batching "$4" \
