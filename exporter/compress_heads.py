@@ -39,6 +39,7 @@ import json
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from kvexport.strategies import KvexportError, no_sharing
 from kvexport.strategies.atomic import write_text_atomic
@@ -249,9 +250,11 @@ def compress_layer(layer: Layer, act: Activations, d: DecoderDescription, kv_hea
 
 
 def compress_heads(description: DecoderDescription, windows: torch.Tensor, kv_heads: int,
-                   method: str = "rope-svd", fit_steps: int = FIT_STEPS) -> tuple[DecoderDescription, list[dict]]:
+                   method: str = "rope-svd", fit_steps: int = FIT_STEPS,
+                   show_progress: bool = False) -> tuple[DecoderDescription, list[dict]]:
     """The description with kv_heads KV heads per layer, and each layer's relative reconstruction errors
-    (||fit - actual||^2 / ||actual||^2 of its keys and values on the windows). fit_steps: rope-svd-fit's."""
+    (||fit - actual||^2 / ||actual||^2 of its keys and values on the windows). fit_steps: rope-svd-fit's;
+    show_progress: a progress bar over the layers' refits (the long part)."""
     if method not in METHODS:
         raise KvexportError(f"method must be one of {', '.join(METHODS)}")
     check_kv_heads(description, kv_heads)
@@ -266,12 +269,12 @@ def compress_heads(description: DecoderDescription, windows: torch.Tensor, kv_he
     if method in ("rope-svd-refit", "rope-svd-fit"):
         # Nothing to fit where no heads were merged (the fits are exact): Adam would move the weights on noise.
         steps = fit_steps if method == "rope-svd-fit" and kv_heads < description.num_kv_heads else 0
-        compressed = refit_layers(description, compressed, windows, steps)
+        compressed = refit_layers(description, compressed, windows, steps, show_progress)
     return compressed, report
 
 
 def refit_layers(original: DecoderDescription, compressed: DecoderDescription, windows: torch.Tensor,
-                 fit_steps: int = 0) -> DecoderDescription:
+                 fit_steps: int = 0, show_progress: bool = False) -> DecoderDescription:
     """`compressed` with each layer refitted so that its attention output on the windows matches `original`'s:
     its output projection by ridge least squares (OUTPUT_RIDGE), then, with fit_steps, its Q, K, V and O weights
     by that many Adam steps (fit_attention). Both models run layer by layer side by side, so each layer is
@@ -282,7 +285,9 @@ def refit_layers(original: DecoderDescription, compressed: DecoderDescription, w
     mask, positions = torch.ones_like(windows), torch.arange(windows.shape[1]).expand_as(windows)
     teacher_in, student_in = (r.prepare(windows, mask, positions) for r in (teacher, student))
     x_teacher, x_student, layers = teacher_in.x, student_in.x, []
-    for i, (old, new) in enumerate(zip(original.layers, compressed.layers)):
+    layers_bar = tqdm(zip(original.layers, compressed.layers), total=original.num_layers, unit="layer",
+                      desc="compress-heads: refitting layers", disable=not show_progress)
+    for i, (old, new) in enumerate(layers_bar):
         target = teacher.output(old, teacher.attention(i, old, x_teacher, teacher_in, {}))
         x_teacher = teacher.residual(old, x_teacher, target)
         context = student.attention(i, new, x_student, student_in, {})
@@ -355,7 +360,7 @@ def run_compress_heads(model: str, kv_heads: int, method: str, calib: str | None
     description = loaded.description
     check_kv_heads(description, kv_heads)
     windows = token_windows(loaded.tokenizer(), read_text(calib), samples, length)
-    compressed, errors = compress_heads(description, windows, kv_heads, method, fit_steps)
+    compressed, errors = compress_heads(description, windows, kv_heads, method, fit_steps, show_progress=True)
     record = {"method": method, **({"fit_steps": fit_steps} if method == "rope-svd-fit" else {}),
               "source": loaded.reference, "kv_heads": kv_heads,
               "original_kv_heads": description.num_kv_heads,
