@@ -161,8 +161,8 @@ def cmd_compress_heads(args: argparse.Namespace) -> int:
     errors = record["layers"]
     mean = {kind: sum(e[f"relative_{kind}_error"] for e in errors) / len(errors) for kind in ("key", "value")}
     print(f"wrote {args.output}: {args.kv_heads} of {record['original_kv_heads']} KV heads per layer "
-          f"({args.method}); the head fit's mean relative K/V reconstruction error on the calibration text (before any refit): keys {mean['key']:.3f}, "
-          f"values {mean['value']:.3f}")
+          f"({args.method}); the head fit's mean relative K/V reconstruction error on the calibration text "
+          f"(before any refit): keys {mean['key']:.3f}, values {mean['value']:.3f}")
     return 0
 
 
