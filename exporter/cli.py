@@ -157,12 +157,14 @@ def cmd_compress_heads(args: argparse.Namespace) -> int:
     from .compress_heads import run_compress_heads
 
     record = run_compress_heads(args.model, args.kv_heads, args.method, args.calib, args.samples, args.length,
-                                args.output, args.fit_steps)
+                                args.output, args.fit_steps, args.share)
     errors = record["layers"]
     mean = {kind: sum(e[f"relative_{kind}_error"] for e in errors) / len(errors) for kind in ("key", "value")}
+    bound = (f"; fitted for --share {args.share}: export it with --share {args.output / 'strategy.json'}"
+             if "strategy" in record else "")
     print(f"wrote {args.output}: {args.kv_heads} of {record['original_kv_heads']} KV heads per layer "
           f"({args.method}); the head fit's mean relative K/V reconstruction error on the calibration text "
-          f"(before any refit): keys {mean['key']:.3f}, values {mean['value']:.3f}")
+          f"(before any refit): keys {mean['key']:.3f}, values {mean['value']:.3f}{bound}")
     return 0
 
 
@@ -369,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--fit-steps", type=int,
                        help="rope-svd-fit's Adam steps per layer (default 200; each a pass of one layer over the "
                             "calibration windows, forward and backward: the method's cost)")
+    heads.add_argument("--share", default="none",
+                       help="fit the layers for this sharing strategy (shared layers' queries and output projection "
+                            "to read their owner's K/V); the output then exports with it only. With --kv-heads "
+                            f"equal to the model's heads, only the shared layers are fitted. {SPEC_HELP}")
     heads.add_argument("--calib", help="calibration text file (default: the default model's held-out text)")
     heads.add_argument("--samples", type=int, default=32, help="calibration windows")
     heads.add_argument("--length", type=int, default=128, help="tokens per calibration window")

@@ -27,6 +27,11 @@ take as they are. Every fit is linear, so it applies to the projections' weights
   layer-by-layer fit to the original's activations, not training: no language-model loss, no pass through the
   whole model, the rest of the model untouched. The new K projection is the model's own (rotary is applied after
   it), so the cache still holds rotated keys at absolute positions.
+- with a sharing strategy (--share, the refitting methods): the refits run with the strategy in force, each layer
+  against the original layer without sharing, so that a shared layer's queries and output projection are fitted
+  to read its owner's K/V (which it does not with training-free sharing); an owner is fitted for its own output.
+  The model is then bound to that strategy (strategy.json, recorded in kvexport_compression.json): it exports
+  with it only. With as many KV heads as before this fits the shared layers alone, for sharing without heads.
 - method "rope-svd-plain": the same fits with unweighted errors (plain reconstruction of the K/V), for comparison.
 - method "mean": the mean of the group's K and V projections (the initialisation of GQA up-training), queries
   and output projection unchanged: the baseline to beat.
@@ -41,7 +46,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kvexport.strategies import KvexportError, no_sharing
+from kvexport.strategies import KvexportError, Strategy, make_strategy, no_sharing
 from kvexport.strategies.atomic import write_text_atomic
 
 from .models import DecoderDescription, Layer, Linear, state_dict
@@ -250,11 +255,12 @@ def compress_layer(layer: Layer, act: Activations, d: DecoderDescription, kv_hea
 
 
 def compress_heads(description: DecoderDescription, windows: torch.Tensor, kv_heads: int,
-                   method: str = "rope-svd", fit_steps: int = FIT_STEPS,
-                   show_progress: bool = False) -> tuple[DecoderDescription, list[dict]]:
+                   method: str = "rope-svd", fit_steps: int = FIT_STEPS, show_progress: bool = False,
+                   strategy: Strategy | None = None) -> tuple[DecoderDescription, list[dict]]:
     """The description with kv_heads KV heads per layer, and each layer's relative reconstruction errors
     (||fit - actual||^2 / ||actual||^2 of its keys and values on the windows). fit_steps: rope-svd-fit's;
-    show_progress: a progress bar over the layers' refits (the long part)."""
+    show_progress: a progress bar over the layers' refits (the long part); strategy: the sharing the refits fit
+    the layers for (default none)."""
     if method not in METHODS:
         raise KvexportError(f"method must be one of {', '.join(METHODS)}")
     check_kv_heads(description, kv_heads)
@@ -267,34 +273,40 @@ def compress_heads(description: DecoderDescription, windows: torch.Tensor, kv_he
         report.append(errors)
     compressed = dataclasses.replace(description, num_kv_heads=kv_heads, layers=layers)
     if method in ("rope-svd-refit", "rope-svd-fit"):
-        # Nothing to fit where no heads were merged (the fits are exact): Adam would move the weights on noise.
-        steps = fit_steps if method == "rope-svd-fit" and kv_heads < description.num_kv_heads else 0
-        compressed = refit_layers(description, compressed, windows, steps, show_progress)
+        steps = fit_steps if method == "rope-svd-fit" else 0
+        compressed = refit_layers(description, compressed, windows, strategy, steps, show_progress)
     return compressed, report
 
 
 def refit_layers(original: DecoderDescription, compressed: DecoderDescription, windows: torch.Tensor,
-                 fit_steps: int = 0, show_progress: bool = False) -> DecoderDescription:
-    """`compressed` with each layer refitted so that its attention output on the windows matches `original`'s:
-    its output projection by ridge least squares (OUTPUT_RIDGE), then, with fit_steps, its Q, K, V and O weights
-    by that many Adam steps (fit_attention). Both models run layer by layer side by side, so each layer is
-    refitted on the inputs that the refitted layers before it produce, in one pass."""
-    strategy = no_sharing(original.num_layers)
-    teacher, student = (ReferenceDecoder(d, strategy, torch.float64) for d in (original, compressed))
+                 strategy: Strategy | None = None, fit_steps: int = 0,
+                 show_progress: bool = False) -> DecoderDescription:
+    """`compressed`, run under `strategy` (default none), with each layer refitted so that its attention output on
+    the windows matches `original`'s without sharing: its output projection by ridge least squares
+    (OUTPUT_RIDGE), then, with fit_steps, its Q, K, V and O weights by that many Adam steps (fit_attention). Both
+    models run layer by layer side by side, so each layer is refitted on the inputs that the refitted layers
+    before it produce, in one pass; a shared layer reads the K/V its refitted owner wrote. An owner whose heads
+    were not merged is kept: it is exact, and a fit would move its weights on noise."""
+    strategy = strategy or no_sharing(original.num_layers)
+    teacher = ReferenceDecoder(original, no_sharing(original.num_layers), torch.float64)
+    student = ReferenceDecoder(compressed, strategy, torch.float64)
     fitter = ReferenceDecoder(compressed, strategy, torch.float32)  # Adam's steps: 2-3x faster than float64
     mask, positions = torch.ones_like(windows), torch.arange(windows.shape[1]).expand_as(windows)
     teacher_in, student_in = (r.prepare(windows, mask, positions) for r in (teacher, student))
     x_teacher, x_student, layers = teacher_in.x, student_in.x, []
+    present: dict = {}  # the student's owners' K/V, which its shared layers read
+    exact = compressed.num_kv_heads == original.num_kv_heads
     layers_bar = tqdm(zip(original.layers, compressed.layers), total=original.num_layers, unit="layer",
                       desc="compress-heads: refitting layers", disable=not show_progress)
     for i, (old, new) in enumerate(layers_bar):
         target = teacher.output(old, teacher.attention(i, old, x_teacher, teacher_in, {}))
         x_teacher = teacher.residual(old, x_teacher, target)
-        context = student.attention(i, new, x_student, student_in, {})
-        new = dataclasses.replace(new, o=ridge_fit(context.flatten(0, 1), target.flatten(0, 1), new.o))
-        if fit_steps:
-            new = fit_attention(fitter, i, new, x_student, student_in, target, fit_steps)
-            context = student.attention(i, new, x_student, student_in, {})
+        context = student.attention(i, new, x_student, student_in, present)
+        if not (exact and strategy.is_owner(i)):
+            new = dataclasses.replace(new, o=ridge_fit(context.flatten(0, 1), target.flatten(0, 1), new.o))
+            if fit_steps:
+                new = fit_attention(fitter, i, new, x_student, student_in, present, target, fit_steps)
+            context = student.attention(i, new, x_student, student_in, present)
         x_student = student.residual(new, x_student, student.output(new, context))
         layers.append(new)
     return dataclasses.replace(compressed, layers=layers)
@@ -304,10 +316,11 @@ ATTENTION_WEIGHTS = ("q", "k", "v", "o")
 
 
 def fit_attention(reference: ReferenceDecoder, i: int, layer: Layer, x: torch.Tensor, inputs: LayerInputs,
-                  target: torch.Tensor, steps: int) -> Layer:
+                  present: dict, target: torch.Tensor, steps: int) -> Layer:
     """Layer i with its Q, K, V and O weights (biases kept) moved by `steps` Adam steps on the squared error between
     its attention output from x and `target`, relative to the target's energy, computed in `reference`'s dtype; each
-    weight's step size is FIT_STEP times its RMS, so the fit does not depend on the model's weight scale."""
+    weight's step size is FIT_STEP times its RMS, so the fit does not depend on the model's weight scale. A shared
+    layer reads its owner's K/V from `present` (fixed here) and never its own K/V weights, which stay as they are."""
     dtype = reference.dtype
     x, target = x.to(dtype), target.to(dtype)
     inputs = LayerInputs(**{field.name: getattr(inputs, field.name).to(dtype) for field in dataclasses.fields(inputs)})
@@ -316,6 +329,7 @@ def fit_attention(reference: ReferenceDecoder, i: int, layer: Layer, x: torch.Te
     optimizer = torch.optim.Adam([{"params": [w], "lr": FIT_STEP * float(w.detach().pow(2).mean().sqrt())}
                                   for w in weights.values()])
     energy = target.pow(2).mean()
+    present = {owner: (k.to(dtype), v.to(dtype)) for owner, (k, v) in present.items()}
 
     def with_weights(tensors: dict[str, torch.Tensor]) -> Layer:
         return dataclasses.replace(layer, **{name: Linear(tensor, getattr(layer, name).bias)
@@ -324,7 +338,8 @@ def fit_attention(reference: ReferenceDecoder, i: int, layer: Layer, x: torch.Te
     with torch.enable_grad():
         for _ in range(steps):
             fitted = with_weights(weights)
-            error = reference.output(fitted, reference.attention(i, fitted, x, inputs, {})) - target
+            attention = reference.attention(i, fitted, x, inputs, dict(present))  # an owner adds its own K/V
+            error = reference.output(fitted, attention) - target
             optimizer.zero_grad()
             (error.pow(2).mean() / energy).backward()
             optimizer.step()
@@ -345,7 +360,7 @@ def ridge_fit(inputs: torch.Tensor, target: torch.Tensor, start: Linear) -> Line
 
 
 def run_compress_heads(model: str, kv_heads: int, method: str, calib: str | None, samples: int, length: int,
-                       output: Path, fit_steps: int | None = None) -> dict:
+                       output: Path, fit_steps: int | None = None, share: str = "none") -> dict:
     """`kvexport compress-heads`: load, check, calibrate, compress and write; returns the record it wrote.
     Everything a user can get wrong is refused before the calibration runs."""
     from .calibration import read_text, token_windows
@@ -359,27 +374,35 @@ def run_compress_heads(model: str, kv_heads: int, method: str, calib: str | None
     loaded = load_model(model)
     description = loaded.description
     check_kv_heads(description, kv_heads)
+    strategy = make_strategy(share, description.num_layers, loaded.reference)
+    if strategy.shared and method not in ("rope-svd-fit", "rope-svd-refit"):
+        raise KvexportError(f"--share fits the layers for a strategy, which --method {method} does not do: use "
+                            "--method rope-svd-fit (the default) or rope-svd-refit, or leave --share out")
     windows = token_windows(loaded.tokenizer(), read_text(calib), samples, length)
-    compressed, errors = compress_heads(description, windows, kv_heads, method, fit_steps, show_progress=True)
+    compressed, errors = compress_heads(description, windows, kv_heads, method, fit_steps, show_progress=True,
+                                        strategy=strategy)
     record = {"method": method, **({"fit_steps": fit_steps} if method == "rope-svd-fit" else {}),
               "source": loaded.reference, "kv_heads": kv_heads,
               "original_kv_heads": description.num_kv_heads,
               "calibration": {"text": str(calib or "the default model's held-out text"), "samples": samples,
                               "length": length, "from": "start"},
               "layers": errors}
-    write_compressed(compressed, loaded.directory, loaded.config, output, record)
+    write_compressed(compressed, loaded.directory, loaded.config, output, record,
+                     strategy if strategy.shared else None)
     return record
 
 
-def write_compressed(description: DecoderDescription, source_dir: Path, config, output: Path, record: dict) -> Path:
+def write_compressed(description: DecoderDescription, source_dir: Path, config, output: Path, record: dict,
+                     strategy: Strategy | None = None) -> Path:
     """A Hugging Face checkpoint with num_key_value_heads = G that transformers loads and runs (GPT-NeoX as the
     multi-head model it equals, see models/gpt_neox.py), written under a temporary name and renamed when
-    complete, with kvexport_compression.json (method, calibration, per-layer errors)."""
+    complete, with kvexport_compression.json (method, calibration, per-layer errors) and, where the layers were
+    fitted for a sharing strategy, strategy.json, which binds the model to it (loading.check_trained_strategy)."""
     import shutil
 
     from safetensors.torch import save_file
 
-    from .loading import SIDE_FILES
+    from .loading import COMPRESSION_RECORD, SIDE_FILES, bind_strategy
 
     partial = output.with_name(f".{output.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -394,7 +417,9 @@ def write_compressed(description: DecoderDescription, source_dir: Path, config, 
         dtype = stored if isinstance(stored, torch.dtype) else torch.float32
         save_file({k: v.to(dtype) for k, v in state_dict(description).items()},
                   partial / "model.safetensors", metadata={"format": "pt"})
-        write_text_atomic(partial / "kvexport_compression.json", json.dumps(record, indent=2) + "\n")
+        if strategy is not None:
+            record["strategy"] = bind_strategy(strategy, partial, output, {"fitted_from": record["source"]})
+        write_text_atomic(partial / COMPRESSION_RECORD, json.dumps(record, indent=2) + "\n")
         partial.rename(output)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

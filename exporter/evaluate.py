@@ -22,7 +22,7 @@ from kvexport.strategies.atomic import atomic_path, write_text_atomic
 from kvexport.strategies.contract import positions_from_mask
 
 from .calibration import next_token_stats
-from .loading import UPTRAIN_RECORD, LoadedModel
+from .loading import LoadedModel, fitted_strategy
 from .onnx_graph import cache_layout
 from .pipeline import export
 from .reference import ReferenceDecoder
@@ -57,11 +57,11 @@ def onnx_logits(directory: Path, windows: torch.Tensor) -> torch.Tensor:
 
 def evaluate(loaded: LoadedModel, strategies: dict[str, Strategy], windows: torch.Tensor,
              with_torch: bool = False, log=print) -> list[EvalRow]:
-    """Rows for the full model ('none') followed by each named strategy; a model uptrained for one strategy gets
-    no 'none' row (it is not meant to run without its sharing)."""
+    """Rows for the full model ('none') followed by each named strategy; a model uptrained or fitted for one
+    strategy gets no 'none' row (it is not meant to run without its sharing)."""
     description = loaded.description
-    uptrained = (loaded.directory / UPTRAIN_RECORD).is_file()
-    named = {**({} if uptrained else {"none": no_sharing(description.num_layers)}), **strategies}
+    bound = fitted_strategy(loaded.directory) is not None
+    named = {**({} if bound else {"none": no_sharing(description.num_layers)}), **strategies}
     rows: list[EvalRow] = []
     with tempfile.TemporaryDirectory(prefix="kvexport-eval-") as tmp:
         for index, (name, strategy) in enumerate(named.items()):

@@ -26,23 +26,43 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 
 
 UPTRAIN_RECORD = "kvexport_uptrain.json"  # in a model directory written by `kvexport uptrain`: its strategy
+# in a model directory written by `kvexport compress-heads`: its method, and its strategy when fitted for one
+COMPRESSION_RECORD = "kvexport_compression.json"
 
 
 class ModelNotFoundError(KvexportError):
     pass
 
 
+def fitted_strategy(directory: Path) -> list[int] | None:
+    """The kv_source of the strategy a model directory's weights were trained or fitted for (kvexport uptrain,
+    compress-heads --share), or None where they work under any strategy."""
+    for name in (UPTRAIN_RECORD, COMPRESSION_RECORD):
+        record = directory / name
+        if record.is_file():
+            strategy = json.loads(record.read_text(encoding="utf-8")).get("strategy")
+            if strategy is not None:
+                return strategy["kv_source"]
+    return None
+
+
+def bind_strategy(strategy: Strategy, directory: Path, output: Path, provenance: dict) -> dict:
+    """Record in `directory` (a model directory being written, to be renamed to `output`) that its weights were
+    trained or fitted for `strategy`: strategy.json, to pass to --share; returns the strategy's dict for the
+    record (UPTRAIN_RECORD or COMPRESSION_RECORD) that binds it."""
+    recorded = Strategy.from_dict({**strategy.to_dict(), "model": str(output.resolve()), "provenance": provenance})
+    recorded.save(directory / "strategy.json")
+    return recorded.to_dict()
+
+
 def check_trained_strategy(directory: Path, strategy: Strategy) -> None:
-    """A model uptrained for one strategy runs under that strategy only: under another, layers would read K/V
-    that their projections were not trained to produce (or that no longer track the other layers)."""
-    record = directory / UPTRAIN_RECORD
-    if not record.is_file():
-        return
-    trained = json.loads(record.read_text(encoding="utf-8"))["strategy"]
-    if tuple(trained["kv_source"]) != strategy.kv_source:
-        raise KvexportError(f"{directory} was uptrained for the strategy in {directory / 'strategy.json'} "
-                            f"(kv_source {trained['kv_source']}), not this one: pass --share "
-                            f"{directory / 'strategy.json'} (or its spec)")
+    """A model uptrained or fitted for one strategy runs under that strategy only: under another, layers would read
+    K/V that their projections were not trained to produce (or that no longer track the other layers)."""
+    fitted = fitted_strategy(directory)
+    if fitted is not None and tuple(fitted) != strategy.kv_source:
+        raise KvexportError(f"{directory} was trained or fitted for the strategy in {directory / 'strategy.json'} "
+                            f"(kv_source {fitted}), not this one: pass --share {directory / 'strategy.json'} "
+                            "(or its spec)")
 
 
 @dataclass

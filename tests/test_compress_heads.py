@@ -88,7 +88,7 @@ def test_each_refit_brings_the_first_layer_closer_to_the_original(mha_model):
     original = load_model(str(mha_model)).description
     windows = torch.randint(0, 8192, (4, 32), generator=torch.Generator().manual_seed(1))
     fitted, _ = compress_heads(original, windows, 2, "rope-svd")
-    refitted, attention_fitted = (refit_layers(original, fitted, windows, steps) for steps in (0, 50))
+    refitted, attention_fitted = (refit_layers(original, fitted, windows, fit_steps=steps) for steps in (0, 50))
 
     def first_attention_output(description):
         reference = ReferenceDecoder(description, no_sharing(description.num_layers), torch.float64)

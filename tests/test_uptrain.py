@@ -38,7 +38,7 @@ def test_uptraining_lowers_the_held_out_loss_and_the_output_exports(uninterrupte
     assert json.loads((output / "kvexport_uptrain.json").read_text())["strategy"]["kv_source"] == [0, 0, 2, 2]
     result = export(str(output), str(output / "strategy.json"), tmp_path / "export", log=lambda _: None)
     assert result.validation.passed
-    with pytest.raises(KvexportError, match="uptrained for the strategy"):
+    with pytest.raises(KvexportError, match="trained or fitted for the strategy"):
         export(str(output), "none", tmp_path / "other", log=lambda _: None)
 
 

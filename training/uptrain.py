@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvexport.exporter.loading import SIDE_FILES, UPTRAIN_RECORD, check_trained_strategy, load_model
+from kvexport.exporter.loading import SIDE_FILES, UPTRAIN_RECORD, bind_strategy, check_trained_strategy, load_model
 from kvexport.exporter.models import describe
 from kvexport.exporter.reference import ReferenceDecoder
 from kvexport.strategies import KvexportError, Strategy, make_strategy
@@ -260,11 +260,8 @@ def write_output(loaded, strategy: Strategy, state_dir: Path, output: Path, reco
         for name in SIDE_FILES:
             if (loaded.directory / name).is_file():
                 shutil.copy2(loaded.directory / name, partial / name)
-        recorded = Strategy.from_dict({**strategy.to_dict(), "model": str(output.resolve()),
-                                       "provenance": {"uptrained_from": loaded.reference}})
-        recorded.save(partial / "strategy.json")
-        write_text_atomic(partial / UPTRAIN_RECORD, json.dumps({**record, "strategy": recorded.to_dict()},
-                                                               indent=2) + "\n")
+        recorded = bind_strategy(strategy, partial, output, {"uptrained_from": loaded.reference})
+        write_text_atomic(partial / UPTRAIN_RECORD, json.dumps({**record, "strategy": recorded}, indent=2) + "\n")
         plot_history(record["history"], partial / "loss.png")
         partial.rename(output)
     except BaseException:
