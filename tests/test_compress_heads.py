@@ -7,6 +7,7 @@ import torch
 
 from kvexport.exporter import export, load_model
 from kvexport.exporter.cli import main
+from kvexport.strategies import KvexportError
 
 
 @pytest.fixture(scope="module")
@@ -77,30 +78,68 @@ def test_fitted_heads_beat_mean_pooling(mha_model, tmp_path):
     assert errors["rope-svd-plain"] < errors["mean"]
 
 
+def first_attention_output(description, ids):
+    """The first layer's attention output on ids: all models share its inputs."""
+    from kvexport.exporter.reference import ReferenceDecoder
+    from kvexport.strategies import no_sharing
+
+    reference = ReferenceDecoder(description, no_sharing(description.num_layers), torch.float64)
+    inputs = reference.prepare(ids, torch.ones_like(ids), torch.arange(ids.shape[1]).expand_as(ids))
+    layer = description.layers[0]
+    return reference.output(layer, reference.attention(0, layer, inputs.x, inputs, {}))
+
+
 def test_each_refit_brings_the_first_layer_closer_to_the_original(mha_model):
     """On the calibration windows, the first layer's attention output (whose inputs all models share) is nearer the
     original's after the output refit than after the head fit alone, and nearer still after the attention fit; the
     output refit leaves the queries, keys and values as fitted."""
     from kvexport.exporter.compress_heads import compress_heads, refit_layers
-    from kvexport.exporter.reference import ReferenceDecoder
-    from kvexport.strategies import no_sharing
 
     original = load_model(str(mha_model)).description
     windows = torch.randint(0, 8192, (4, 32), generator=torch.Generator().manual_seed(1))
     fitted, _ = compress_heads(original, windows, 2, "rope-svd")
     refitted, attention_fitted = (refit_layers(original, fitted, windows, fit_steps=steps) for steps in (0, 50))
-
-    def first_attention_output(description):
-        reference = ReferenceDecoder(description, no_sharing(description.num_layers), torch.float64)
-        inputs = reference.prepare(windows, torch.ones_like(windows), torch.arange(32).expand_as(windows))
-        layer = description.layers[0]
-        return reference.output(layer, reference.attention(0, layer, inputs.x, inputs, {}))
-
-    target = first_attention_output(original)
-    errors = [float((first_attention_output(d) - target).norm()) for d in (fitted, refitted, attention_fitted)]
+    target = first_attention_output(original, windows)
+    errors = [float((first_attention_output(d, windows) - target).norm())
+              for d in (fitted, refitted, attention_fitted)]
     assert errors[0] > errors[1] > errors[2]
     assert all(torch.equal(getattr(a, name).weight, getattr(b, name).weight) for a, b in
                zip(fitted.layers, refitted.layers) for name in ("q", "k", "v"))
+
+
+def reference_logits(description, strategy_spec):
+    from kvexport.exporter.reference import ReferenceDecoder
+    from kvexport.strategies import make_strategy
+
+    reference = ReferenceDecoder(description, make_strategy(strategy_spec, description.num_layers), torch.float64)
+    ones = torch.ones_like(IDS)
+    return reference.forward(IDS, ones, torch.arange(IDS.shape[1]).expand_as(IDS)).logits
+
+
+def test_fitting_for_a_strategy_brings_the_shared_model_closer_and_binds_it(mha_model, tmp_path):
+    """compress-heads --share every:2 with as many KV heads: under every:2 the fitted model's logits are nearer the
+    original's (without sharing) than training-free sharing's; the first owner is kept; the output exports and
+    validates with its strategy and is refused with another."""
+    out = tmp_path / "fitted"
+    assert main(["compress-heads", "--model", str(mha_model), "--kv-heads", "4", "--share", "every:2", "--samples",
+                 "4", "--length", "64", "--fit-steps", "10", "-o", str(out)]) == 0
+    original, fitted = (load_model(str(m)).description for m in (mha_model, out))
+    target = reference_logits(original, "none")
+    distance = {name: float((reference_logits(d, "every:2") - target).pow(2).mean())
+                for name, d in (("shared", original), ("fitted", fitted))}
+    assert distance["fitted"] < 0.9 * distance["shared"]
+    torch.testing.assert_close(first_attention_output(fitted, IDS), first_attention_output(original, IDS))
+    assert json.loads((out / "kvexport_compression.json").read_text())["strategy"]["kv_source"] == [0, 0, 2, 2]
+    assert export(str(out), str(out / "strategy.json"), tmp_path / "e", log=lambda _: None).validation.passed
+    with pytest.raises(KvexportError, match="trained or fitted for the strategy"):
+        export(str(out), "none", tmp_path / "other", log=lambda _: None)
+
+
+def test_share_with_a_method_that_does_not_fit_is_one_line_and_nothing_is_written(tiny_mha_llama, tmp_path, capsys):
+    assert main(["compress-heads", "--model", str(tiny_mha_llama), "--kv-heads", "2", "--method", "mean",
+                 "--share", "every:2", "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--method rope-svd-fit" in err and not list(tmp_path.iterdir())
 
 
 def test_edited_repeated_heads_are_refused(tiny_neox, tmp_path, capsys):
