@@ -157,7 +157,7 @@ def cmd_compress_heads(args: argparse.Namespace) -> int:
     from .compress_heads import run_compress_heads
 
     record = run_compress_heads(args.model, args.kv_heads, args.method, args.calib, args.samples, args.length,
-                                args.output, args.fit_steps, args.share)
+                                args.output, args.fit_steps, args.share, args.device)
     errors = record["layers"]
     mean = {kind: sum(e[f"relative_{kind}_error"] for e in errors) / len(errors) for kind in ("key", "value")}
     bound = (f"; fitted for --share {args.share}: export it with --share {args.output / 'strategy.json'}"
@@ -375,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fit the layers for this sharing strategy (shared layers' queries and output projection "
                             "to read their owner's K/V); the output then exports with it only. With --kv-heads "
                             f"equal to the model's heads, only the shared layers are fitted. {SPEC_HELP}")
+    heads.add_argument("--device", help="where the model runs for the fits: cuda or cpu (default: cuda when there is "
+                                        "one; rope-svd-fit's steps want a GPU beyond small models)")
     heads.add_argument("--calib", help="calibration text file (default: the default model's held-out text)")
     heads.add_argument("--samples", type=int, default=32, help="calibration windows")
     heads.add_argument("--length", type=int, default=128, help="tokens per calibration window")

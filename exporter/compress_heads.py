@@ -35,12 +35,17 @@ take as they are. Every fit is linear, so it applies to the projections' weights
 - method "rope-svd-plain": the same fits with unweighted errors (plain reconstruction of the K/V), for comparison.
 - method "mean": the mean of the group's K and V projections (the initialisation of GQA up-training), queries
   and output projection unchanged: the baseline to beat.
+
+Everything runs in one pass over the layers (compress_heads), holding one layer's activations at a time; the model
+runs on `device` (a GPU for rope-svd-fit beyond small models: each Adam step is a forward and backward pass of one
+attention block over the calibration tokens), the head fits on the host in float64.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -53,6 +58,7 @@ from .models import DecoderDescription, Layer, Linear, state_dict
 from .reference import LayerInputs, ReferenceDecoder
 
 METHODS = ("rope-svd-fit", "rope-svd-refit", "rope-svd", "rope-svd-plain", "mean")
+REFITS = ("rope-svd-fit", "rope-svd-refit")  # the methods that refit layers to the original's attention output
 RIDGE = 1e-6  # relative regulariser of the error metrics, so a head that is never read stays invertible
 # Of the output refit, relative to the inputs' mean energy, towards the fitted weights: on tiny-llama at 2 KV heads,
 # 1.0 kept 46.54% next-token accuracy, 0.1 46.52%, 0.001 45.86% (fits the calibration text too closely).
@@ -84,17 +90,10 @@ class Activations:
     queries: torch.Tensor
 
 
-def layer_activations(description: DecoderDescription, windows: torch.Tensor) -> list[Activations]:
-    mask = torch.ones_like(windows)
-    positions = torch.arange(windows.shape[1]).expand_as(windows)
-    reference = ReferenceDecoder(description, no_sharing(description.num_layers), torch.float64)
-    out = reference.forward(windows, mask, positions, collect_layer_kv=True, collect_queries=True)
-
-    def tokens(t: torch.Tensor) -> torch.Tensor:
-        return t.permute(0, 2, 1, 3).flatten(0, 1)
-
-    return [Activations(*(tokens(t) for t in (*out.layer_kv[i], out.layer_queries[i])))
-            for i in range(description.num_layers)]
+    @classmethod
+    def on_host(cls, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> Activations:
+        """From a layer's [batch, heads, seq, head_dim] tensors (on any device): the head fits run on the host."""
+        return cls(*(t.permute(0, 2, 1, 3).flatten(0, 1).cpu() for t in (keys, values, queries)))
 
 
 def complex_pairs(x: torch.Tensor, rotary: int) -> torch.Tensor:
@@ -254,62 +253,62 @@ def compress_layer(layer: Layer, act: Activations, d: DecoderDescription, kv_hea
     return compressed, {"relative_key_error": round(errors["key"], 6), "relative_value_error": round(errors["value"], 6)}
 
 
-def compress_heads(description: DecoderDescription, windows: torch.Tensor, kv_heads: int,
-                   method: str = "rope-svd", fit_steps: int = FIT_STEPS, show_progress: bool = False,
-                   strategy: Strategy | None = None) -> tuple[DecoderDescription, list[dict]]:
-    """The description with kv_heads KV heads per layer, and each layer's relative reconstruction errors
-    (||fit - actual||^2 / ||actual||^2 of its keys and values on the windows). fit_steps: rope-svd-fit's;
-    show_progress: a progress bar over the layers' refits (the long part); strategy: the sharing the refits fit
-    the layers for (default none)."""
+def check_request(description: DecoderDescription, kv_heads: int, method: str, strategy: Strategy) -> None:
     if method not in METHODS:
         raise KvexportError(f"method must be one of {', '.join(METHODS)}")
     check_kv_heads(description, kv_heads)
-    activations = layer_activations(description, windows)
-    layers, report = [], []
-    fit_method = method if method in ("rope-svd", "rope-svd-plain", "mean") else "rope-svd"  # the refits start there
-    for layer, act in zip(description.layers, activations):
-        compressed, errors = compress_layer(layer, act, description, kv_heads, fit_method)
-        layers.append(compressed)
-        report.append(errors)
-    compressed = dataclasses.replace(description, num_kv_heads=kv_heads, layers=layers)
-    if method in ("rope-svd-refit", "rope-svd-fit"):
-        steps = fit_steps if method == "rope-svd-fit" else 0
-        compressed = refit_layers(description, compressed, windows, strategy, steps, show_progress)
-    return compressed, report
+    if strategy.shared and method not in REFITS:
+        raise KvexportError(f"--share fits the layers for a strategy, which --method {method} does not do: use "
+                            "--method rope-svd-fit (the default) or rope-svd-refit, or leave --share out")
 
 
-def refit_layers(original: DecoderDescription, compressed: DecoderDescription, windows: torch.Tensor,
-                 strategy: Strategy | None = None, fit_steps: int = 0,
-                 show_progress: bool = False) -> DecoderDescription:
-    """`compressed`, run under `strategy` (default none), with each layer refitted so that its attention output on
-    the windows matches `original`'s without sharing: its output projection by ridge least squares
-    (OUTPUT_RIDGE), then, with fit_steps, its Q, K, V and O weights by that many Adam steps (fit_attention). Both
-    models run layer by layer side by side, so each layer is refitted on the inputs that the refitted layers
-    before it produce, in one pass; a shared layer reads the K/V its refitted owner wrote. An owner whose heads
-    were not merged is kept: it is exact, and a fit would move its weights on noise."""
-    strategy = strategy or no_sharing(original.num_layers)
-    teacher = ReferenceDecoder(original, no_sharing(original.num_layers), torch.float64)
-    student = ReferenceDecoder(compressed, strategy, torch.float64)
-    fitter = ReferenceDecoder(compressed, strategy, torch.float32)  # Adam's steps: 2-3x faster than float64
+def compress_heads(description: DecoderDescription, windows: torch.Tensor, kv_heads: int,
+                   method: str = "rope-svd", fit_steps: int = FIT_STEPS, show_progress: bool = False,
+                   strategy: Strategy | None = None,
+                   device: torch.device | str = "cpu") -> tuple[DecoderDescription, list[dict]]:
+    """The description with kv_heads KV heads per layer, and each layer's relative reconstruction errors
+    (||fit - actual||^2 / ||actual||^2 of its keys and values on the windows). fit_steps: rope-svd-fit's;
+    show_progress: a progress bar over the layers; strategy: the sharing the refits fit the layers for (default
+    none); device: where the model runs (the head fits themselves run on the host).
+
+    One pass, layer by layer: the original model (the teacher) gives each layer's activations, from which its
+    heads are fitted, and its attention output, the refits' target; the compressed model (the student) runs
+    beside it under the strategy, so each layer is refitted on the inputs that the refitted layers before it
+    produce and a shared layer reads the K/V its refitted owner wrote. Only one layer's activations are held.
+    The refits: the output projection by ridge least squares (OUTPUT_RIDGE), then, with fit_steps, Q, K, V and O
+    by that many Adam steps (fit_attention). An owner whose heads were not merged is kept: it is exact, and a
+    fit would move its weights on noise."""
+    strategy = strategy or no_sharing(description.num_layers)
+    check_request(description, kv_heads, method, strategy)
+    refit = method in REFITS
+    fit_method = "rope-svd" if refit else method  # the refits start from rope-svd's heads
+    steps = fit_steps if method == "rope-svd-fit" else 0
+    exact = kv_heads == description.num_kv_heads
+    compressed = dataclasses.replace(description, num_kv_heads=kv_heads)
+    teacher = ReferenceDecoder(description, no_sharing(description.num_layers), torch.float64, device)
+    student = ReferenceDecoder(compressed, strategy, torch.float64, device)
+    fitter = ReferenceDecoder(compressed, strategy, torch.float32, device)  # Adam's steps: 2-3x faster than float64
     mask, positions = torch.ones_like(windows), torch.arange(windows.shape[1]).expand_as(windows)
     teacher_in, student_in = (r.prepare(windows, mask, positions) for r in (teacher, student))
-    x_teacher, x_student, layers = teacher_in.x, student_in.x, []
-    present: dict = {}  # the student's owners' K/V, which its shared layers read
-    exact = compressed.num_kv_heads == original.num_kv_heads
-    layers_bar = tqdm(zip(original.layers, compressed.layers), total=original.num_layers, unit="layer",
-                      desc="compress-heads: refitting layers", disable=not show_progress)
-    for i, (old, new) in enumerate(layers_bar):
-        target = teacher.output(old, teacher.attention(i, old, x_teacher, teacher_in, {}))
+    x_teacher, x_student, present, layers, report = teacher_in.x, student_in.x, {}, [], []
+    bar = tqdm(description.layers, unit="layer", desc="compress-heads: fitting layers", disable=not show_progress)
+    for i, old in enumerate(bar):
+        kv, queries = {}, {}
+        target = teacher.output(old, teacher.attention(i, old, x_teacher, teacher_in, {}, None, kv, queries))
         x_teacher = teacher.residual(old, x_teacher, target)
-        context = student.attention(i, new, x_student, student_in, present)
-        if not (exact and strategy.is_owner(i)):
-            new = dataclasses.replace(new, o=ridge_fit(context.flatten(0, 1), target.flatten(0, 1), new.o))
-            if fit_steps:
-                new = fit_attention(fitter, i, new, x_student, student_in, present, target, fit_steps)
+        new, errors = compress_layer(old, Activations.on_host(*kv[i], queries[i]), description, kv_heads,
+                                     fit_method)
+        report.append(errors)
+        if refit:
             context = student.attention(i, new, x_student, student_in, present)
-        x_student = student.residual(new, x_student, student.output(new, context))
+            if not (exact and strategy.is_owner(i)):
+                new = dataclasses.replace(new, o=ridge_fit(context.flatten(0, 1), target.flatten(0, 1), new.o))
+                if steps:
+                    new = fit_attention(fitter, i, new, x_student, student_in, present, target, steps)
+                context = student.attention(i, new, x_student, student_in, present)
+            x_student = student.residual(new, x_student, student.output(new, context))
         layers.append(new)
-    return dataclasses.replace(compressed, layers=layers)
+    return dataclasses.replace(compressed, layers=layers), report
 
 
 ATTENTION_WEIGHTS = ("q", "k", "v", "o")
@@ -318,13 +317,14 @@ ATTENTION_WEIGHTS = ("q", "k", "v", "o")
 def fit_attention(reference: ReferenceDecoder, i: int, layer: Layer, x: torch.Tensor, inputs: LayerInputs,
                   present: dict, target: torch.Tensor, steps: int) -> Layer:
     """Layer i with its Q, K, V and O weights (biases kept) moved by `steps` Adam steps on the squared error between
-    its attention output from x and `target`, relative to the target's energy, computed in `reference`'s dtype; each
-    weight's step size is FIT_STEP times its RMS, so the fit does not depend on the model's weight scale. A shared
-    layer reads its owner's K/V from `present` (fixed here) and never its own K/V weights, which stay as they are."""
-    dtype = reference.dtype
+    its attention output from x and `target`, relative to the target's energy, computed in `reference`'s dtype and
+    on its device; each weight's step size is FIT_STEP times its RMS, so the fit does not depend on the model's
+    weight scale. A shared layer reads its owner's K/V from `present` (fixed here) and never its own K/V weights,
+    which stay as they are."""
+    dtype, device = reference.dtype, reference.device
     x, target = x.to(dtype), target.to(dtype)
     inputs = LayerInputs(**{field.name: getattr(inputs, field.name).to(dtype) for field in dataclasses.fields(inputs)})
-    weights = {name: getattr(layer, name).weight.detach().to(dtype).clone().requires_grad_(True)
+    weights = {name: getattr(layer, name).weight.detach().to(device, dtype).clone().requires_grad_(True)
                for name in ATTENTION_WEIGHTS}
     optimizer = torch.optim.Adam([{"params": [w], "lr": FIT_STEP * float(w.detach().pow(2).mean().sqrt())}
                                   for w in weights.values()])
@@ -343,7 +343,8 @@ def fit_attention(reference: ReferenceDecoder, i: int, layer: Layer, x: torch.Te
             optimizer.zero_grad()
             (error.pow(2).mean() / energy).backward()
             optimizer.step()
-    return with_weights({name: w.detach().to(getattr(layer, name).weight.dtype).contiguous()
+    stored = {name: getattr(layer, name).weight for name in ATTENTION_WEIGHTS}
+    return with_weights({name: w.detach().to(stored[name].device, stored[name].dtype).contiguous()
                          for name, w in weights.items()})
 
 
@@ -352,15 +353,16 @@ def ridge_fit(inputs: torch.Tensor, target: torch.Tensor, start: Linear) -> Line
     OUTPUT_RIDGE times the inputs' mean energy per feature."""
     gram = inputs.T @ inputs
     strength = OUTPUT_RIDGE * gram.diagonal().mean()
-    start_weight = start.weight.double()
-    bias = 0.0 if start.bias is None else start.bias.double()
-    weight = torch.linalg.solve(gram + strength * torch.eye(gram.shape[0], dtype=gram.dtype),
+    start_weight = start.weight.to(inputs.device, torch.float64)
+    bias = 0.0 if start.bias is None else start.bias.to(inputs.device, torch.float64)
+    weight = torch.linalg.solve(gram + strength * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device),
                                 inputs.T @ (target - bias) + strength * start_weight)
-    return Linear(weight.to(start.weight.dtype).contiguous(), start.bias)
+    return Linear(weight.to(start.weight.device, start.weight.dtype).contiguous(), start.bias)
 
 
 def run_compress_heads(model: str, kv_heads: int, method: str, calib: str | None, samples: int, length: int,
-                       output: Path, fit_steps: int | None = None, share: str = "none") -> dict:
+                       output: Path, fit_steps: int | None = None, share: str = "none",
+                       device: str | None = None) -> dict:
     """`kvexport compress-heads`: load, check, calibrate, compress and write; returns the record it wrote.
     Everything a user can get wrong is refused before the calibration runs."""
     from .calibration import read_text, token_windows
@@ -373,20 +375,19 @@ def run_compress_heads(model: str, kv_heads: int, method: str, calib: str | None
         raise KvexportError(f"--fit-steps must be 0 or more, got {fit_steps}")
     loaded = load_model(model)
     description = loaded.description
-    check_kv_heads(description, kv_heads)
     strategy = make_strategy(share, description.num_layers, loaded.reference)
-    if strategy.shared and method not in ("rope-svd-fit", "rope-svd-refit"):
-        raise KvexportError(f"--share fits the layers for a strategy, which --method {method} does not do: use "
-                            "--method rope-svd-fit (the default) or rope-svd-refit, or leave --share out")
+    check_request(description, kv_heads, method, strategy)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     windows = token_windows(loaded.tokenizer(), read_text(calib), samples, length)
+    started = time.perf_counter()
     compressed, errors = compress_heads(description, windows, kv_heads, method, fit_steps, show_progress=True,
-                                        strategy=strategy)
+                                        strategy=strategy, device=device)
     record = {"method": method, **({"fit_steps": fit_steps} if method == "rope-svd-fit" else {}),
               "source": loaded.reference, "kv_heads": kv_heads,
               "original_kv_heads": description.num_kv_heads,
               "calibration": {"text": str(calib or "the default model's held-out text"), "samples": samples,
                               "length": length, "from": "start"},
-              "layers": errors}
+              "device": str(device), "seconds": round(time.perf_counter() - started, 1), "layers": errors}
     write_compressed(compressed, loaded.directory, loaded.config, output, record,
                      strategy if strategy.shared else None)
     return record

@@ -30,7 +30,6 @@ class ReferenceOutput:
     present: dict[int, KV]  # owner layer -> (keys, values), each [batch, kv_heads, past + seq, head_dim]
     final_hidden: torch.Tensor  # [batch, seq, hidden], after the final norm
     layer_kv: dict[int, KV] = field(default_factory=dict)  # every layer's own new K/V, when asked for
-    layer_queries: dict[int, torch.Tensor] = field(default_factory=dict)  # every layer's queries, when asked for
 
 
 @dataclass
@@ -111,20 +110,18 @@ class ReferenceDecoder:
         position_ids: torch.Tensor,
         past: dict[int, KV] | None = None,
         collect_layer_kv: bool = False,
-        collect_queries: bool = False,
     ) -> ReferenceOutput:
         d = self.d
         inputs = self.prepare(input_ids, attention_mask, position_ids)
         x, present = inputs.x, {}
         layer_kv: dict[int, KV] | None = {} if collect_layer_kv else None
-        layer_queries: dict[int, torch.Tensor] | None = {} if collect_queries else None
         for i, layer in enumerate(d.layers):
-            context = self.attention(i, layer, x, inputs, present, past or {}, layer_kv, layer_queries)
+            context = self.attention(i, layer, x, inputs, present, past or {}, layer_kv)
             x = self.residual(layer, x, self.output(layer, context))
         final = self._norm(x, d.final_norm)
         logits = self._linear(final, d.lm_head)
         d.release()
-        return ReferenceOutput(logits, present, final, layer_kv or {}, layer_queries or {})
+        return ReferenceOutput(logits, present, final, layer_kv or {})
 
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> LayerInputs:

@@ -93,12 +93,12 @@ def test_each_refit_brings_the_first_layer_closer_to_the_original(mha_model):
     """On the calibration windows, the first layer's attention output (whose inputs all models share) is nearer the
     original's after the output refit than after the head fit alone, and nearer still after the attention fit; the
     output refit leaves the queries, keys and values as fitted."""
-    from kvexport.exporter.compress_heads import compress_heads, refit_layers
+    from kvexport.exporter.compress_heads import compress_heads
 
     original = load_model(str(mha_model)).description
     windows = torch.randint(0, 8192, (4, 32), generator=torch.Generator().manual_seed(1))
-    fitted, _ = compress_heads(original, windows, 2, "rope-svd")
-    refitted, attention_fitted = (refit_layers(original, fitted, windows, fit_steps=steps) for steps in (0, 50))
+    fitted, refitted, attention_fitted = (compress_heads(original, windows, 2, method, fit_steps=50)[0]
+                                          for method in ("rope-svd", "rope-svd-refit", "rope-svd-fit"))
     target = first_attention_output(original, windows)
     errors = [float((first_attention_output(d, windows) - target).norm())
               for d in (fitted, refitted, attention_fitted)]
