@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fit the layers for this sharing strategy (shared layers' queries and output projection "
                             "to read their owner's K/V); the output then exports with it only. With --kv-heads "
                             f"equal to the model's heads, only the shared layers are fitted. {SPEC_HELP}")
-    heads.add_argument("--device", help="where the model runs for the fits: cuda or cpu (default: cuda when there is "
+    heads.add_argument("--device", choices=["cpu", "cuda"], help="where the model runs for the fits: cuda or cpu (default: cuda when there is "
                                         "one; rope-svd-fit's steps want a GPU beyond small models)")
     heads.add_argument("--calib", help="calibration text file (default: the default model's held-out text)")
     heads.add_argument("--samples", type=int, default=32, help="calibration windows")
@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     uptrain.add_argument("--patience", type=int, default=0,
                          help="stop after this many evaluations without improvement (default: never)")
     uptrain.add_argument("--seed", type=int, default=0)
-    uptrain.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
+    uptrain.add_argument("--device", choices=["cpu", "cuda"], help="cuda or cpu (default: cuda when there is one)")
     uptrain.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
     uptrain.add_argument("-o", "--output", type=Path, required=True)
     uptrain.set_defaults(func=cmd_uptrain)

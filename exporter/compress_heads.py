@@ -55,7 +55,7 @@ from kvexport.strategies import KvexportError, Strategy, make_strategy, no_shari
 from kvexport.strategies.atomic import write_text_atomic
 
 from .models import DecoderDescription, Layer, Linear, state_dict
-from .reference import LayerInputs, ReferenceDecoder
+from .reference import LayerInputs, ReferenceDecoder, compute_device
 
 METHODS = ("rope-svd-fit", "rope-svd-refit", "rope-svd", "rope-svd-plain", "mean")
 REFITS = ("rope-svd-fit", "rope-svd-refit")  # the methods that refit layers to the original's attention output
@@ -377,7 +377,7 @@ def run_compress_heads(model: str, kv_heads: int, method: str, calib: str | None
     description = loaded.description
     strategy = make_strategy(share, description.num_layers, loaded.reference)
     check_request(description, kv_heads, method, strategy)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = compute_device(device)
     windows = token_windows(loaded.tokenizer(), read_text(calib), samples, length)
     started = time.perf_counter()
     compressed, errors = compress_heads(description, windows, kv_heads, method, fit_steps, show_progress=True,

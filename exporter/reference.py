@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kvexport.strategies import Strategy
+from kvexport.strategies import KvexportError, Strategy
 
 from .models import DecoderDescription, Layer, Linear, Norm
 
@@ -56,6 +56,17 @@ def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float, dty
     freqs = position_ids.to(torch.float64).unsqueeze(-1) * inv_freq
     angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def compute_device(requested: str | None) -> torch.device:
+    """The device a user asked for (cpu or cuda), cuda when there is one by default; a cuda that torch cannot
+    reach is a one-line error, not a traceback from the first tensor moved there."""
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        build = "a build without CUDA" if torch.version.cuda is None else "no GPU visible"
+        raise KvexportError(f"--device cuda: torch {torch.__version__} has {build} here: use --device cpu")
+    return torch.device(requested)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

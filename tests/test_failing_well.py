@@ -150,3 +150,12 @@ def test_the_error_hierarchy():
     for error in (ExportDirectoryError, IntegrityError, ContractMismatchError, InputError):
         assert issubclass(error, KvexportError)
     assert issubclass(IntegrityError, ExportDirectoryError) and issubclass(InputError, ValueError)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", [["compress-heads", "--kv-heads", "2"],
+                                     ["uptrain", "--share", "every:2", "--data", "README.md", "--steps", "1"]])
+def test_device_cuda_without_cuda_is_one_line_and_nothing_is_written(tiny_neox, tmp_path, capsys, command):
+    assert main([*command, "--model", str(tiny_neox), "--device", "cuda", "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "use --device cpu" in err and not list(tmp_path.iterdir())

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from kvexport.exporter.loading import SIDE_FILES, UPTRAIN_RECORD, bind_strategy, check_trained_strategy, load_model
 from kvexport.exporter.models import describe
-from kvexport.exporter.reference import ReferenceDecoder
+from kvexport.exporter.reference import ReferenceDecoder, compute_device
 from kvexport.strategies import KvexportError, Strategy, make_strategy
 from kvexport.strategies.atomic import atomic_path, write_text_atomic
 
@@ -89,6 +89,7 @@ def run_uptrain(model: str, share: str, data: list[str], output: Path, settings:
     loaded = load_model(model)
     strategy = make_strategy(share, loaded.config.num_hidden_layers, loaded.reference)
     check_trained_strategy(loaded.directory, strategy)
+    device = compute_device(device)
     tokenizer = loaded.tokenizer()
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (loaded.config.eos_token_id or 0)
     train_files = text_files(data)
@@ -102,7 +103,6 @@ def run_uptrain(model: str, share: str, data: list[str], output: Path, settings:
                "data": [str(f) for f in train_files], "settings": asdict(settings)}
 
     torch.manual_seed(settings.seed)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     params = {name: torch.nn.Parameter(t.to(device=device, dtype=torch.float32))
               for name, t in loaded.checkpoint.tensors.items() if t.is_floating_point()}
     decoder = ReferenceDecoder(describe(loaded.config, params), strategy, torch.float32, device)
