@@ -208,17 +208,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .calibration import read_text, token_windows
-    from .evaluate import evaluate, table, write_report
+    from .evaluate import evaluate, load_baseline, table, write_report
     from .loading import load_model
 
     loaded = load_model(args.model)
     layers = loaded.config.num_hidden_layers
     strategies = {strategy_label(spec): make_strategy(spec, layers, loaded.reference) for spec in args.share}
+    baseline = load_baseline(loaded, args.baseline)
     windows = token_windows(loaded.tokenizer(), read_text(args.text), args.windows, args.length, from_end=True)
-    rows = evaluate(loaded, strategies, windows, with_torch=args.torch)
+    rows = evaluate(loaded, strategies, windows, with_torch=args.torch, baseline=baseline)
     print(table(rows))
     paths = write_report(rows, Path(args.output), {"model": loaded.reference, "windows": args.windows,
-                                                    "length": args.length, "text": str(args.text or "default")})
+                                                    "length": args.length, "text": str(args.text or "default"),
+                                                    "baseline": baseline.reference if baseline else None})
     print("wrote " + ", ".join(map(str, paths)))
     return 0
 
@@ -434,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--text", help="held-out text file (default: the default model's held-out text)")
     evaluation.add_argument("--windows", type=int, default=16)
     evaluation.add_argument("--length", type=int, default=256)
+    evaluation.add_argument("--baseline", help="the model whose full accuracy the ratios are against (default: the "
+                            "model a compress-heads or uptrain output was made from; else --model itself)")
     evaluation.add_argument("--torch", action="store_true", help="also evaluate the PyTorch reference")
     evaluation.add_argument("--output", default="eval-results")
     evaluation.set_defaults(func=cmd_eval)

@@ -1,7 +1,8 @@
 """`kvexport eval`: what a strategy costs in quality, measured on the exported ONNX that users deploy.
 
 Perplexity and next-token accuracy on held-out windows for the full model and each strategy, retention
-relative to the full model, and KV bytes per token. With torch=True the PyTorch reference computes the
+relative to the baseline's full model (the model itself, or the model a compress-heads or uptrain output was made
+from), and KV bytes per token. With torch=True the PyTorch reference computes the
 same numbers, as a cross-check of the exported graphs.
 """
 
@@ -17,12 +18,12 @@ import numpy as np
 import torch
 
 from kvexport.runtime import ExportedModel, OrtDecoder
-from kvexport.strategies import Strategy, no_sharing
+from kvexport.strategies import KvexportError, Strategy, no_sharing
 from kvexport.strategies.atomic import atomic_path, write_text_atomic
 from kvexport.strategies.contract import positions_from_mask
 
 from .calibration import next_token_stats
-from .loading import LoadedModel, fitted_strategy
+from .loading import LoadedModel, fitted_strategy, load_model, original_model
 from .onnx_graph import cache_layout
 from .pipeline import export
 from .reference import ReferenceDecoder
@@ -56,16 +57,21 @@ def onnx_logits(directory: Path, windows: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(loaded: LoadedModel, strategies: dict[str, Strategy], windows: torch.Tensor,
-             with_torch: bool = False, log=print) -> list[EvalRow]:
-    """Rows for the full model ('none') followed by each named strategy; a model uptrained or fitted for one
-    strategy gets no 'none' row (it is not meant to run without its sharing)."""
+             with_torch: bool = False, log=print, baseline: LoadedModel | None = None) -> list[EvalRow]:
+    """Rows for the baseline's full model (named 'BASELINE: none'; given, the ratios are against it), the full
+    model ('none') and each named strategy; a model uptrained or fitted for one strategy gets no 'none' row (it
+    is not meant to run without its sharing)."""
     description = loaded.description
     bound = fitted_strategy(loaded.directory) is not None
     named = {**({} if bound else {"none": no_sharing(description.num_layers)}), **strategies}
+    runs = [(loaded, name, strategy) for name, strategy in named.items()]
+    if baseline is not None:
+        runs.insert(0, (baseline, f"{Path(baseline.reference).name}: none", no_sharing(baseline.description.num_layers)))
     rows: list[EvalRow] = []
     with tempfile.TemporaryDirectory(prefix="kvexport-eval-") as tmp:
-        for index, (name, strategy) in enumerate(named.items()):
-            directory = export(loaded, strategy, Path(tmp) / f"s{index}", log=lambda _: None).directory
+        for index, (model, name, strategy) in enumerate(runs):
+            description = model.description
+            directory = export(model, strategy, Path(tmp) / f"s{index}", log=lambda _: None).directory
             nll, accuracy = next_token_stats(onnx_logits(directory, windows), windows)
             torch_ppl = torch_accuracy = None
             if with_torch:
@@ -86,6 +92,27 @@ def evaluate(loaded: LoadedModel, strategies: dict[str, Strategy], windows: torc
             ))
             log(f"{name}: perplexity {ppl:.2f}, accuracy {accuracy:.2%}")
     return rows
+
+
+def load_baseline(loaded: LoadedModel, requested: str | None, log=print) -> LoadedModel | None:
+    """The model whose full accuracy the ratios are against: `requested`, else the model that `loaded` was made
+    from by compress-heads or uptrain (None where there is none, or where it does not load here: then said in one
+    line, and the ratios are against the first row). It must read the same token ids."""
+    source = requested or original_model(loaded.directory)
+    if source is None:
+        return None
+    try:
+        baseline = load_model(source)
+    except KvexportError as error:
+        if requested:
+            raise
+        log(f"no baseline: {source}, which {loaded.reference} was made from, does not load here ({error}); the "
+            "ratios are against the first row: pass --baseline MODEL")
+        return None
+    if baseline.config.vocab_size != loaded.config.vocab_size:
+        raise KvexportError(f"the baseline {source} has {baseline.config.vocab_size} token ids and "
+                            f"{loaded.reference} {loaded.config.vocab_size}: pass a baseline with the same tokenizer")
+    return baseline
 
 
 def table(rows: list[EvalRow]) -> str:

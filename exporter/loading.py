@@ -34,16 +34,32 @@ class ModelNotFoundError(KvexportError):
     pass
 
 
+def model_record(directory: Path) -> dict | None:
+    """What kvexport uptrain or compress-heads recorded in a model directory it wrote (source, method, strategy),
+    or None for any other model."""
+    for name in (UPTRAIN_RECORD, COMPRESSION_RECORD):
+        if (directory / name).is_file():
+            return json.loads((directory / name).read_text(encoding="utf-8"))
+    return None
+
+
 def fitted_strategy(directory: Path) -> list[int] | None:
     """The kv_source of the strategy a model directory's weights were trained or fitted for (kvexport uptrain,
     compress-heads --share), or None where they work under any strategy."""
-    for name in (UPTRAIN_RECORD, COMPRESSION_RECORD):
-        record = directory / name
-        if record.is_file():
-            strategy = json.loads(record.read_text(encoding="utf-8")).get("strategy")
-            if strategy is not None:
-                return strategy["kv_source"]
-    return None
+    strategy = (model_record(directory) or {}).get("strategy")
+    return None if strategy is None else strategy["kv_source"]
+
+
+def original_model(directory: Path) -> str | None:
+    """The model a uptrain or compress-heads output was made from, followed back through such outputs (an uptrained
+    compressed model's is the model that was compressed); None for a model kvexport did not write."""
+    source, seen = None, set()
+    record = model_record(directory)
+    while record is not None and record.get("source") not in seen:
+        source = record["source"]
+        seen.add(source)
+        record = model_record(Path(source)) if Path(source).is_dir() else None
+    return source
 
 
 def bind_strategy(strategy: Strategy, directory: Path, output: Path, provenance: dict) -> dict:

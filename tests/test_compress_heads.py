@@ -135,6 +135,17 @@ def test_fitting_for_a_strategy_brings_the_shared_model_closer_and_binds_it(mha_
         export(str(out), "none", tmp_path / "other", log=lambda _: None)
 
 
+def test_eval_without_the_source_model_says_so_in_one_line(tiny_mha_llama, tmp_path, capsys):
+    out = compress(tiny_mha_llama, tmp_path / "g2", 2)
+    record = json.loads((out / "kvexport_compression.json").read_text())
+    (out / "kvexport_compression.json").write_text(json.dumps({**record, "source": str(tmp_path / "gone")}))
+    assert main(["eval", "--model", str(out), "--share", "every:2", "--windows", "2", "--length", "64",
+                 "--output", str(tmp_path / "eval")]) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("no baseline")] != []
+    rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["none", "every:2"]
+
+
 def test_share_with_a_method_that_does_not_fit_is_one_line_and_nothing_is_written(tiny_mha_llama, tmp_path, capsys):
     assert main(["compress-heads", "--model", str(tiny_mha_llama), "--kv-heads", "2", "--method", "mean",
                  "--share", "every:2", "-o", str(tmp_path / "out")]) == 2
@@ -180,6 +191,9 @@ def test_search_and_eval_work_on_a_compressed_model(tiny_mha_llama, tmp_path, ca
     assert main(["eval", "--model", str(out), "--share", str(strategy), "--windows", "2", "--length", "64",
                  "--output", str(tmp_path / "eval")]) == 0
     rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["rows"]
-    assert [r["kv_bytes_per_token"] for r in rows] == [1024, 768]  # 2 KV heads; then 3 of 4 layers cache
+    # the model it was compressed from (4 KV heads) first, the ratios against it; then 2 KV heads; 3 of 4 layers cache
+    assert [r["kv_bytes_per_token"] for r in rows] == [2048, 1024, 768]
+    assert rows[0]["name"] == "tiny-mha-llama: none" and rows[0]["perplexity_ratio"] == 1.0
+    assert rows[1]["perplexity_ratio"] == pytest.approx(rows[1]["perplexity"] / rows[0]["perplexity"])
     assert main(["inspect", str(export(str(out), str(strategy), tmp_path / "e", log=lambda _: None).directory)]) == 0
     assert "4 heads / 2 KV heads" in capsys.readouterr().out
