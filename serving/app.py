@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 
-from kvexport.runtime.engine_process import EngineClient, EngineProcess, launch_engine
+from kvexport.runtime.engine_process import EngineClient, EngineProcess, freeze_startup_objects, launch_engine
 from kvexport.runtime.exported import ExportedModel
 from kvexport.strategies import KvexportError
 
@@ -116,6 +116,7 @@ def run_api_server(listener: socket.socket, connection: Connection, in_flight: S
     engine = EngineClient(directory, connection, in_flight, *limits)
     config = uvicorn.Config(create_app(engine, model_name, stream_interval), log_level="warning",
                             timeout_graceful_shutdown=60)
+    freeze_startup_objects()
     # uvicorn shuts down gracefully on SIGTERM or SIGINT, then re-raises the signal to the handler that was there
     # before: with these, a drained shutdown ends as a clean exit (status 0) instead of a death by signal.
     for stop in (signal.SIGTERM, signal.SIGINT):
