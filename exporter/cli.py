@@ -362,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     heads = sub.add_parser("compress-heads", help="fewer KV heads: turn multi-head into grouped-query attention")
     heads.add_argument("--model", default=DEFAULT_MODEL)
-    heads.add_argument("--kv-heads", type=int, required=True, help="KV heads per layer after compression")
+    heads.add_argument("--kv-heads", type=int, required=True, help="KV heads per layer after compression (the model's own count keeps them, grouped-query "
+                            "models too: with --share, only the shared layers are fitted)")
     heads.add_argument("--method", choices=["rope-svd-fit", "rope-svd-refit", "rope-svd", "rope-svd-plain", "mean"],
                        default="rope-svd-fit",
                        help="rope-svd: fitted to calibration K/V where their errors reach scores and outputs, "

@@ -31,7 +31,8 @@ take as they are. Every fit is linear, so it applies to the projections' weights
   against the original layer without sharing, so that a shared layer's queries and output projection are fitted
   to read its owner's K/V (which it does not with training-free sharing); an owner is fitted for its own output.
   The model is then bound to that strategy (strategy.json, recorded in kvexport_compression.json): it exports
-  with it only. With as many KV heads as before this fits the shared layers alone, for sharing without heads.
+  with it only. With the model's own number of KV heads (grouped-query attention too) the heads are kept and
+  only the shared layers are fitted: sharing alone, fitted.
 - method "rope-svd-plain": the same fits with unweighted errors (plain reconstruction of the K/V), for comparison.
 - method "mean": the mean of the group's K and V projections (the initialisation of GQA up-training), queries
   and output projection unchanged: the baseline to beat.
@@ -76,9 +77,10 @@ def check_kv_heads(description: DecoderDescription, kv_heads: int) -> None:
         divisors = [g for g in range(1, heads + 1) if heads % g == 0]
         raise KvexportError(f"--kv-heads {kv_heads} does not divide the model's {heads} KV heads into equal "
                             f"groups: use one of {', '.join(map(str, divisors))}")
-    if description.num_kv_heads != description.num_heads:
-        raise KvexportError("the model already has grouped-query attention: compress-heads starts from "
-                            "multi-head attention (as many KV heads as query heads)")
+    if kv_heads < heads and description.num_kv_heads != description.num_heads:
+        raise KvexportError(f"the model already has grouped-query attention: compress-heads merges heads of "
+                            f"multi-head attention (as many KV heads as query heads); --kv-heads {heads}, its own, "
+                            "keeps them (with --share, to fit the layers for a sharing strategy)")
 
 
 @dataclasses.dataclass
@@ -276,8 +278,8 @@ def compress_heads(description: DecoderDescription, windows: torch.Tensor, kv_he
     beside it under the strategy, so each layer is refitted on the inputs that the refitted layers before it
     produce and a shared layer reads the K/V its refitted owner wrote. Only one layer's activations are held.
     The refits: the output projection by ridge least squares (OUTPUT_RIDGE), then, with fit_steps, Q, K, V and O
-    by that many Adam steps (fit_attention). An owner whose heads were not merged is kept: it is exact, and a
-    fit would move its weights on noise."""
+    by that many Adam steps (fit_attention). With kv_heads the model's own, the heads are kept as they are (no head
+    fit) and so are the owners: they are exact, and a fit would move their weights on noise."""
     strategy = strategy or no_sharing(description.num_layers)
     check_request(description, kv_heads, method, strategy)
     refit = method in REFITS
@@ -294,10 +296,11 @@ def compress_heads(description: DecoderDescription, windows: torch.Tensor, kv_he
     bar = tqdm(description.layers, unit="layer", desc="compress-heads: fitting layers", disable=not show_progress)
     for i, old in enumerate(bar):
         kv, queries = {}, {}
-        target = teacher.output(old, teacher.attention(i, old, x_teacher, teacher_in, {}, None, kv, queries))
+        collect = (None, None) if exact else (kv, queries)  # the heads are kept: nothing to fit them to
+        target = teacher.output(old, teacher.attention(i, old, x_teacher, teacher_in, {}, None, *collect))
         x_teacher = teacher.residual(old, x_teacher, target)
-        new, errors = compress_layer(old, Activations.on_host(*kv[i], queries[i]), description, kv_heads,
-                                     fit_method)
+        new, errors = (old, {"relative_key_error": 0.0, "relative_value_error": 0.0}) if exact else compress_layer(
+            old, Activations.on_host(*kv[i], queries[i]), description, kv_heads, fit_method)
         report.append(errors)
         if refit:
             context = student.attention(i, new, x_student, student_in, present)

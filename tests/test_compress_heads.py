@@ -146,6 +146,22 @@ def test_eval_without_the_source_model_says_so_in_one_line(tiny_mha_llama, tmp_p
     assert [r["name"] for r in rows] == ["none", "every:2"]
 
 
+def test_a_grouped_query_model_keeps_its_heads_and_is_fitted_for_sharing(tiny_llama, tmp_path, capsys):
+    """Keeping a GQA model's own KV heads fits its shared layers; merging them further is refused in one line."""
+    out = tmp_path / "fitted"
+    assert main(["compress-heads", "--model", str(tiny_llama), "--kv-heads", "2", "--share", "every:2", "--samples",
+                 "4", "--length", "64", "--fit-steps", "10", "-o", str(out)]) == 0
+    original, fitted = (load_model(str(m)).description for m in (tiny_llama, out))
+    assert fitted.num_kv_heads == 2 and torch.equal(fitted.layers[0].k.weight, original.layers[0].k.weight)
+    target = reference_logits(original, "none")
+    assert (float((reference_logits(fitted, "every:2") - target).pow(2).mean())
+            < 0.9 * float((reference_logits(original, "every:2") - target).pow(2).mean()))
+    capsys.readouterr()  # the fit's progress bar
+    assert main(["compress-heads", "--model", str(tiny_llama), "--kv-heads", "1", "-o", str(tmp_path / "g1")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--kv-heads 2, its own, keeps them" in err and not (tmp_path / "g1").exists()
+
+
 def test_share_with_a_method_that_does_not_fit_is_one_line_and_nothing_is_written(tiny_mha_llama, tmp_path, capsys):
     assert main(["compress-heads", "--model", str(tiny_mha_llama), "--kv-heads", "2", "--method", "mean",
                  "--share", "every:2", "-o", str(tmp_path / "out")]) == 2
