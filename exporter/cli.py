@@ -362,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     heads = sub.add_parser("compress-heads", help="fewer KV heads: turn multi-head into grouped-query attention")
     heads.add_argument("--model", default=DEFAULT_MODEL)
-    heads.add_argument("--kv-heads", type=int, required=True, help="KV heads per layer after compression (the model's own count keeps them, grouped-query "
+    heads.add_argument("--kv-heads", type=int, required=True,
+                       help="KV heads per layer after compression (the model's own count keeps them, grouped-query "
                             "models too: with --share, only the shared layers are fitted)")
     heads.add_argument("--method", choices=["rope-svd-fit", "rope-svd-refit", "rope-svd", "rope-svd-plain", "mean"],
                        default="rope-svd-fit",
@@ -378,8 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fit the layers for this sharing strategy (shared layers' queries and output projection "
                             "to read their owner's K/V); the output then exports with it only. With --kv-heads "
                             f"equal to the model's heads, only the shared layers are fitted. {SPEC_HELP}")
-    heads.add_argument("--device", choices=["cpu", "cuda"], help="where the model runs for the fits: cuda or cpu (default: cuda when there is "
-                                        "one; rope-svd-fit's steps want a GPU beyond small models)")
+    heads.add_argument("--device", choices=["cpu", "cuda"],
+                       help="where the model runs for the fits (default: cuda when there is one; rope-svd-fit's "
+                            "steps want a GPU beyond small models)")
     heads.add_argument("--calib", help="calibration text file (default: the default model's held-out text)")
     heads.add_argument("--samples", type=int, default=128,
                        help="calibration windows (default 128: 16,384 tokens at --length 128; 32 kept 2 to 10 points "

@@ -66,7 +66,8 @@ def evaluate(loaded: LoadedModel, strategies: dict[str, Strategy], windows: torc
     named = {**({} if bound else {"none": no_sharing(description.num_layers)}), **strategies}
     runs = [(loaded, name, strategy) for name, strategy in named.items()]
     if baseline is not None:
-        runs.insert(0, (baseline, f"{Path(baseline.reference).name}: none", no_sharing(baseline.description.num_layers)))
+        full = no_sharing(baseline.description.num_layers)
+        runs.insert(0, (baseline, f"{Path(baseline.reference).name}: none", full))
     rows: list[EvalRow] = []
     with tempfile.TemporaryDirectory(prefix="kvexport-eval-") as tmp:
         for index, (model, name, strategy) in enumerate(runs):

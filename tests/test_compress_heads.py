@@ -116,6 +116,13 @@ def reference_logits(description, strategy_spec):
     return reference.forward(IDS, ones, torch.arange(IDS.shape[1]).expand_as(IDS)).logits
 
 
+def every2_distances(original, fitted) -> tuple[float, float]:
+    """Mean squared distance of the logits under every:2 from the original's without sharing: training-free
+    sharing's, the fitted model's."""
+    target = reference_logits(original, "none")
+    return tuple(float((reference_logits(d, "every:2") - target).pow(2).mean()) for d in (original, fitted))
+
+
 def test_fitting_for_a_strategy_brings_the_shared_model_closer_and_binds_it(mha_model, tmp_path):
     """compress-heads --share every:2 with as many KV heads: under every:2 the fitted model's logits are nearer the
     original's (without sharing) than training-free sharing's; the first owner is kept; the output exports and
@@ -124,10 +131,8 @@ def test_fitting_for_a_strategy_brings_the_shared_model_closer_and_binds_it(mha_
     assert main(["compress-heads", "--model", str(mha_model), "--kv-heads", "4", "--share", "every:2", "--samples",
                  "4", "--length", "64", "--fit-steps", "10", "-o", str(out)]) == 0
     original, fitted = (load_model(str(m)).description for m in (mha_model, out))
-    target = reference_logits(original, "none")
-    distance = {name: float((reference_logits(d, "every:2") - target).pow(2).mean())
-                for name, d in (("shared", original), ("fitted", fitted))}
-    assert distance["fitted"] < 0.9 * distance["shared"]
+    shared, fitted_distance = every2_distances(original, fitted)
+    assert fitted_distance < 0.9 * shared
     torch.testing.assert_close(first_attention_output(fitted, IDS), first_attention_output(original, IDS))
     assert json.loads((out / "kvexport_compression.json").read_text())["strategy"]["kv_source"] == [0, 0, 2, 2]
     assert export(str(out), str(out / "strategy.json"), tmp_path / "e", log=lambda _: None).validation.passed
@@ -153,9 +158,8 @@ def test_a_grouped_query_model_keeps_its_heads_and_is_fitted_for_sharing(tiny_ll
                  "4", "--length", "64", "--fit-steps", "10", "-o", str(out)]) == 0
     original, fitted = (load_model(str(m)).description for m in (tiny_llama, out))
     assert fitted.num_kv_heads == 2 and torch.equal(fitted.layers[0].k.weight, original.layers[0].k.weight)
-    target = reference_logits(original, "none")
-    assert (float((reference_logits(fitted, "every:2") - target).pow(2).mean())
-            < 0.9 * float((reference_logits(original, "every:2") - target).pow(2).mean()))
+    shared, fitted_distance = every2_distances(original, fitted)
+    assert fitted_distance < 0.9 * shared
     capsys.readouterr()  # the fit's progress bar
     assert main(["compress-heads", "--model", str(tiny_llama), "--kv-heads", "1", "-o", str(tmp_path / "g1")]) == 2
     err = capsys.readouterr().err
