@@ -38,8 +38,17 @@ def model_record(directory: Path) -> dict | None:
     """What kvexport uptrain or compress-heads recorded in a model directory it wrote (source, method, strategy),
     or None for any other model."""
     for name in (UPTRAIN_RECORD, COMPRESSION_RECORD):
-        if (directory / name).is_file():
-            return json.loads((directory / name).read_text(encoding="utf-8"))
+        path = directory / name
+        if path.is_file():
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise KvexportError(f"{path} is not valid JSON ({error}): restore it from the command that wrote "
+                                    "the model, or run that command again") from None
+            if not isinstance(record, dict):
+                raise KvexportError(f"{path} holds a {type(record).__name__}, not kvexport's record: restore it "
+                                    "from the command that wrote the model, or run that command again")
+            return record
     return None
 
 
@@ -55,7 +64,7 @@ def original_model(directory: Path) -> str | None:
     compressed model's is the model that was compressed); None for a model kvexport did not write."""
     source, seen = None, set()
     record = model_record(directory)
-    while record is not None and record.get("source") not in seen:
+    while record is not None and record.get("source") is not None and record["source"] not in seen:
         source = record["source"]
         seen.add(source)
         record = model_record(Path(source)) if Path(source).is_dir() else None

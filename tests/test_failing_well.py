@@ -159,3 +159,15 @@ def test_device_cuda_without_cuda_is_one_line_and_nothing_is_written(tiny_neox, 
     assert main([*command, "--model", str(tiny_neox), "--device", "cuda", "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "use --device cpu" in err and not list(tmp_path.iterdir())
+
+
+def test_a_damaged_fit_record_is_one_line_and_nothing_is_written(tiny_neox, tmp_path, capsys):
+    """A model directory whose kvexport_compression.json (or kvexport_uptrain.json) is damaged: export and eval
+    refuse it in one line instead of a JSON traceback."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_neox, model)
+    (model / "kvexport_compression.json").write_text("{broken")
+    assert main(["--model", str(model), "--share", "none", "--output", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "kvexport_compression.json is not valid JSON" in err
+    assert not (tmp_path / "e").exists()
