@@ -463,7 +463,7 @@ class Engine:
         if others_idle:
             self._next_tokens[:len(chosen)].copy_(chosen)
             return
-        index = self.decoder.staged(torch.tensor(rows)).to(self.device, non_blocking=True)
+        index = torch.tensor(rows).to(self.device, non_blocking=True)
         self._next_tokens.index_copy_(0, index, chosen.index_select(0, index))
 
     def _to_host(self, slots: list[tuple[int, Slot]], kind: type[Chosen], **fields) -> Chosen:

@@ -14,9 +14,7 @@ to fixed addresses, so the step can be captured as a CUDA graph and replayed. Lo
 
 On CUDA the decoder works on a stream of its own, ordered after the caller's work and before the caller's next
 (stream waits, not host waits), and ONNX Runtime does not synchronise at the end of a run. A step's inputs may be
-device tensors (a token just sampled on the device), so the host can queue step n+1 while the device runs step n;
-host inputs are copied from pinned memory (staged), since a copy from pageable memory may wait for the stream's
-queued work, the step before, which would leave the device idle until the host queued the next one.
+device tensors (a token just sampled on the device), so the host can queue step n+1 while the device runs step n.
 With cuda_graph the decoder captures the ONNX Runtime run of each batch size into a torch CUDA graph itself, rather
 than using ONNX Runtime's capture, whose replay waits for the graph to finish.
 """
@@ -110,13 +108,6 @@ class StaticCacheDecoder(Decoder):
         if provider == "cuda":  # the caller's stream waits for the decoder's instead (_on_stream)
             self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self.cuda_graph = cuda_graph
-
-    def staged(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A host tensor ready to copy to the device without the host waiting: pinned on CUDA (PyTorch's pinned
-        memory cache keeps its block until the copy has run), as it is elsewhere."""
-        if self.device.type != "cuda" or tensor.device.type != "cpu" or tensor.is_pinned():
-            return tensor
-        return tensor.pin_memory()
 
     @contextmanager
     def _on_stream(self) -> Iterator[None]:
@@ -252,8 +243,8 @@ class StaticCacheDecoder(Decoder):
         host or the device (then nothing waits for the host)."""
         batch = len(tokens)
         with self._on_stream():
-            self.input_ids[:batch, 0].copy_(self.staged(tokens), non_blocking=True)
-            self.seqlens[:batch].copy_(self.staged(lengths), non_blocking=True)
+            self.input_ids[:batch, 0].copy_(tokens, non_blocking=True)
+            self.seqlens[:batch].copy_(lengths, non_blocking=True)
             self._run_decode(batch)
         return self.logits[:batch]
 
@@ -286,8 +277,8 @@ class StaticCacheDecoder(Decoder):
         seqlens = [length - 1 for length in lengths] + [0] * (batch - len(rows))
         binding, ids_buffer, rows_buffer = self._prefill_binding(batch, width)
         with self._on_stream():
-            ids_buffer.copy_(self.staged(ids), non_blocking=True)
-            rows_buffer.copy_(self.staged(torch.tensor([seqlens, c.logits_index(seqlens, width)], dtype=torch.int32)),
+            ids_buffer.copy_(ids, non_blocking=True)
+            rows_buffer.copy_(torch.tensor([seqlens, c.logits_index(seqlens, width)], dtype=torch.int32),
                               non_blocking=True)
             self._run((batch, width), binding)
             for index, (row, length) in enumerate(zip(rows, lengths)):
@@ -299,12 +290,12 @@ class StaticCacheDecoder(Decoder):
         """Append `tokens` to row `row`, which holds `cached` tokens, in chunks; the last token's logits [1, 1,
         vocab] (a view of the decoder's logits buffer, valid until the next step)."""
         with self._on_stream():
-            tokens = self.staged(torch.as_tensor(tokens, dtype=torch.int64)).to(self.device, non_blocking=True)
+            tokens = torch.as_tensor(tokens, dtype=torch.int64).to(self.device, non_blocking=True)
             for begin in range(0, len(tokens), self.prefill_chunk):
                 chunk = tokens[begin:begin + self.prefill_chunk].view(1, -1)
                 seqlens = [cached + begin + chunk.shape[1] - 1]
-                lengths = self.staged(torch.tensor([seqlens, c.logits_index(seqlens, chunk.shape[1])],
-                                                   dtype=torch.int32)).to(self.device, non_blocking=True)
+                lengths = torch.tensor([seqlens, c.logits_index(seqlens, chunk.shape[1])], dtype=torch.int32).to(
+                    self.device, non_blocking=True)
                 binding = self._binding(chunk, lengths[0], lengths[1], slice(row, row + 1), self.logits[row:row + 1])
                 self.session.run_with_iobinding(binding, self._run_options)
         return self.logits[row:row + 1]
