@@ -213,8 +213,11 @@ class EngineStats:
     steady_wall_seconds: float = 0.0
     steady_graph_seconds: float = 0.0
     loop_seconds: float = 0.0  # wall time of scheduler iterations that did work (prefill included)
-    # of which the scheduler waited for the device (chosen tokens to reach the host) and handed events on (to the
-    # consumers, or to the front end of an engine in its own process, blocking while that one is behind)
+    # of which the scheduler prefilled (queued prompts' runs and their first tokens' choice), queued decode steps,
+    # waited for the device (chosen tokens to reach the host) and handed events on (to the consumers, or to the
+    # front end of an engine in its own process, blocking while that one is behind); the rest is taking tokens
+    prefill_seconds: float = 0.0
+    queue_seconds: float = 0.0
     device_wait_seconds: float = 0.0
     delivery_seconds: float = 0.0
     last_step_ms: float = 0.0
@@ -321,7 +324,8 @@ class Engine:
             "scheduler_overhead": (max(0.0, 1 - stats.steady_graph_seconds / stats.steady_wall_seconds)
                                    if stats.steady_wall_seconds else 0.0),
             "tokens_per_s": stats.generated_tokens / stats.loop_seconds if stats.loop_seconds else 0.0,
-            "loop_seconds": stats.loop_seconds, "device_wait_seconds": stats.device_wait_seconds,
+            "loop_seconds": stats.loop_seconds, "prefill_seconds": stats.prefill_seconds,
+            "queue_seconds": stats.queue_seconds, "device_wait_seconds": stats.device_wait_seconds,
             "delivery_seconds": stats.delivery_seconds,
         }
 
@@ -337,11 +341,14 @@ class Engine:
             started = time.perf_counter()
             try:
                 prefilled, first = self._prefill()
+                self.stats.prefill_seconds += time.perf_counter() - started
                 if first is not None and self.device.type != "cuda":
                     self._accept_chosen(first)  # on the CPU, before the next step (which takes long there)
                     self._flush()
                     first = None
+                queueing = time.perf_counter()
                 queued = self._queue_step(steady=not prefilled)
+                self.stats.queue_seconds += time.perf_counter() - queueing
                 if first is not None:  # on CUDA, once the prefill has run, while the step just queued runs
                     self._accept_chosen(first)
                 if self._pending is not None:

@@ -49,6 +49,9 @@ def test_concurrent_requests_get_what_each_gets_alone(served_export, alone):
         assert texts[prompt] == engine.generator.tokenizer.decode(alone[prompt])
     metrics = engine.metrics()
     assert metrics["active_slots"] == 0 and metrics["generated_tokens"] == 12 * len(PROMPTS)
+    # the scheduler's time split into its parts: prompts ran and steps were queued, all within its loop
+    parts = [metrics[f"{part}_seconds"] for part in ("prefill", "queue", "device_wait", "delivery")]
+    assert parts[0] > 0 and parts[1] > 0 and sum(parts) <= metrics["loop_seconds"]
     engine.close()
 
 
