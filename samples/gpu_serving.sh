@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # On the GPU machine, after .gpu/stage.sh: issue #13's H100 figures. pythia-160m shape (random fp16 weights),
-# `none` with 32 slots and `every:2` with 64 slots of 1024 tokens (the same KV bytes: 2.25 GiB), continuous and
+# `none` with 32 slots and `every:2` with 64 slots of 1024 tokens (the same KV bytes: 1152 MiB), continuous and
 # static batching, under two loads of the shipped held-out text's prompts (1 to 60 words): short answers (8 to 64
 # new tokens; more prompt tokens than new ones) and long ones (64 to 512). First the engine alone
 # (samples/engine_bench.py, the engine in its own process as the server runs it), then, for the long answers,
 # through `kvexport serve` over loopback with an open-loop load (samples/load_test.py). The server part needs
 # fastapi and uvicorn on that machine, which reaches no registry and gets neither from .gpu/stage.sh: carry their
-# wheels in .whl (pip download fastapi uvicorn and their dependencies; see the device tool's README); without them
+# wheels in .whl (pip download fastapi uvicorn and their dependencies, which for fastapi 0.165 include
+# opentelemetry-api and importlib-metadata; see the device tool's README); without them
 # it is skipped. STREAM_INTERVAL=N passes --stream-interval N to the server, API_SERVERS=N --api-servers N (default 1),
 # LOAD_PROCESSES=N runs the load from N processes (default 4: one reads about 20k events/s), CONCURRENCY=N caps the
 # load's connections (default 96), HTTP_REQUESTS=N sends N requests (default 2000; more weigh the load's start and end
-# less), SERVER_RUNS picks runs by name. Results in $OUT.
+# less), SERVER_RUNS picks runs by name, PY_SPY=1 (py-spy carried in .whl too) samples the stacks of each of the
+# server's processes, native frames included, for 8 s from 8 s into each load: where the engine's host time goes.
+# Results in $OUT.
 source samples/gpu_setup.sh
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PATH=/tmp/site/bin:$PATH  # py-spy's binary, when carried
 fi
 python3 samples/make_random_model.py pythia-160m /tmp/p160 >/dev/null
 for s in none every:2; do
@@ -51,6 +55,12 @@ run_server() {  # name export slots batching rate
   until curl -sf localhost:8000/health >/dev/null; do  # a server that failed to start ends the script
     kill -0 $pid 2>/dev/null || { cat /tmp/serve-$1.log; exit 1; }; sleep 0.5
   done
+  if [[ ${PY_SPY:-0} == 1 ]]; then
+    (sleep 8; for child in $(python3 -c "import sys; sys.path.insert(0, 'samples'); from load_test import children
+print(*children($pid))"); do
+       py-spy record -p "$child" -d 8 -r 200 --native -f raw -o "/tmp/spy-$1-$tag-$child.txt" >/dev/null 2>&1 &
+     done; wait) &
+  fi
   # 96 clients: more requests in flight than the 64 slots of every:2, which 32 clients never filled (2026-11-25)
   python3 samples/load_test.py --url http://127.0.0.1:8000 --model m --requests "$requests" --rate "$5" \
     --concurrency "${CONCURRENCY:-96}" \
@@ -69,3 +79,4 @@ runs=${SERVER_RUNS:-none-continuous every2-continuous every2-static}
 [[ $runs == *every2-continuous* ]] && run_server every2-continuous /tmp/p160-every2 64 continuous 400
 [[ $runs == *every2-static* ]] && run_server every2-static /tmp/p160-every2 64 static 400
 cp /tmp/load-*-$tag.json "$OUT/"
+if ls /tmp/spy-*-$tag-*.txt >/dev/null 2>&1; then tar -czf "$OUT/spy-$tag.tar.gz" -C /tmp $(cd /tmp && ls spy-*-$tag-*.txt); fi
