@@ -195,8 +195,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise KvexportError(f"--stream-interval {args.stream_interval}: a streamed event carries at least 1 token")
     if args.api_servers < 1:
         raise KvexportError(f"--api-servers {args.api_servers}: a server needs at least 1 API server process")
+    if args.steps_in_flight is not None and args.steps_in_flight < 1:
+        raise KvexportError(f"--steps-in-flight {args.steps_in_flight}: at least 1 step is queued ahead")
     options = {"provider": args.provider, "max_slots": args.max_slots, "max_queue": args.max_queue,
-               "max_length": args.max_length, "cuda_graph": args.cuda_graph, "batching": args.batching}
+               "max_length": args.max_length, "cuda_graph": args.cuda_graph, "batching": args.batching,
+               "steps_in_flight": args.steps_in_flight}
     if args.replicas:
         from kvexport.serving.ray_app import serve_on_ray
 
@@ -430,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--api-servers", type=int, default=1, metavar="N",
                         help="HTTP front-end processes on the port over the one engine (vLLM's "
                              "--api-server-count), for when one process's CPU cannot stream what the engine makes")
+    server.add_argument("--steps-in-flight", type=int, metavar="N",
+                        help="decode steps left queued on the device while the scheduler streams an earlier one's "
+                             "tokens (default 2 on CUDA, so that a slow scheduler iteration does not idle the GPU; "
+                             "1 on the CPU)")
     server.add_argument("--replicas", type=int, default=0,
                         help="serve on Ray Serve with this many replicas, one engine each (needs ray[serve])")
     server.add_argument("--gpus-per-replica", type=float, default=0.0)

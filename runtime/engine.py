@@ -14,10 +14,12 @@ queue. Each scheduler iteration:
      length, fed from the next-token buffer, and the choice of each row's next token (each with its own settings
      and generator) back into that buffer; rows that are not decoding write one slot past their valid tokens,
      which their next prefill chunk overwrites before anything reads it;
-  4. while the device runs that step, takes the previous step's tokens to the host, streams them, and frees the
-     rows whose requests stop (length, stop token, cancel, deadline).
-So the host never waits for a step it has just queued: the device runs step n while the host streams step n - 1.
-A row whose request stops at step n - 1 has already been fed to step n, whose token for it is dropped.
+  4. while the device runs the steps queued, takes the tokens of the oldest that leaves `steps_in_flight` queued
+     to the host, streams them, and frees the rows whose requests stop (length, stop token, cancel, deadline).
+So the host never waits for a step it has just queued: with steps_in_flight = 2 (CUDA's default) the device runs
+steps n - 1 and n while the host streams step n - 2, so a host iteration slower than a step is made up by a faster
+one before the device runs dry. A row whose request stops at step n - 2 has already been fed to the steps after
+it, whose tokens for it are dropped.
 Rows never see each other's tokens, so a greedy response does not depend on what else is in the batch, to the
 export's tolerance. With batching="static" a batch is admitted only into an empty engine and runs until its last
 request ends, as static batching does (for comparison).
@@ -242,11 +244,16 @@ class Engine:
                  max_length: int | None = None, max_queue: int = 256, prefill_chunk: int = 256,
                  cuda_graph: bool = False, batching: str = "continuous", device_id: int = 0,
                  prefill_batch: int | None = None, on_events: Callable[[list[tuple[RequestHandle, Event]]], None]
-                 | None = None):
+                 | None = None, steps_in_flight: int | None = None):
         """on_events: given each iteration's events instead of delivering them to the handles (an engine in a
-        process of its own sends them to its front end, see engine_process.py)."""
+        process of its own sends them to its front end, see engine_process.py). steps_in_flight: decode steps left
+        queued on the device while the host takes an earlier step's tokens (default 2 on CUDA, 1 on the CPU, where
+        a step runs as it is queued): with 2, an iteration of the host that takes longer than a step does not idle
+        the device as long as the next one is shorter; a request's tokens reach it one step later."""
         if batching not in ("continuous", "static"):
             raise KvexportError("batching must be continuous or static")
+        if steps_in_flight is not None and steps_in_flight < 1:
+            raise KvexportError(f"steps_in_flight must be at least 1, got {steps_in_flight}")
         self.generator = Generator(model, provider=provider, device_id=device_id, backend="ort-static",
                                    max_batch=max_slots, cuda_graph=cuda_graph, max_length=max_length,
                                    prefill_chunk=prefill_chunk, prefill_batch=prefill_batch)
@@ -256,7 +263,8 @@ class Engine:
         self.decoder.warm_up()  # CUDA: the graphs and kernel plans of every bucketed shape, before any request
         # Each row's next token, chosen on the device and fed to the next step from there.
         self._next_tokens = torch.zeros(max_slots, dtype=torch.int64, device=self.device)
-        self._pending: Step | None = None  # the step queued last, whose tokens the host has not taken
+        self.steps_in_flight = steps_in_flight or (2 if self.device.type == "cuda" else 1)
+        self._pending: deque[Step] = deque()  # steps queued, oldest first, whose tokens the host has not taken
         self._outbox: list[tuple[RequestHandle, Event]] = []  # events of this iteration, delivered at its end
         self._on_events = on_events or deliver
         # The handles' text needs the tokenizer, loaded here and not by the first submit, which would hold the
@@ -351,11 +359,15 @@ class Engine:
                 self.stats.queue_seconds += time.perf_counter() - queueing
                 if first is not None:  # on CUDA, once the prefill has run, while the step just queued runs
                     self._accept_chosen(first)
-                if self._pending is not None:
-                    self._take(self._pending, queued)
-                self._pending = queued
+                if queued is not None:
+                    self._pending.append(queued)
+                # All of them once nothing more was queued or every row is free (before the loop idles)
+                while self._pending and (len(self._pending) > self.steps_in_flight or queued is None
+                                         or not any(self._slots)):
+                    step = self._pending.popleft()
+                    self._take(step, self._pending[0] if self._pending else None)
             except Exception as error:  # noqa: BLE001 - a failed step ends its requests, never the engine thread
-                self._pending = None
+                self._pending.clear()
                 self._fail_all(error)
             self._flush()
             self.stats.loop_seconds += time.perf_counter() - started
@@ -492,14 +504,14 @@ class Engine:
             if self._slots[row] is slot:
                 self._accept(row, slot, tokens[row])
 
-    def _take(self, step: Step, queued: Step | None) -> None:
-        """Stream a queued step's tokens (the step queued after it keeps the device busy meanwhile)."""
+    def _take(self, step: Step, following: Step | None) -> None:
+        """Stream a queued step's tokens (the steps queued after it keep the device busy meanwhile)."""
         self._accept_chosen(step)
         graph_ms = step.ran_ms if step.begin is None else step.begin.elapsed_time(step.ran)
         self.stats.last_step_ms = graph_ms
-        if step.steady and queued is not None and queued.steady:
+        if step.steady and following is not None and following.steady:
             self.stats.steady_steps += 1
-            self.stats.steady_wall_seconds += queued.started - step.started
+            self.stats.steady_wall_seconds += following.started - step.started
             self.stats.steady_graph_seconds += graph_ms / 1e3
 
     def _accept(self, row: int, slot: Slot, token: int) -> None:

@@ -16,7 +16,7 @@ from kvexport.exporter import export
 from kvexport.runtime import Generator, SamplingConfig
 from kvexport.runtime.engine import Engine, EngineClosedError, QueueFullError, deliver
 from kvexport.runtime.engine_process import EngineProcess
-from kvexport.strategies import InputError
+from kvexport.strategies import InputError, KvexportError
 
 PROMPTS = ["In Python, a list", "The dictionary", "def f(x):", "import os", "class A:", "Lambda", "A", "for i in"]
 GREEDY = SamplingConfig(max_new_tokens=12, stop_token_ids=[])
@@ -35,8 +35,11 @@ def alone(served_export):
     return {p: generator.generate([p], GREEDY).token_ids[0] for p in PROMPTS}
 
 
-def test_concurrent_requests_get_what_each_gets_alone(served_export, alone):
-    engine = Engine(served_export, max_slots=3, prefill_chunk=2)  # more requests than slots; chunked prompts
+@pytest.mark.parametrize("steps_in_flight", [1, 2])
+def test_concurrent_requests_get_what_each_gets_alone(served_export, alone, steps_in_flight):
+    """With one step or two left queued while the host takes tokens (CUDA's default is two): the same tokens."""
+    engine = Engine(served_export, max_slots=3, prefill_chunk=2,  # more requests than slots; chunked prompts
+                    steps_in_flight=steps_in_flight)
     handles = {}
     threads = [threading.Thread(target=lambda p=p: handles.update({p: engine.submit(p, GREEDY)})) for p in PROMPTS]
     for thread in threads:
@@ -201,7 +204,21 @@ def server(served_export, tmp_path_factory):
         process.kill()
 
 
-@pytest.mark.parametrize("option", ["--stream-interval", "--api-servers"])
+def test_with_two_steps_in_flight_a_stopped_request_gets_no_token_past_its_stop(served_export, alone):
+    """The steps queued after a request's stop token still feed its row; their tokens never reach it, and the
+    row's next request gets only its own."""
+    engine = Engine(served_export, max_slots=1, steps_in_flight=2)
+    stop = alone[PROMPTS[0]][2]
+    stopped = engine.submit(PROMPTS[0], SamplingConfig(max_new_tokens=12, stop_token_ids=[stop]))
+    after = engine.submit(PROMPTS[1], GREEDY)  # waits for the row
+    assert [event.token_id for event in stopped] == alone[PROMPTS[0]][:3] and stopped.finish_reason == "stop"
+    assert [event.token_id for event in after] == alone[PROMPTS[1]] and after.finish_reason == "length"
+    with pytest.raises(KvexportError, match="at least 1"):
+        Engine(served_export, steps_in_flight=0)
+    engine.close()
+
+
+@pytest.mark.parametrize("option", ["--stream-interval", "--api-servers", "--steps-in-flight"])
 def test_a_bad_serve_option_is_one_line(served_export, option):
     command = [sys.executable, "-m", "kvexport", "serve", str(served_export), option, "0"]
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
