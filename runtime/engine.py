@@ -361,7 +361,8 @@ class Engine:
                     self._accept_chosen(first)
                 if queued is not None:
                     self._pending.append(queued)
-                # All of them once nothing more was queued or every row is free (before the loop idles)
+                # The oldest steps until steps_in_flight are left queued; all of them once no step was queued or
+                # every row is free (the loop may idle next)
                 while self._pending and (len(self._pending) > self.steps_in_flight or queued is None
                                          or not any(self._slots)):
                     step = self._pending.popleft()

@@ -11,9 +11,9 @@
 # it is skipped. STREAM_INTERVAL=N passes --stream-interval N to the server, API_SERVERS=N --api-servers N (default 1),
 # LOAD_PROCESSES=N runs the load from N processes (default 4: one reads about 20k events/s), CONCURRENCY=N caps the
 # load's connections (default 96), HTTP_REQUESTS=N sends N requests (default 2000; more weigh the load's start and end
-# less), SERVER_RUNS picks runs by name, STEPS_IN_FLIGHT=N passes --steps-in-flight N (default 2), PY_SPY=1 (py-spy carried in .whl too) samples the stacks of each of the
-# server's processes, native frames included, for 8 s from 8 s into each load: where the engine's host time goes.
-# Results in $OUT.
+# less), SERVER_RUNS picks runs by name, STEPS_IN_FLIGHT=N passes --steps-in-flight N to the engine (default 2),
+# PY_SPY=1 (py-spy carried in .whl too) samples the stacks of each of the server's processes, native frames included,
+# for 8 s from 8 s into each load: where the engine's host time goes. Results in $OUT.
 source samples/gpu_setup.sh
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
