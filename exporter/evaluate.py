@@ -61,13 +61,12 @@ def evaluate(loaded: LoadedModel, strategies: dict[str, Strategy], windows: torc
     """Rows for the baseline's full model (named 'BASELINE: none'; given, the ratios are against it), the full
     model ('none') and each named strategy; a model uptrained or fitted for one strategy gets no 'none' row (it
     is not meant to run without its sharing)."""
-    description = loaded.description
     bound = fitted_strategy(loaded.directory) is not None
-    named = {**({} if bound else {"none": no_sharing(description.num_layers)}), **strategies}
+    named = {**({} if bound else {"none": no_sharing(loaded.description.num_layers)}), **strategies}
     runs = [(loaded, name, strategy) for name, strategy in named.items()]
     if baseline is not None:
-        full = no_sharing(baseline.description.num_layers)
-        runs.insert(0, (baseline, f"{Path(baseline.reference).name}: none", full))
+        runs.insert(0, (baseline, f"{Path(baseline.reference).name}: none",
+                        no_sharing(baseline.description.num_layers)))
     rows: list[EvalRow] = []
     with tempfile.TemporaryDirectory(prefix="kvexport-eval-") as tmp:
         for index, (model, name, strategy) in enumerate(runs):
