@@ -12,17 +12,18 @@
 # LOAD_PROCESSES=N runs the load from N processes (default 4: one reads about 20k events/s), CONCURRENCY=N caps the
 # load's connections (default 96), HTTP_REQUESTS=N sends N requests (default 2000; more weigh the load's start and end
 # less), SERVER_RUNS picks runs by name, STEPS_IN_FLIGHT=N passes --steps-in-flight N to the engine (default 2),
-# PY_SPY=1 (py-spy carried in .whl too) samples the stacks of each of the server's processes, native frames included,
-# for 8 s from 8 s into each load: where the engine's host time goes. Results in $OUT.
+# PY_SPY=1 (py-spy carried in .whl too) samples the stacks of each thread of the server's processes, native and idle
+# frames included, for 8 s from 8 s into each load: where the engine's host time goes. Results in $OUT.
 source samples/gpu_setup.sh
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PATH=/tmp/site/bin:$PATH  # py-spy's binary, when carried
 fi
-python3 samples/make_random_model.py pythia-160m /tmp/p160 >/dev/null
+# the model and its exports are kept from an earlier invocation on the same machine
+[ -d /tmp/p160 ] || python3 samples/make_random_model.py pythia-160m /tmp/p160 >/dev/null
 for s in none every:2; do
-  python3 -m kvexport export --model /tmp/p160 --share $s --dtype float16 --static --max-new-tokens 0 \
-    --output /tmp/p160-${s/:/} 2>&1 | grep -v Memcpy | tail -1
+  [ -d /tmp/p160-${s/:/} ] || python3 -m kvexport export --model /tmp/p160 --share $s --dtype float16 --static \
+    --max-new-tokens 0 --output /tmp/p160-${s/:/} 2>&1 | grep -v Memcpy | tail -1
 done
 declare -A NEW_TOKENS=([short]="8 64" [long]="64 512")
 declare -A REQUESTS=([short]=1024 [long]=512)
@@ -59,7 +60,8 @@ run_server() {  # name export slots batching rate
   if [[ ${PY_SPY:-0} == 1 ]]; then
     (sleep 8; for child in $(python3 -c "import sys; sys.path.insert(0, 'samples'); from load_test import children
 print(*children($pid))"); do
-       py-spy record -p "$child" -d 8 -r 200 --native -f raw -o "/tmp/spy-$1-$tag-$child.txt" >/dev/null 2>&1 &
+       py-spy record -p "$child" -d 8 -r 200 --native --idle --threads -f raw -o "/tmp/spy-$1-$tag-$child.txt" \
+         >/dev/null 2>&1 &
      done; wait) &
   fi
   # 96 clients: more requests in flight than the 64 slots of every:2, which 32 clients never filled (2026-11-25)
