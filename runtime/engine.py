@@ -287,6 +287,13 @@ class Engine:
         """Queue a request (text or token ids). Refused at once, with an InputError, if it cannot run (bad
         prompt or settings, longer than the cache); QueueFullError when the queue is full."""
         ids, config = check_submission(self.generator.requests, prompt, config, timeout_s)
+        return self.submit_checked(ids, config, timeout_s)
+
+    def submit_checked(self, ids: list[int], config: SamplingConfig, timeout_s: float | None = None
+                       ) -> RequestHandle:
+        """Queue a request that check_submission has passed for this engine's model and length (an engine process
+        takes its front ends' requests so: checking them again would hold the interpreter lock that the
+        scheduler thread needs, see engine_process.py); QueueFullError when the queue is full."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._wake:
             if self._closing:

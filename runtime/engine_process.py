@@ -4,12 +4,15 @@ Threads of one Python process share one interpreter lock, so there the scheduler
 turns tokens into text and streams them: on the H100 the engine served 10.9k tokens/s to consumers that
 detokenize and 15.7k to consumers of token ids (docs/results.md, issue 13). As vLLM's engine core does, the
 engine runs in a child process ('spawn': CUDA state is never forked) and sends each scheduler iteration's token ids
-in one message per front end; a front end checks requests (encoding prompts with the tokenizer), the consumers of
-its handles turn ids into text, and the front ends count the requests in flight for backpressure in one counter
+in one message per front end; a front end checks requests (encoding prompts with the tokenizer; the engine takes
+them as checked), the consumers of its handles turn ids into text, and the front ends count the requests in flight for backpressure in one counter
 in shared memory (a submit takes one, the engine gives it back when the request ends; a submit that would pass
 max_slots + max_queue is refused), so the engine's own queue never refuses. A server can run several front ends,
 in processes of their own, each over its own pipe to the one engine (vLLM's --api-server-count):
-`launch_engine(..., front_ends=N)`, then an `EngineClient` per pipe, in the process that serves it.
+`launch_engine(..., front_ends=N)`, then an `EngineClient` per pipe, in the process that serves it. The engine
+process's other thread only reads the front ends' messages, and an API server reads the engine's on its event
+loop: a second thread busy in Python makes the scheduler wait for the interpreter lock after each CUDA call (the
+H100 profile in docs/results.md).
 
 Messages, front end to engine: ("submit", id, token ids, config, timeout_s), ("cancel", id), ("refused", None),
 ("metrics", id), ("close", drain). Engine to front end: ("ready", None) or ("failed", (error type, message)) once,
@@ -21,11 +24,14 @@ has its requests cancelled.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import itertools
 import multiprocessing
+import pickle
 import queue
 import signal
+import sys
 import threading
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -40,6 +46,9 @@ from .generator import Prompt, RequestChecker
 from .sampling import SamplingConfig
 
 REPLY_TIMEOUT_S = 30.0
+# A thread that asks for the interpreter lock waits up to the switch interval (5 ms by default) for the one holding
+# it: the scheduler thread, after each CUDA call that let go of it, and a front end's receiver, after each read
+SWITCH_INTERVAL_S = 0.0005
 
 
 def freeze_startup_objects() -> None:
@@ -94,7 +103,9 @@ class EngineClient:
     max_queue."""
 
     def __init__(self, model: str | Path, connection: Connection, in_flight: Synchronized, max_slots: int,
-                 max_queue: int, max_length: int | None = None):
+                 max_queue: int, max_length: int | None = None, receiver_thread: bool = True):
+        """receiver_thread: receive the engine's messages in a thread of this client's; without, call receive_on
+        with the event loop that should."""
         self.model = ExportedModel.load(model)
         self.max_slots, self.max_queue, self._in_flight = max_slots, max_queue, in_flight
         self.requests = RequestChecker(self.model, None, max_length or self.model.facts.max_positions)
@@ -106,8 +117,15 @@ class EngineClient:
         self._handles_lock = threading.Lock()
         self._send_lock = threading.Lock()  # one message at a time; never held while waiting for the receiver
         self._closing = False
-        self._receiver = threading.Thread(target=self._receive, name="kvexport-engine-receiver", daemon=True)
-        self._receiver.start()
+        self._received_all = threading.Event()  # the engine sent its last message, or its process has gone
+        if receiver_thread:
+            threading.Thread(target=self._receive, name="kvexport-engine-receiver", daemon=True).start()
+
+    def receive_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Receive the engine's messages in `loop` (an API server's, which streams the tokens), not in a thread: a
+        receiver thread waits for the interpreter lock after each read while the loop holds it (half its time
+        on the H100, docs/results.md), and takes it from the loop when it gets it."""
+        loop.add_reader(self._connection.fileno(), self._on_readable, loop)
 
     def submit(self, prompt: Prompt, config: SamplingConfig | None = None,
                timeout_s: float | None = None) -> RequestHandle:
@@ -142,7 +160,7 @@ class EngineClient:
         engine process."""
         token, reply = next(self._ids), queue.Queue(1)
         self._replies[token] = reply
-        if not self._receiver.is_alive():
+        if self._received_all.is_set():
             self._replies.pop(token)
             raise EngineClosedError("the engine process has stopped")
         self._send(("metrics", token))
@@ -165,7 +183,7 @@ class EngineClient:
                     self._connection.send(("close", drain))
                 except OSError:  # the engine process is gone already
                     pass
-        self._receiver.join()
+        self._received_all.wait()  # in a thread other than the loop that receives (receive_on), if one does
 
     def _send(self, message: tuple) -> None:
         with self._send_lock:
@@ -175,29 +193,47 @@ class EngineClient:
                 pass
 
     def _receive(self) -> None:
-        """Everything the engine has sent at each wake-up is handled together: a front end that falls behind the
-        engine wakes its consumers once for several steps' tokens, so it catches up instead of blocking the
-        engine's sends."""
         try:
-            while True:
-                messages = [self._connection.recv()]
-                while self._connection.poll():
-                    messages.append(self._connection.recv())
-                self._dispatch([item for kind, detail in messages if kind == "events" for item in detail])
-                for kind, detail in messages:
-                    if kind == "metrics" and detail[0] in self._replies:
-                        self._replies[detail[0]].put(detail[1])
-                if messages[-1][0] == "closed":
-                    return
+            while not self._handle(self._read()):
+                pass
         except (EOFError, OSError):  # the engine process died: its requests end with "error"
             pass
-        finally:
-            self._closing = True
-            with self._handles_lock:
-                stranded = list(self._handles)
-            self._dispatch([(request_id, None, "error") for request_id in stranded])
-            for reply in list(self._replies.values()):
-                reply.put(None)
+        self._end_reception()
+
+    def _on_readable(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            if not self._handle(self._read()):
+                return
+        except (EOFError, OSError):
+            pass
+        loop.remove_reader(self._connection.fileno())
+        self._end_reception()
+
+    def _read(self) -> list[tuple]:
+        """Every message the engine has sent, at least one: a front end that falls behind the engine wakes its
+        consumers once for several steps' tokens, so it catches up instead of blocking the engine's sends."""
+        messages = [self._connection.recv()]
+        while self._connection.poll():
+            messages.append(self._connection.recv())
+        return messages
+
+    def _handle(self, messages: list[tuple]) -> bool:
+        """Deliver the messages' tokens and metrics; whether the engine has sent its last message."""
+        self._dispatch([item for kind, detail in messages if kind == "events" for item in detail])
+        for kind, detail in messages:
+            if kind == "metrics" and detail[0] in self._replies:
+                self._replies[detail[0]].put(detail[1])
+        return messages[-1][0] == "closed"
+
+    def _end_reception(self) -> None:
+        """No more messages: requests still in flight end with "error", waiting metrics with None."""
+        self._closing = True
+        with self._handles_lock:
+            stranded = list(self._handles)
+        self._dispatch([(request_id, None, "error") for request_id in stranded])
+        for reply in list(self._replies.values()):
+            reply.put(None)
+        self._received_all.set()
 
     def _dispatch(self, items: list[tuple[int, int | None, str | None]]) -> None:
         """Record an iteration's tokens on their handles, and deliver them."""
@@ -242,12 +278,16 @@ def run_engine(connections: list[Connection], in_flight: Synchronized, directory
     """The engine process: an Engine whose events go to their front ends, and the front ends' commands; it gives
     back a request's count in flight when the request ends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C: the front ends decide when this ends
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     send_lock, routes, refused = threading.Lock(), Routes(len(connections)), 0
 
     def send(index: int, message: tuple) -> None:
+        # pickle.dumps, not Connection.send, whose pickler copies its dispatch table for every message: the
+        # scheduler thread sends one per front end per step (Connection.recv reads either)
+        payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
         with send_lock:
             try:
-                connections[index].send(message)
+                connections[index].send_bytes(payload)
             except OSError:  # that front end is gone; the loop below cancels its requests
                 pass
 
@@ -300,7 +340,7 @@ def run_engine(connections: list[Connection], in_flight: Synchronized, directory
                 front, ids, config, timeout_s = detail
                 try:
                     with routes.lock:
-                        handle = engine.submit(ids, config, timeout_s)
+                        handle = engine.submit_checked(ids, config, timeout_s)  # the front end checked it
                         routes.fronts[handle.id], routes.handles[index][front] = (index, front), handle
                 except KvexportError:  # checked by the front end already; a race with close, for example
                     ended(1)

@@ -8,6 +8,7 @@ exits 0.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import multiprocessing
 import os
@@ -23,7 +24,14 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 
-from kvexport.runtime.engine_process import EngineClient, EngineProcess, freeze_startup_objects, launch_engine
+from kvexport.runtime.engine import Engine
+from kvexport.runtime.engine_process import (
+    SWITCH_INTERVAL_S,
+    EngineClient,
+    EngineProcess,
+    freeze_startup_objects,
+    launch_engine,
+)
 from kvexport.runtime.exported import ExportedModel
 from kvexport.strategies import KvexportError
 
@@ -69,20 +77,22 @@ def add_routes(app: FastAPI, engine: EngineClient, model_name: str, stream_inter
         return error(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
 
 
-SWITCH_INTERVAL_S = 0.0005
-
-
 def start_engine(directory: Path, **engine_options) -> EngineProcess:
     """The engine of a Ray Serve replica, in a process of its own, so that streaming never delays a step."""
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     return EngineProcess(directory, **engine_options)
 
 
-def create_app(engine: EngineClient, model_name: str, stream_interval: int = 1) -> FastAPI:
+def create_app(engine: EngineClient | Engine, model_name: str, stream_interval: int = 1,
+               receive_here: bool = False) -> FastAPI:
+    """receive_here: the app's event loop receives the engine process's messages (EngineClient.receive_on)."""
     @contextlib.asynccontextmanager
     async def lifespan(_):
+        if receive_here:
+            engine.receive_on(asyncio.get_running_loop())
         yield
-        engine.close(drain=True)  # after uvicorn stopped taking requests and in-flight ones ended
+        # after uvicorn stopped taking requests and in-flight ones ended; off the loop, which may receive the reply
+        await asyncio.to_thread(engine.close, True)
 
     app = FastAPI(title="kvexport", lifespan=lifespan)
     add_routes(app, engine, model_name, stream_interval)
@@ -108,13 +118,11 @@ def listen(host: str, port: int, count: int) -> list[socket.socket]:
 def run_api_server(listener: socket.socket, connection: Connection, in_flight: Synchronized, directory: Path,
                    model_name: str, stream_interval: int, limits: tuple[int, int, int | None]) -> None:
     """One front end (an API server process): HTTP on the shared listening socket, over its pipe to the engine.
-    The thread that receives the engine's tokens and the event loop share the GIL, and a thread asking for it
-    waits up to the switch interval (5 ms by default): 0.5 ms keeps the tokens moving."""
+    The engine's messages are received on the event loop that streams them (EngineClient.receive_on)."""
     import uvicorn
 
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    engine = EngineClient(directory, connection, in_flight, *limits)
-    config = uvicorn.Config(create_app(engine, model_name, stream_interval), log_level="warning",
+    engine = EngineClient(directory, connection, in_flight, *limits, receiver_thread=False)
+    config = uvicorn.Config(create_app(engine, model_name, stream_interval, receive_here=True), log_level="warning",
                             timeout_graceful_shutdown=60)
     freeze_startup_objects()
     # uvicorn shuts down gracefully on SIGTERM or SIGINT, then re-raises the signal to the handler that was there

@@ -15,7 +15,7 @@ import pytest
 from kvexport.exporter import export
 from kvexport.runtime import Generator, SamplingConfig
 from kvexport.runtime.engine import Engine, EngineClosedError, QueueFullError, deliver
-from kvexport.runtime.engine_process import EngineProcess
+from kvexport.runtime.engine_process import EngineClient, EngineProcess, launch_engine
 from kvexport.strategies import InputError, KvexportError
 
 PROMPTS = ["In Python, a list", "The dictionary", "def f(x):", "import os", "class A:", "Lambda", "A", "for i in"]
@@ -172,6 +172,37 @@ def test_engine_in_a_process_of_its_own(served_export, alone):
     with pytest.raises(EngineClosedError):
         engine.submit(PROMPTS[0], GREEDY)
     engine.close()
+
+
+def test_a_front_end_that_receives_on_its_event_loop(served_export, alone):
+    """An API server's front end: no receiver thread, the engine's messages read on the loop that streams them.
+    The same answers as alone, metrics and close answered while the loop receives (asked from other threads), and
+    a dead engine process ending a stream with 'error'."""
+    import asyncio
+
+    process, (connection,), in_flight = launch_engine(served_export, max_slots=2)
+    engine = EngineClient(served_export, connection, in_flight, max_slots=2, max_queue=4, receiver_thread=False)
+    assert "kvexport-engine-receiver" not in [thread.name for thread in threading.enumerate()]
+
+    async def tokens(prompt: str, config: SamplingConfig) -> list:
+        return [event async for event in engine.submit(prompt, config)]
+
+    async def run():
+        engine.receive_on(asyncio.get_running_loop())
+        answers = await asyncio.gather(*(tokens(prompt, GREEDY) for prompt in PROMPTS[:3]))
+        metrics = await asyncio.to_thread(engine.metrics)
+        stranded = engine.submit(PROMPTS[0], SamplingConfig(max_new_tokens=200, stop_token_ids=[]))
+        events = []
+        async for event in stranded:
+            events.append(event)
+            if len(events) == 1:
+                process.kill()
+        await asyncio.to_thread(engine.close)
+        return answers, metrics, events
+
+    answers, metrics, stranded = asyncio.run(run())
+    assert [[event.token_id for event in events] for events in answers] == [alone[p] for p in PROMPTS[:3]]
+    assert metrics["generated_tokens"] == 36 and stranded[-1].finish_reason == "error"
 
 
 def free_port() -> int:
