@@ -6,7 +6,7 @@ queue. Each scheduler iteration:
   1. admits waiting requests into free slots (the lowest free row first, so the active rows stay a short prefix);
   2. prefills at most `prefill_chunk` prompt tokens, earliest requests first: the first chunks of up to
      `prefill_batch` new prompts in one run (StaticCacheDecoder.prefill_first; while requests wait for rows and
-     others decode, until an eighth of the rows are admitted), further chunks of long prompts row by
+     others decode, until a sixteenth of the rows are admitted), further chunks of long prompts row by
      row, so that a long prompt never stalls the requests that are decoding; a prompt's first token is chosen
      on the device, into the row's entry of the next-token buffer, and streamed once the prefill has run (on
      CUDA after the step below is queued, so the host never waits for a device with nothing queued);
@@ -415,10 +415,11 @@ class Engine:
         pending = [row for row in pending if not self._stopped(row, self._slots[row])]
         fresh, candidates = [], [row for row in pending if self._slots[row].prefilled == 0]
         # While requests wait for rows and others decode, new prompts are batched, rather than pausing decoding for
-        # each: up to an eighth of the rows (at most prefill_batch) may idle meanwhile. (At 64 rows on the H100, at
-        # most 4 served no more tokens/s than 8, within run-to-run spread: docs/results.md.) Static batching admits
-        # no row until its batch ends, so its last prompts never wait.
-        batch_at = max(1, min(decoder.prefill_batch, self.max_slots // 8))
+        # each: up to a sixteenth of the rows (at most prefill_batch) may idle meanwhile. On the H100 a batch of 8
+        # prompts of 96 tokens takes 1.2 ms and one of 4 takes 0.86; at 64 rows, waiting for 4 kept 95% of the rows
+        # busy where waiting for 8 (prompts then padded to powers of two) kept 89% (docs/results.md). Static
+        # batching admits no row until its batch ends, so its last prompts never wait.
+        batch_at = max(1, min(decoder.prefill_batch, self.max_slots // 16))
         if (self.batching == "continuous" and len(candidates) < batch_at and self._waiting
                 and any(s and s.decoding for s in self._slots)):
             candidates = []

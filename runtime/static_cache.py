@@ -4,10 +4,10 @@ All owners' K and V live in one tensor [2 * owners, max_batch, kv_heads, max_len
 Rows are compact: row b's tokens fill slots 0..n_b - 1, so a row's length is its next token's slot and position,
 and rows of different lengths (or requests that joined at different times) share the buffers. One graph and one
 session (the weights are on the device once) serve both phases of model_static.onnx. Prefill: the first chunk
-(at most prefill_chunk tokens) of up to prefill_batch new prompts runs as one batch, right-padded to a bucketed
-length (so ONNX Runtime meets few shapes, each of which costs it a kernel plan, and each (batch, length) shape
-can be captured as a CUDA graph like a decode step), into staging rows, whose K/V are then copied into the
-prompts' own rows; a prompt's further chunks are appended to its row one row at a time.
+(at most prefill_chunk tokens) of up to prefill_batch new prompts runs as one batch, right-padded (on CUDA to a
+multiple of 32 tokens, so ONNX Runtime meets few shapes, each of which costs it a kernel plan, and each (batch,
+length) shape can be captured as a CUDA graph like a decode step) into staging rows, whose K/V are then copied
+into the prompts' own rows; a prompt's further chunks are appended to its row one row at a time.
 GroupQueryAttention writes the K/V in place without materializing attention scores, and only each row's last
 token's logits are computed. Each decode step runs one token for every row; all its inputs and outputs are bound
 to fixed addresses, so the step can be captured as a CUDA graph and replayed. Logits stay on the device.
@@ -21,7 +21,7 @@ than using ONNX Runtime's capture, whose replay waits for the graph to finish.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -122,11 +122,17 @@ class StaticCacheDecoder(Decoder):
             yield
         caller.wait_stream(self.stream)
 
-    def bucket(self, size: int, minimum: int = 1) -> int:
-        """The run size for `size` rows or tokens: on CUDA the power of two at or above it (at least `minimum`), so
-        that ONNX Runtime, which plans attention kernels per shape (80 ms each for cuDNN's on the H100), and the
-        captured graphs meet few shapes; on the CPU `size` itself (padding would cost compute there)."""
-        return max(minimum, 1 << (size - 1).bit_length()) if self.device.type == "cuda" else size
+    def bucket(self, size: int) -> int:
+        """The run size for `size` rows: on CUDA the power of two at or above it, so that ONNX Runtime, which plans
+        attention kernels per shape (80 ms each for cuDNN's on the H100), and the captured graphs meet few shapes;
+        on the CPU `size` itself (padding would cost compute there)."""
+        return 1 << (size - 1).bit_length() if self.device.type == "cuda" else size
+
+    def prompt_width(self, tokens: int) -> int:
+        """The padded length of a batch of first prompts whose longest has `tokens`: on CUDA the multiple of 32 at
+        or above it (a power of two would pad a 70-token prompt to 128, and the batch's compute with it), on the
+        CPU `tokens` itself."""
+        return -(-tokens // 32) * 32 if self.device.type == "cuda" else tokens
 
     def warm_up(self, max_rows: int | None = None) -> None:
         """Meet every bucketed shape once before serving (CUDA): capture the decode step of each batch size up to
@@ -134,16 +140,17 @@ class StaticCacheDecoder(Decoder):
         so call it while they are empty."""
         if self.device.type != "cuda":
             return
-        for batch in self._buckets(max_rows or self.max_batch):
+        for batch in self._buckets(max_rows or self.max_batch, self.bucket):
             self.decode_rows(torch.zeros(batch, dtype=torch.int64), torch.zeros(batch, dtype=torch.int32))
-        for batch in self._buckets(self.prefill_batch):
-            for width in self._buckets(self.prefill_chunk, 16):
+        for batch in self._buckets(self.prefill_batch, self.bucket):
+            for width in self._buckets(self.prefill_chunk, self.prompt_width):
                 self.prefill_first(list(range(batch)), [torch.zeros(width, dtype=torch.int64)] * batch)
         torch.cuda.synchronize(self.device)
 
-    def _buckets(self, limit: int, minimum: int = 1) -> list[int]:
-        """Every run size that sizes 1..limit bucket to."""
-        return sorted({min(limit, self.bucket(size, minimum)) for size in range(1, limit + 1)})
+    @staticmethod
+    def _buckets(limit: int, run_size: Callable[[int], int]) -> list[int]:
+        """Every run size that sizes 1..limit are padded to."""
+        return sorted({min(limit, run_size(size)) for size in range(1, limit + 1)})
 
     def new_cache(self, batch: int) -> StaticKVCache:
         if batch > self.max_batch:
@@ -269,7 +276,7 @@ class StaticCacheDecoder(Decoder):
         if not 0 < len(rows) <= self.prefill_batch or not 0 < min(lengths) <= max(lengths) <= self.prefill_chunk:
             raise KvexportError(f"prefill_first takes 1..{self.prefill_batch} prompts of 1..{self.prefill_chunk} "
                                 f"tokens, got {len(rows)} of {lengths} tokens")
-        width = min(self.prefill_chunk, self.bucket(max(lengths), 16))
+        width = min(self.prefill_chunk, self.prompt_width(max(lengths)))
         batch = self.bucket(len(rows))  # unused staging rows run padding
         ids = torch.zeros((batch, width), dtype=torch.int64)
         for index, prompt in enumerate(prompts):
