@@ -1,18 +1,18 @@
 """An Engine in a process of its own, behind one or more front ends with the Engine's API (submit, metrics, close).
 
-Threads of one Python process share one interpreter lock, so there the scheduler's steps wait while the server
-turns tokens into text and streams them: on the H100 the engine served 10.9k tokens/s to consumers that
-detokenize and 15.7k to consumers of token ids (docs/results.md, issue 13). As vLLM's engine core does, the
-engine runs in a child process ('spawn': CUDA state is never forked) and sends each scheduler iteration's token ids
-in one message per front end; a front end checks requests (encoding prompts with the tokenizer; the engine takes
-them as checked), the consumers of its handles turn ids into text, and the front ends count the requests in flight
-for backpressure in one counter in shared memory (a submit takes one, the engine gives it back when the request
-ends; a submit that would pass max_slots + max_queue is refused), so the engine's own queue never refuses. A server can run several front ends,
-in processes of their own, each over its own pipe to the one engine (vLLM's --api-server-count):
+Threads of one Python process share one interpreter lock, so there the scheduler's steps wait while the server turns
+tokens into text and streams them: on the H100 the engine served 10.9k tokens/s to consumers that detokenize and
+15.7k to consumers of token ids (docs/results.md, issue 13). As vLLM's engine core does, the engine runs in a child
+process ('spawn': CUDA state is never forked) and sends each scheduler iteration's token ids in one message per
+front end; a front end checks requests (encoding prompts with the tokenizer; the engine takes them as checked), the
+consumers of its handles turn ids into text, and the front ends count the requests in flight for backpressure in one
+counter in shared memory (a submit takes one, the engine gives it back when the request ends; a submit that would
+pass max_slots + max_queue is refused), so the engine's own queue never refuses. A server can run several front
+ends, in processes of their own, each over its own pipe to the one engine (vLLM's --api-server-count):
 `launch_engine(..., front_ends=N)`, then an `EngineClient` per pipe, in the process that serves it. The engine
-process's other thread only reads the front ends' messages, and an API server reads the engine's on its event
-loop: a second thread busy in Python makes the scheduler wait for the interpreter lock after each CUDA call (the
-H100 profile in docs/results.md).
+process's other thread only takes the front ends' messages, and an API server reads the engine's on its event loop:
+a second thread busy in Python makes the scheduler wait for the interpreter lock after each CUDA call (the H100
+profile in docs/results.md).
 
 Messages, front end to engine: ("submit", id, token ids, config, timeout_s), ("cancel", id), ("refused", None),
 ("metrics", id), ("close", drain). Engine to front end: ("ready", None) or ("failed", (error type, message)) once,
