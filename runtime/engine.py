@@ -188,16 +188,35 @@ class Chosen:
         return self.tokens.tolist()
 
 
+class Span:
+    """The device time of the work queued between its creation and stop(): on CUDA between two events, read once
+    that work has run; on the CPU, where work runs as it is queued, the host time."""
+
+    def __init__(self, cuda: bool):
+        self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else None
+        if self._events:
+            self._events[0].record()
+        self._started, self._seconds = time.perf_counter(), 0.0
+
+    def stop(self) -> Span:
+        if self._events:
+            self._events[1].record()
+        else:
+            self._seconds = time.perf_counter() - self._started
+        return self
+
+    @property
+    def seconds(self) -> float:
+        return self._events[0].elapsed_time(self._events[1]) / 1e3 if self._events else self._seconds
+
+
 @dataclass
 class Step(Chosen):
     """A decode step queued on the device, whose tokens the host has not taken yet."""
     started: float = 0.0  # host clock when it was queued
     steady: bool = False  # queued in an iteration that ran no prefill
-    # CUDA: events recorded on the device before it and after the model's run; on the CPU the model's run took
-    # ran_ms when the step was queued
-    begin: torch.cuda.Event | None = None
-    ran: torch.cuda.Event | None = None
-    ran_ms: float = 0.0
+    run: Span | None = None  # the model's run
+    prefills: list[Span] = field(default_factory=list)  # prefill runs queued since the step before
 
 
 @dataclass
@@ -214,6 +233,10 @@ class EngineStats:
     steady_steps: int = 0
     steady_wall_seconds: float = 0.0
     steady_graph_seconds: float = 0.0
+    # The device's time in the model's runs: every decode step's, and prompts' (first chunks and further ones, with
+    # the copies of their K/V into their rows); the rest of loop_seconds the device idled or chose tokens
+    decode_device_seconds: float = 0.0
+    prefill_device_seconds: float = 0.0
     loop_seconds: float = 0.0  # wall time of scheduler iterations that did work (prefill included)
     # of which the scheduler prefilled (queued prompts' runs and their first tokens' choice), queued decode steps,
     # waited for the device (chosen tokens to reach the host) and handed events on (to the consumers, or to the
@@ -265,6 +288,7 @@ class Engine:
         self._next_tokens = torch.zeros(max_slots, dtype=torch.int64, device=self.device)
         self.steps_in_flight = steps_in_flight or (2 if self.device.type == "cuda" else 1)
         self._pending: deque[Step] = deque()  # steps queued, oldest first, whose tokens the host has not taken
+        self._prefill_runs: list[Span] = []  # since the last step queued, which will carry them
         self._outbox: list[tuple[RequestHandle, Event]] = []  # events of this iteration, delivered at its end
         self._on_events = on_events or deliver
         # The handles' text needs the tokenizer, loaded here and not by the first submit, which would hold the
@@ -339,6 +363,8 @@ class Engine:
             "scheduler_overhead": (max(0.0, 1 - stats.steady_graph_seconds / stats.steady_wall_seconds)
                                    if stats.steady_wall_seconds else 0.0),
             "tokens_per_s": stats.generated_tokens / stats.loop_seconds if stats.loop_seconds else 0.0,
+            "decode_device_seconds": stats.decode_device_seconds,
+            "prefill_device_seconds": stats.prefill_device_seconds,
             "loop_seconds": stats.loop_seconds, "prefill_seconds": stats.prefill_seconds,
             "queue_seconds": stats.queue_seconds, "device_wait_seconds": stats.device_wait_seconds,
             "delivery_seconds": stats.delivery_seconds,
@@ -429,7 +455,9 @@ class Engine:
                 break
             fresh.append(row)
             budget -= size
+        cuda, run = self.device.type == "cuda", None
         if fresh:
+            run = Span(cuda)
             prompts = [torch.tensor(self._slots[row].request.prompt_ids[:decoder.prefill_chunk]) for row in fresh]
             decoder.prefill_first(fresh, prompts)
             for row, prompt in zip(fresh, prompts):
@@ -439,9 +467,12 @@ class Engine:
             if budget <= 0 or row in fresh or slot.prefilled == 0:
                 continue
             chunk = slot.request.prompt_ids[slot.prefilled:slot.prefilled + budget]
+            run = run or Span(cuda)
             decoder.prefill_row(row, torch.tensor(chunk), cached=slot.prefilled)
             slot.prefilled += len(chunk)
             budget -= len(chunk)
+        if run is not None:
+            self._prefill_runs.append(run.stop())
         complete = [row for row in pending if self._slots[row].prefilled == len(self._slots[row].request.prompt_ids)]
         first = None
         if complete:
@@ -462,17 +493,13 @@ class Engine:
         rows = self._slots[:min(self.max_slots, self.decoder.bucket(max(decoding) + 1))]
         lengths = torch.tensor([s.length if s else 0 for s in rows], dtype=torch.int32)
         started = time.perf_counter()
-        begin = torch.cuda.Event(enable_timing=True) if self.device.type == "cuda" else None
-        if begin is not None:
-            begin.record()
+        run = Span(self.device.type == "cuda")
         logits = self.decoder.decode_rows(self._next_tokens[:len(rows)], lengths)[:, -1]
-        ran = torch.cuda.Event(enable_timing=True) if begin is not None else None
-        if ran is not None:
-            ran.record()
-        ran_ms = 1e3 * (time.perf_counter() - started)
+        run.stop()
         self._choose(logits, decoding, others_idle=True)
         step = self._to_host([(row, self._slots[row]) for row in decoding], Step, started=started, steady=steady,
-                             begin=begin, ran=ran, ran_ms=ran_ms)
+                             run=run, prefills=self._prefill_runs)
+        self._prefill_runs = []
         for row in decoding:
             self._slots[row].fed += 1
         self.stats.decode_steps += 1
@@ -515,9 +542,11 @@ class Engine:
 
     def _take(self, step: Step, following: Step | None) -> None:
         """Stream a queued step's tokens (the steps queued after it keep the device busy meanwhile)."""
-        self._accept_chosen(step)
-        graph_ms = step.ran_ms if step.begin is None else step.begin.elapsed_time(step.ran)
+        self._accept_chosen(step)  # the work queued before it has run, prefills included
+        graph_ms = 1e3 * step.run.seconds
         self.stats.last_step_ms = graph_ms
+        self.stats.decode_device_seconds += graph_ms / 1e3
+        self.stats.prefill_device_seconds += sum(run.seconds for run in step.prefills)
         if step.steady and following is not None and following.steady:
             self.stats.steady_steps += 1
             self.stats.steady_wall_seconds += following.started - step.started

@@ -32,7 +32,7 @@ run_engine() {  # name export slots batching load
     --requests "${REQUESTS[$5]}" --new-tokens ${NEW_TOKENS[$5]} --batching "$4" --process \
     ${STEPS_IN_FLIGHT:+--steps-in-flight $STEPS_IN_FLIGHT} \
     --output "/tmp/engine-$1-$5.json" 2>&1 | grep -v Memcpy \
-    | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); e=r['engine']; print('$1 $5', round(r['tokens_per_s']), 'tok/s, saturated', round(r['saturated_tokens_per_s']), 'tpot p50/p99', round(r['tpot_p50_ms'],2), round(r['tpot_p99_ms'],2), 'ms, steady step', round(e['steady_step_ms'],3), 'graph', round(e['steady_graph_step_ms'],3), 'overhead', round(e['scheduler_overhead'],3), 'steps', e['decode_steps'], 'loop/prefill/queue/device wait/delivery s', *(round(e[k + '_seconds'], 2) for k in ('loop', 'prefill', 'queue', 'device_wait', 'delivery')))"
+    | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); e=r['engine']; print('$1 $5', round(r['tokens_per_s']), 'tok/s, saturated', round(r['saturated_tokens_per_s']), 'tpot p50/p99', round(r['tpot_p50_ms'],2), round(r['tpot_p99_ms'],2), 'ms, steady step', round(e['steady_step_ms'],3), 'graph', round(e['steady_graph_step_ms'],3), 'overhead', round(e['scheduler_overhead'],3), 'steps', e['decode_steps'], 'loop/prefill/queue/device wait/delivery s', *(round(e[k + '_seconds'], 2) for k in ('loop', 'prefill', 'queue', 'device_wait', 'delivery')), 'device decode/prefill s', *(round(e[k + '_device_seconds'], 2) for k in ('decode', 'prefill')))"
 }
 parts=${*:-engine server}  # bash samples/gpu_serving.sh [engine] [server]
 if [[ $parts == *engine* ]]; then
@@ -75,7 +75,7 @@ print('$1 cpu s', sorted(round(sum(map(int, Path(f'/proc/{k}/stat').read_text().
       / os.sysconf('SC_CLK_TCK'), 1) for k in children($pid)))"
   kill -TERM $pid; wait $pid || true
   grep -v "^\s*$" /tmp/serve-$1.log | tail -n 3
-  python3 -c "import json; r=json.load(open('/tmp/load-$1-$tag.json')); print('$1 $tag http', round(r['served_tokens_per_s']), 'tok/s, tpot p50/p99 ms', round(1e3*r['tpot_p50_s'],2), round(1e3*r['tpot_p99_s'],2), 'ttft p50/p99 s', round(r['ttft_p50_s'],3), round(r['ttft_p99_s'],3), 'errors', r['errors'], 'overhead', r['server_metrics'].get('kvexport_scheduler_overhead'), 'tokens/step', round(r['server_metrics']['kvexport_generated_tokens'] / max(1, r['server_metrics']['kvexport_decode_steps']), 1), 'loop/prefill/queue/device wait/delivery s', *(round(r['server_metrics'].get(f'kvexport_{k}_seconds', 0), 2) for k in ('loop', 'prefill', 'queue', 'device_wait', 'delivery')))"
+  python3 -c "import json; r=json.load(open('/tmp/load-$1-$tag.json')); print('$1 $tag http', round(r['served_tokens_per_s']), 'tok/s, tpot p50/p99 ms', round(1e3*r['tpot_p50_s'],2), round(1e3*r['tpot_p99_s'],2), 'ttft p50/p99 s', round(r['ttft_p50_s'],3), round(r['ttft_p99_s'],3), 'errors', r['errors'], 'overhead', r['server_metrics'].get('kvexport_scheduler_overhead'), 'tokens/step', round(r['server_metrics']['kvexport_generated_tokens'] / max(1, r['server_metrics']['kvexport_decode_steps']), 1), 'loop/prefill/queue/device wait/delivery s', *(round(r['server_metrics'].get(f'kvexport_{k}_seconds', 0), 2) for k in ('loop', 'prefill', 'queue', 'device_wait', 'delivery')), 'device decode/prefill s', *(round(r['server_metrics'].get(f'kvexport_{k}_device_seconds', 0), 2) for k in ('decode', 'prefill')))"
 }
 runs=${SERVER_RUNS:-none-continuous every2-continuous every2-static}
 [[ $runs == *none-continuous* ]] && run_server none-continuous /tmp/p160-none 32 continuous 400

@@ -55,6 +55,8 @@ def test_concurrent_requests_get_what_each_gets_alone(served_export, alone, step
     # the scheduler's time split into its parts: prompts ran and steps were queued, all within its loop
     parts = [metrics[f"{part}_seconds"] for part in ("prefill", "queue", "device_wait", "delivery")]
     assert parts[0] > 0 and parts[1] > 0 and sum(parts) <= metrics["loop_seconds"]
+    # the model's runs (on the CPU: as they were queued) within the prefill and the queueing
+    assert 0 < metrics["prefill_device_seconds"] <= parts[0] and 0 < metrics["decode_device_seconds"] <= parts[1]
     engine.close()
 
 
