@@ -12,6 +12,7 @@
 # LOAD_PROCESSES=N runs the load from N processes (default 4: one reads about 20k events/s), CONCURRENCY=N caps the
 # load's connections (default 96), HTTP_REQUESTS=N sends N requests (default 2000; more weigh the load's start and end
 # less), SERVER_RUNS picks runs by name, STEPS_IN_FLIGHT=N passes --steps-in-flight N to the engine (default 2),
+# OVERLAP_PREFILL=1 runs the engine part's first prompts beside its decode steps (engine_bench.py --overlap-prefill),
 # PY_SPY=1 (py-spy carried in .whl too) samples the stacks of each thread of the server's processes, native and idle
 # frames included, for 8 s from 8 s into each load: where the engine's host time goes. Results in $OUT.
 source samples/gpu_setup.sh
@@ -30,7 +31,7 @@ declare -A REQUESTS=([short]=1024 [long]=512)
 run_engine() {  # name export slots batching load
   python3 samples/engine_bench.py "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 \
     --requests "${REQUESTS[$5]}" --new-tokens ${NEW_TOKENS[$5]} --batching "$4" --process \
-    ${STEPS_IN_FLIGHT:+--steps-in-flight $STEPS_IN_FLIGHT} \
+    ${STEPS_IN_FLIGHT:+--steps-in-flight $STEPS_IN_FLIGHT} ${OVERLAP_PREFILL:+--overlap-prefill} \
     --output "/tmp/engine-$1-$5.json" 2>&1 | grep -v Memcpy \
     | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); e=r['engine']; print('$1 $5', round(r['tokens_per_s']), 'tok/s, saturated', round(r['saturated_tokens_per_s']), 'tpot p50/p99', round(r['tpot_p50_ms'],2), round(r['tpot_p99_ms'],2), 'ms, steady step', round(e['steady_step_ms'],3), 'graph', round(e['steady_graph_step_ms'],3), 'overhead', round(e['scheduler_overhead'],3), 'steps', e['decode_steps'], 'loop/prefill/queue/device wait/delivery s', *(round(e[k + '_seconds'], 2) for k in ('loop', 'prefill', 'queue', 'device_wait', 'delivery')), 'device decode/prefill s', *(round(e[k + '_device_seconds'], 2) for k in ('decode', 'prefill')))"
 }

@@ -35,11 +35,12 @@ def alone(served_export):
     return {p: generator.generate([p], GREEDY).token_ids[0] for p in PROMPTS}
 
 
-@pytest.mark.parametrize("steps_in_flight", [1, 2])
-def test_concurrent_requests_get_what_each_gets_alone(served_export, alone, steps_in_flight):
-    """With one step or two left queued while the host takes tokens (CUDA's default is two): the same tokens."""
+@pytest.mark.parametrize("steps_in_flight, overlap_prefill", [(1, False), (2, False), (2, True)])
+def test_concurrent_requests_get_what_each_gets_alone(served_export, alone, steps_in_flight, overlap_prefill):
+    """With one step or two left queued while the host takes tokens (CUDA's default is two), and first prompts on
+    a second session: the same tokens."""
     engine = Engine(served_export, max_slots=3, prefill_chunk=2,  # more requests than slots; chunked prompts
-                    steps_in_flight=steps_in_flight)
+                    steps_in_flight=steps_in_flight, overlap_prefill=overlap_prefill)
     handles = {}
     threads = [threading.Thread(target=lambda p=p: handles.update({p: engine.submit(p, GREEDY)})) for p in PROMPTS]
     for thread in threads:
