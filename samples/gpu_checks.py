@@ -2,7 +2,7 @@
 export's dynamic graph and static graph with CUDA graphs on CUDA (prompts of different lengths, so the static
 graph's rows differ in length), and their agreement with float32; float16 against float32 logits on CUDA; the
 serving engine (in its own process, CUDA graphs for decode steps and prefill shapes) against the static graph's
-Generator, every request generating all its tokens.
+Generator, every request generating all its tokens, and with overlap_prefill against without.
 
     python samples/gpu_checks.py --output gpu-checks [--model tiny-llama --share every:2]
 """
@@ -55,14 +55,22 @@ def main() -> None:
     report["greedy_agreement_static_graph_fp16_vs_cpu_fp32"] = agreement("cuda-fp16-static-graph", "cpu-fp32")
     full_length = SamplingConfig(max_new_tokens=48, stop_token_ids=[])  # rows never leave the batch: same shapes
     alone = runs["cuda-fp16-static-graph"].generate(PROMPTS, full_length).token_ids
-    engine = EngineProcess(fp16, provider="cuda", cuda_graph=True, max_slots=4, max_length=128)
-    handles = [engine.submit(prompt, full_length) for prompt in PROMPTS]
-    for handle in handles:
-        list(handle)
-    engine.close()
+
+    def serve(overlap_prefill: bool) -> list[list[int]]:
+        engine = EngineProcess(fp16, provider="cuda", cuda_graph=True, max_slots=4, max_length=128,
+                               overlap_prefill=overlap_prefill)
+        handles = [engine.submit(prompt, full_length) for prompt in PROMPTS]
+        for handle in handles:
+            list(handle)
+        engine.close()
+        return [handle.tokens for handle in handles]
+
     # The engine admits requests as they arrive, so its batches' shapes differ from the Generator's: float16
     # numerics may differ, as between any two batch shapes; agreement is the measure, with the first difference.
-    served = [handle.tokens for handle in handles]
+    served = serve(overlap_prefill=False)
+    overlapped = serve(overlap_prefill=True)  # first prompts on a second session and stream
+    report["greedy_agreement_engine_overlap_prefill_vs_engine"] = sum(
+        a == b for x, y in zip(overlapped, served) for a, b in zip(x, y)) / sum(map(len, served))
     report["greedy_tokens_equal_engine_vs_static_graph_fp16_cuda"] = served == alone
     report["greedy_agreement_engine_vs_static_graph_fp16_cuda"] = sum(
         a == b for x, y in zip(served, alone) for a, b in zip(x, y)) / sum(map(len, alone))
