@@ -234,7 +234,8 @@ class EngineStats:
     steady_wall_seconds: float = 0.0
     steady_graph_seconds: float = 0.0
     # The device's time in the model's runs: every decode step's, and prompts' (first chunks and further ones, with
-    # the copies of their K/V into their rows); the rest of loop_seconds the device idled or chose tokens
+    # the copies of their K/V into their rows); the rest of loop_seconds the device idled or chose tokens. (With
+    # overlap_prefill a prompts' run is timed until its copy into the rows, after the decode steps it ran beside.)
     decode_device_seconds: float = 0.0
     prefill_device_seconds: float = 0.0
     loop_seconds: float = 0.0  # wall time of scheduler iterations that did work (prefill included)
