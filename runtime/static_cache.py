@@ -143,12 +143,9 @@ class StaticCacheDecoder(Decoder):
         """Where a batch of first prompts runs: without overlap_prefill, on the decoder's stream; with it, on the
         prompt stream after only the previous batch's copy out of the staging rows, and the decoder's stream
         waits for it there (the copy into the rows is queued next, on the decoder's stream)."""
-        if self.prompt_stream is self.stream:
+        if self.prompt_stream is self.stream:  # the CPU's None too
             with self._on_stream():
                 yield
-            return
-        if self.prompt_stream is None:
-            yield
             return
         if self._landed is not None:
             self.prompt_stream.wait_event(self._landed)
@@ -329,7 +326,7 @@ class StaticCacheDecoder(Decoder):
             for index, (row, length) in enumerate(zip(rows, lengths)):
                 self.storage[:, row, :, :length].copy_(self.staging[:, index, :, :length])
                 self.logits[row].copy_(self.staging_logits[index])
-            if self.prompt_stream not in (None, self.stream):
+            if self.prompt_stream is not self.stream:
                 self._landed = torch.cuda.Event()
                 self._landed.record(self.stream)
         return self.logits
