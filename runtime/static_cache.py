@@ -140,12 +140,11 @@ class StaticCacheDecoder(Decoder):
 
     @contextmanager
     def _on_prompt_stream(self) -> Iterator[None]:
-        """Where a batch of first prompts runs: without overlap_prefill, on the decoder's stream; with it, on the
-        prompt stream after only the previous batch's copy out of the staging rows, and the decoder's stream
-        waits for it there (the copy into the rows is queued next, on the decoder's stream)."""
+        """Inside _on_stream, where a batch of first prompts runs: without overlap_prefill, on the decoder's stream
+        itself; with it, on the prompt stream after only the previous batch's copy out of the staging rows, and the
+        decoder's stream waits for it there (the copy into the rows is queued next, on the decoder's stream)."""
         if self.prompt_stream is self.stream:  # the CPU's None too
-            with self._on_stream():
-                yield
+            yield
             return
         if self._landed is not None:
             self.prompt_stream.wait_event(self._landed)
@@ -317,12 +316,12 @@ class StaticCacheDecoder(Decoder):
             ids[index, :lengths[index]] = torch.as_tensor(prompt, dtype=torch.int64)
         seqlens = [length - 1 for length in lengths] + [0] * (batch - len(rows))
         binding, ids_buffer, rows_buffer = self._prefill_binding(batch, width)
-        with self._on_prompt_stream():
-            ids_buffer.copy_(ids, non_blocking=True)
-            rows_buffer.copy_(torch.tensor([seqlens, c.logits_index(seqlens, width)], dtype=torch.int32),
-                              non_blocking=True)
-            self._run((batch, width), binding)
         with self._on_stream():
+            with self._on_prompt_stream():
+                ids_buffer.copy_(ids, non_blocking=True)
+                rows_buffer.copy_(torch.tensor([seqlens, c.logits_index(seqlens, width)], dtype=torch.int32),
+                                  non_blocking=True)
+                self._run((batch, width), binding)
             for index, (row, length) in enumerate(zip(rows, lengths)):
                 self.storage[:, row, :, :length].copy_(self.staging[:, index, :, :length])
                 self.logits[row].copy_(self.staging_logits[index])
