@@ -118,6 +118,7 @@ class EngineClient:
         self._send_lock = threading.Lock()  # one message at a time; never held while waiting for the receiver
         self._closing = False
         self._received_all = threading.Event()  # the engine sent its last message, or its process has gone
+        self.receives_on_loop = not receiver_thread  # its owner's event loop must call receive_on
         if receiver_thread:
             threading.Thread(target=self._receive, name="kvexport-engine-receiver", daemon=True).start()
 

@@ -83,12 +83,12 @@ def start_engine(directory: Path, **engine_options) -> EngineProcess:
     return EngineProcess(directory, **engine_options)
 
 
-def create_app(engine: EngineClient | Engine, model_name: str, stream_interval: int = 1,
-               receive_here: bool = False) -> FastAPI:
-    """receive_here: the app's event loop receives the engine process's messages (EngineClient.receive_on)."""
+def create_app(engine: EngineClient | Engine, model_name: str, stream_interval: int = 1) -> FastAPI:
+    """A front end made without a receiver thread receives the engine process's messages on the app's event loop
+    (EngineClient.receive_on)."""
     @contextlib.asynccontextmanager
     async def lifespan(_):
-        if receive_here:
+        if isinstance(engine, EngineClient) and engine.receives_on_loop:
             engine.receive_on(asyncio.get_running_loop())
         yield
         # after uvicorn stopped taking requests and in-flight ones ended; off the loop, which may receive the reply
@@ -122,7 +122,7 @@ def run_api_server(listener: socket.socket, connection: Connection, in_flight: S
     import uvicorn
 
     engine = EngineClient(directory, connection, in_flight, *limits, receiver_thread=False)
-    config = uvicorn.Config(create_app(engine, model_name, stream_interval, receive_here=True), log_level="warning",
+    config = uvicorn.Config(create_app(engine, model_name, stream_interval), log_level="warning",
                             timeout_graceful_shutdown=60)
     freeze_startup_objects()
     # uvicorn shuts down gracefully on SIGTERM or SIGINT, then re-raises the signal to the handler that was there
