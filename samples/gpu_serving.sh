@@ -12,7 +12,7 @@
 # LOAD_PROCESSES=N runs the load from N processes (default 4: one reads about 20k events/s), CONCURRENCY=N caps the
 # load's connections (default 96), HTTP_REQUESTS=N sends N requests (default 2000; more weigh the load's start and end
 # less), SERVER_RUNS picks runs by name, STEPS_IN_FLIGHT=N passes --steps-in-flight N to the engine (default 2),
-# OVERLAP_PREFILL=1 runs the engine part's first prompts beside its decode steps (engine_bench.py --overlap-prefill),
+# OVERLAP_PREFILL=1 runs first prompts beside the decode steps (engine_bench.py and kvexport serve --overlap-prefill),
 # PY_SPY=1 (py-spy carried in .whl too) samples the stacks of each thread of the server's processes, native and idle
 # frames included, for 8 s from 8 s into each load: where the engine's host time goes. Results in $OUT.
 source samples/gpu_setup.sh
@@ -49,11 +49,11 @@ python3 -c "import fastapi, uvicorn" || { echo "server part skipped: fastapi/uvi
 interval=${STREAM_INTERVAL:-1}  # tokens per streamed event, at least (kvexport serve --stream-interval)
 api=${API_SERVERS:-1}
 requests=${HTTP_REQUESTS:-2000}
-tag=i$interval-a$api-c${CONCURRENCY:-96}-r$requests${STEPS_IN_FLIGHT:+-f$STEPS_IN_FLIGHT}
+tag=i$interval-a$api-c${CONCURRENCY:-96}-r$requests${STEPS_IN_FLIGHT:+-f$STEPS_IN_FLIGHT}${OVERLAP_PREFILL:+-o}
 run_server() {  # name export slots batching rate
   python3 -m kvexport serve "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 --batching "$4" \
     --max-queue 4096 --model-name m --port 8000 --stream-interval "$interval" --api-servers "$api" \
-    ${STEPS_IN_FLIGHT:+--steps-in-flight $STEPS_IN_FLIGHT} >/tmp/serve-$1.log 2>&1 &
+    ${STEPS_IN_FLIGHT:+--steps-in-flight $STEPS_IN_FLIGHT} ${OVERLAP_PREFILL:+--overlap-prefill} >/tmp/serve-$1.log 2>&1 &
   pid=$!
   until curl -sf localhost:8000/health >/dev/null; do  # a server that failed to start ends the script
     kill -0 $pid 2>/dev/null || { cat /tmp/serve-$1.log; exit 1; }; sleep 0.5

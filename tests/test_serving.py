@@ -272,8 +272,8 @@ def test_a_taken_port_is_one_line(served_export):
 def test_api_servers_share_one_engine(served_export, alone, tmp_path):
     """--api-servers 2: two front-end processes on one port over one engine. Connections reach both, each
     request gets what it gets alone, metrics and the queue bound are the whole server's, and SIGTERM drains the
-    requests in flight and exits 0."""
-    url, process = start_server(served_export, tmp_path, "--api-servers", "2")
+    requests in flight and exits 0. The engine runs first prompts on its second session (--overlap-prefill)."""
+    url, process = start_server(served_export, tmp_path, "--api-servers", "2", "--overlap-prefill")
     try:
         pids = {httpx.get(f"{url}/health").json()["api_server"] for _ in range(40)}  # a new connection each
         assert len(pids) == 2
