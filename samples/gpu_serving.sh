@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# On the GPU machine, after .gpu/stage.sh: issue #13's H100 figures. pythia-160m shape (random fp16 weights),
-# `none` with 32 slots and `every:2` with 64 slots of 1024 tokens (the same KV bytes: 1152 MiB), continuous and
-# static batching, under two loads of the shipped held-out text's prompts (1 to 60 words): short answers (8 to 64
-# new tokens; more prompt tokens than new ones) and long ones (64 to 512). First the engine alone
-# (samples/engine_bench.py, the engine in its own process as the server runs it), then, for the long answers,
-# through `kvexport serve` over loopback with an open-loop load (samples/load_test.py). The server part needs
-# fastapi and uvicorn on that machine, which reaches no registry and gets neither from .gpu/stage.sh: carry their
-# wheels in .whl (pip download fastapi uvicorn and their dependencies, which for fastapi 0.165 include
-# opentelemetry-api and importlib-metadata; see the device tool's README); without them
-# it is skipped. STREAM_INTERVAL=N passes --stream-interval N to the server, API_SERVERS=N --api-servers N (default 1),
-# LOAD_PROCESSES=N runs the load from N processes (default 4: one reads about 20k events/s), CONCURRENCY=N caps the
-# load's connections (default 96), HTTP_REQUESTS=N sends N requests (default 2000; more weigh the load's start and end
-# less), SERVER_RUNS picks runs by name, STEPS_IN_FLIGHT=N passes --steps-in-flight N to the engine (default 2),
-# OVERLAP_PREFILL=1 runs first prompts beside the decode steps (engine_bench.py and kvexport serve --overlap-prefill),
-# PY_SPY=1 (py-spy carried in .whl too) samples the stacks of each thread of the server's processes, native and idle
-# frames included, for 8 s from 8 s into each load: where the engine's host time goes. Results in $OUT.
+# On the GPU machine, after .gpu/stage.sh: issue #13's H100 figures. pythia-160m shape (random fp16 weights), `none`
+# with 32 slots and `every:2` with 64 slots of 1024 tokens (the same KV bytes: 1152 MiB), continuous and static
+# batching, under two loads of the shipped held-out text's prompts (1 to 60 words): short answers (8 to 64 new tokens;
+# more prompt tokens than new ones) and long ones (64 to 512). First the engine alone (samples/engine_bench.py, the
+# engine in its own process as the server runs it), then, for the long answers, through `kvexport serve` over loopback
+# with an open-loop load (samples/load_test.py). The server part needs fastapi and uvicorn on that machine, which
+# reaches no registry and gets neither from .gpu/stage.sh: carry their wheels in .whl (pip download fastapi uvicorn and
+# their dependencies, which for fastapi 0.165 include opentelemetry-api and importlib-metadata; see the device tool's
+# README); without them it is skipped. STREAM_INTERVAL=N passes --stream-interval N to the server, API_SERVERS=N
+# --api-servers N (default 1), LOAD_PROCESSES=N runs the load from N processes (default 4: one reads about 20k
+# events/s), CONCURRENCY=N caps the load's connections (default 96), HTTP_REQUESTS=N sends N requests (default 2000;
+# more weigh the load's start and end less), SERVER_RUNS and ENGINE_RUNS pick runs by name, ENGINE_LOADS loads (short,
+# long), STEPS_IN_FLIGHT=N passes --steps-in-flight N to the engine (default 2), OVERLAP_PREFILL=1 runs first prompts
+# beside the decode steps (engine_bench.py and kvexport serve --overlap-prefill), PREFILL_BATCH=N caps the engine
+# part's batches of first prompts at N (engine_bench.py --prefill-batch; the engine also waits for fewer new prompts
+# before running a batch), PY_SPY=1 (py-spy carried in .whl too) samples the stacks of each thread of the server's
+# processes, native and idle frames included, for 8 s from 8 s into each load: where the engine's host time goes.
+# Results in $OUT.
 source samples/gpu_setup.sh
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -32,15 +34,16 @@ run_engine() {  # name export slots batching load
   python3 samples/engine_bench.py "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 \
     --requests "${REQUESTS[$5]}" --new-tokens ${NEW_TOKENS[$5]} --batching "$4" --process \
     ${STEPS_IN_FLIGHT:+--steps-in-flight $STEPS_IN_FLIGHT} ${OVERLAP_PREFILL:+--overlap-prefill} \
-    --output "/tmp/engine-$1-$5.json" 2>&1 | grep -v Memcpy \
+    ${PREFILL_BATCH:+--prefill-batch $PREFILL_BATCH} --output "/tmp/engine-$1-$5.json" 2>&1 | grep -v Memcpy \
     | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); e=r['engine']; print('$1 $5', round(r['tokens_per_s']), 'tok/s, saturated', round(r['saturated_tokens_per_s']), 'tpot p50/p99', round(r['tpot_p50_ms'],2), round(r['tpot_p99_ms'],2), 'ms, steady step', round(e['steady_step_ms'],3), 'graph', round(e['steady_graph_step_ms'],3), 'overhead', round(e['scheduler_overhead'],3), 'steps', e['decode_steps'], 'loop/prefill/queue/device wait/delivery s', *(round(e[k + '_seconds'], 2) for k in ('loop', 'prefill', 'queue', 'device_wait', 'delivery')), 'device decode/prefill s', *(round(e[k + '_device_seconds'], 2) for k in ('decode', 'prefill')))"
 }
 parts=${*:-engine server}  # bash samples/gpu_serving.sh [engine] [server]
 if [[ $parts == *engine* ]]; then
-  for load in short long; do
-    run_engine none-continuous /tmp/p160-none 32 continuous $load
-    run_engine every2-continuous /tmp/p160-every2 64 continuous $load
-    run_engine every2-static /tmp/p160-every2 64 static $load
+  runs=${ENGINE_RUNS:-none-continuous every2-continuous every2-static}
+  for load in ${ENGINE_LOADS:-short long}; do
+    [[ $runs == *none-continuous* ]] && run_engine none-continuous /tmp/p160-none 32 continuous $load
+    [[ $runs == *every2-continuous* ]] && run_engine every2-continuous /tmp/p160-every2 64 continuous $load
+    [[ $runs == *every2-static* ]] && run_engine every2-static /tmp/p160-every2 64 static $load
   done
   cp /tmp/engine-*.json "$OUT/"
 fi
