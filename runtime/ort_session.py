@@ -50,12 +50,19 @@ def quiet_options() -> ort.SessionOptions:
 class SharedWeights:
     """A graph's weights (its external-data initializers) as ONNX Runtime values on one device, for sessions that
     should hold one copy of them between them (make_session's `weights`): ONNX Runtime uses a value supplied for
-    an initializer in place when it is on the device the session plans it on. Read from the memory-mapped data
-    file one tensor at a time."""
+    an initializer in place when it is on the device the session plans it on. It takes only values whose memory
+    it does not own, so each is a torch tensor's, shared through DLPack. Read from the memory-mapped data file one
+    tensor at a time."""
 
     def __init__(self, path: Path, provider: str = "cpu", device_id: int = 0):
+        import torch
+
+        if not hasattr(ort.OrtValue, "from_dlpack"):
+            raise KvexportError(f"sharing weights between sessions needs OrtValue.from_dlpack, which onnxruntime "
+                                f"{ort.__version__} lacks: upgrade onnxruntime, or leave overlap_prefill off")
+        device = torch.device("cuda", device_id) if provider == "cuda" else torch.device("cpu")
         self.values: dict[str, ort.OrtValue] = {}
-        self._arrays = []  # a CPU value reads its array's memory, which must outlive it
+        self._tensors: list[torch.Tensor] = []  # the values read their memory, which must outlive them
         try:
             for tensor in onnx.load(str(path), load_external_data=False).graph.initializer:
                 if tensor.data_location != onnx.TensorProto.EXTERNAL:
@@ -64,12 +71,13 @@ class SharedWeights:
                 raw = np.memmap(path.parent / where["location"], dtype=np.uint8, mode="r",
                                 offset=int(where["offset"]), shape=(int(where["length"]),))
                 array = np.array(raw.view(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tensor.dims))
-                self.values[tensor.name] = ort.OrtValue.ortvalue_from_numpy(array, provider, device_id)
-                if provider == "cpu":
-                    self._arrays.append(array)
+                self._tensors.append(torch.from_numpy(array).to(device))
+                self.values[tensor.name] = ort.OrtValue.from_dlpack(self._tensors[-1])
         except (OSError, ValueError, KeyError, google.protobuf.message.DecodeError) as error:
             raise ExportDirectoryError(f"cannot read the weights of {path} ({error}): 'kvexport verify "
                                        f"{path.parent}' says whether the export is damaged; re-export it") from None
+        if provider == "cuda":  # copied on torch's current stream; the sessions' runs may be on others
+            torch.cuda.synchronize(device)
 
 
 def make_session(path, provider: str = "cpu", device_id: int = 0,
