@@ -199,7 +199,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise KvexportError(f"--steps-in-flight {args.steps_in_flight}: at least 1 step is queued ahead")
     options = {"provider": args.provider, "max_slots": args.max_slots, "max_queue": args.max_queue,
                "max_length": args.max_length, "cuda_graph": args.cuda_graph, "batching": args.batching,
-               "steps_in_flight": args.steps_in_flight, "overlap_prefill": args.overlap_prefill}
+               "steps_in_flight": args.steps_in_flight}
     if args.replicas:
         from kvexport.serving.ray_app import serve_on_ray
 
@@ -437,9 +437,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decode steps left queued on the device while the scheduler streams an earlier one's "
                              "tokens (default 2 on CUDA, so that a slow scheduler iteration does not idle the GPU; "
                              "1 on the CPU)")
-    server.add_argument("--overlap-prefill", action="store_true",
-                        help="run batches of new prompts on a second session and CUDA stream, beside the decode "
-                             "steps already queued, instead of after them (one copy of the weights)")
     server.add_argument("--replicas", type=int, default=0,
                         help="serve on Ray Serve with this many replicas, one engine each (needs ray[serve])")
     server.add_argument("--gpus-per-replica", type=float, default=0.0)

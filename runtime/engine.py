@@ -234,8 +234,7 @@ class EngineStats:
     steady_wall_seconds: float = 0.0
     steady_graph_seconds: float = 0.0
     # The device's time in the model's runs: every decode step's, and prompts' (first chunks and further ones, with
-    # the copies of their K/V into their rows); the rest of loop_seconds the device idled or chose tokens. (With
-    # overlap_prefill a prompts' run is timed until its copy into the rows, after the decode steps it ran beside.)
+    # the copies of their K/V into their rows); the rest of loop_seconds the device idled or chose tokens
     decode_device_seconds: float = 0.0
     prefill_device_seconds: float = 0.0
     loop_seconds: float = 0.0  # wall time of scheduler iterations that did work (prefill included)
@@ -268,21 +267,19 @@ class Engine:
                  max_length: int | None = None, max_queue: int = 256, prefill_chunk: int = 256,
                  cuda_graph: bool = False, batching: str = "continuous", device_id: int = 0,
                  prefill_batch: int | None = None, on_events: Callable[[list[tuple[RequestHandle, Event]]], None]
-                 | None = None, steps_in_flight: int | None = None, overlap_prefill: bool = False):
+                 | None = None, steps_in_flight: int | None = None):
         """on_events: given each iteration's events instead of delivering them to the handles (an engine in a
         process of its own sends them to its front end, see engine_process.py). steps_in_flight: decode steps left
         queued on the device while the host takes an earlier step's tokens (default 2 on CUDA, 1 on the CPU, where
         a step runs as it is queued): with 2, an iteration of the host that takes longer than a step does not idle
-        the device as long as the next one is shorter; a request's tokens reach it one step later. overlap_prefill:
-        see StaticCacheDecoder (not yet measured on a GPU; off by default)."""
+        the device as long as the next one is shorter; a request's tokens reach it one step later."""
         if batching not in ("continuous", "static"):
             raise KvexportError("batching must be continuous or static")
         if steps_in_flight is not None and steps_in_flight < 1:
             raise KvexportError(f"steps_in_flight must be at least 1, got {steps_in_flight}")
         self.generator = Generator(model, provider=provider, device_id=device_id, backend="ort-static",
                                    max_batch=max_slots, cuda_graph=cuda_graph, max_length=max_length,
-                                   prefill_chunk=prefill_chunk, prefill_batch=prefill_batch,
-                                   overlap_prefill=overlap_prefill)
+                                   prefill_chunk=prefill_chunk, prefill_batch=prefill_batch)
         self.model, self.decoder = self.generator.model, self.generator.decoder
         self.max_slots, self.max_queue, self.batching = max_slots, max_queue, batching
         self.device = self.decoder.device

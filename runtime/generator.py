@@ -61,18 +61,17 @@ BACKENDS = ("ort", "ort-static", "tensorrt")
 
 def make_decoder(model: ExportedModel, backend: str = "ort", provider: str = "cpu", device_id: int = 0,
                  max_batch: int = 8, cuda_graph: bool = False, max_length: int | None = None,
-                 prefill_chunk: int = 512, prefill_batch: int | None = None,
-                 overlap_prefill: bool = False) -> Decoder:
+                 prefill_chunk: int = 512, prefill_batch: int | None = None) -> Decoder:
     """ort: the dynamic graph, cache growing per step; ort-static: preallocated buffers updated in place
-    (CUDA graphs optional; prompts prefilled in chunks of at most prefill_chunk tokens, first chunks beside the
-    decode steps with overlap_prefill); tensorrt: an engine built by kvexport build-engine."""
+    (CUDA graphs optional; prompts prefilled in chunks of at most prefill_chunk tokens); tensorrt: an engine
+    built by kvexport build-engine."""
     if backend == "ort":
         return OrtDecoder(model, provider, device_id)
     if backend == "ort-static":
         from .static_cache import StaticCacheDecoder
 
         return StaticCacheDecoder(model, provider, device_id, max_batch, cuda_graph, max_length, prefill_chunk,
-                                  prefill_batch, overlap_prefill)
+                                  prefill_batch)
     if backend == "tensorrt":
         from .tensorrt_backend import TensorRTDecoder
 
@@ -145,13 +144,12 @@ class Generator:
 
     def __init__(self, model: ExportedModel | str | Path, provider: str = "cpu", device_id: int = 0,
                  backend: str = "ort", max_batch: int = 8, cuda_graph: bool = False, max_length: int | None = None,
-                 verify: bool = False, prefill_chunk: int = 512, prefill_batch: int | None = None,
-                 overlap_prefill: bool = False):
+                 verify: bool = False, prefill_chunk: int = 512, prefill_batch: int | None = None):
         """verify: check every file's sha256 against the manifest when loading a directory (about a second per GB;
         sizes and the graphs' inputs and outputs are always checked)."""
         self.model = model if isinstance(model, ExportedModel) else ExportedModel.load(model, verify_hashes=verify)
         self.decoder = make_decoder(self.model, backend, provider, device_id, max_batch, cuda_graph, max_length,
-                                    prefill_chunk, prefill_batch, overlap_prefill)
+                                    prefill_chunk, prefill_batch)
         self.requests = RequestChecker(self.model, self.decoder.max_batch, self.decoder.max_length)
         self.last_stats: GenerationStats | None = None
 

@@ -5,11 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
-import google.protobuf.message
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from kvexport.strategies import ContractMismatchError, ExportDirectoryError, KvexportError
@@ -47,49 +44,12 @@ def quiet_options() -> ort.SessionOptions:
     return options
 
 
-class SharedWeights:
-    """A graph's weights (its external-data initializers) as ONNX Runtime values on one device, for sessions that
-    should hold one copy of them between them (make_session's `weights`): ONNX Runtime uses a value supplied for
-    an initializer in place when it is on the device the session plans it on. It takes only values whose memory
-    it does not own, so each is a torch tensor's, shared through DLPack. Read from the memory-mapped data file one
-    tensor at a time."""
-
-    def __init__(self, path: Path, provider: str = "cpu", device_id: int = 0):
-        import torch
-
-        if not hasattr(ort.OrtValue, "from_dlpack"):
-            raise KvexportError(f"sharing weights between sessions needs OrtValue.from_dlpack, which onnxruntime "
-                                f"{ort.__version__} lacks: upgrade onnxruntime, or leave overlap_prefill off")
-        device = torch.device("cuda", device_id) if provider == "cuda" else torch.device("cpu")
-        self.values: dict[str, ort.OrtValue] = {}
-        self._tensors: list[torch.Tensor] = []  # the values read their memory, which must outlive them
-        try:
-            for tensor in onnx.load(str(path), load_external_data=False).graph.initializer:
-                if tensor.data_location != onnx.TensorProto.EXTERNAL:
-                    continue
-                where = {entry.key: entry.value for entry in tensor.external_data}
-                raw = np.memmap(path.parent / where["location"], dtype=np.uint8, mode="r",
-                                offset=int(where["offset"]), shape=(int(where["length"]),))
-                array = np.array(raw.view(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tensor.dims))
-                self._tensors.append(torch.from_numpy(array).to(device))
-                self.values[tensor.name] = ort.OrtValue.from_dlpack(self._tensors[-1])
-        except (OSError, ValueError, KeyError, google.protobuf.message.DecodeError) as error:
-            raise ExportDirectoryError(f"cannot read the weights of {path} ({error}): 'kvexport verify "
-                                       f"{path.parent}' says whether the export is damaged; re-export it") from None
-        if provider == "cuda":  # copied on torch's current stream; the sessions' runs may be on others
-            torch.cuda.synchronize(device)
-
-
-def make_session(path, provider: str = "cpu", device_id: int = 0,
-                 weights: SharedWeights | None = None) -> ort.InferenceSession:
+def make_session(path, provider: str = "cpu", device_id: int = 0) -> ort.InferenceSession:
     """An ONNX Runtime session on the CPU or on CUDA. On CUDA it runs on torch's current stream, so that work
-    queued by torch (cache writes, sampling) and by ORT is ordered without host synchronisation. weights: use
-    these values for the graph's weights instead of loading its own copy."""
+    queued by torch (cache writes, sampling) and by ORT is ordered without host synchronisation."""
     check_provider(provider)
     options = quiet_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    for name, value in (weights.values.items() if weights else ()):
-        options.add_initializer(name, value)
     if provider == "cpu":
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     import torch
@@ -121,14 +81,13 @@ def default_environment(defaults: dict[str, str]) -> Iterator[None]:
             del os.environ[name]
 
 
-def open_graph(model: ExportedModel, name: str, provider: str = "cpu", device_id: int = 0,
-               weights: SharedWeights | None = None) -> ort.InferenceSession:
+def open_graph(model: ExportedModel, name: str, provider: str = "cpu", device_id: int = 0) -> ort.InferenceSession:
     """A session on one of the export's graphs, whose inputs and outputs must be those of the export's strategy
     (a graph copied in from another export is refused before it runs)."""
     check_provider(provider)
     path = model.directory / name
     try:
-        session = make_session(path, provider, device_id, weights)
+        session = make_session(path, provider, device_id)
     except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own pybind types for an unreadable graph
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ExportDirectoryError(f"ONNX Runtime cannot load {path} ({first[:300]}): 'kvexport verify "

@@ -16,17 +16,13 @@ On CUDA the decoder works on a stream of its own, ordered after the caller's wor
 (stream waits, not host waits), and ONNX Runtime does not synchronise at the end of a run. A step's inputs may be
 device tensors (a token just sampled on the device), so the host can queue step n+1 while the device runs step n.
 With cuda_graph the decoder captures the ONNX Runtime run of each batch size into a torch CUDA graph itself, rather
-than using ONNX Runtime's capture, whose replay waits for the graph to finish. With overlap_prefill, batches of
-first prompts run on a second session over the same weights and a stream of their own, so they need not wait for
-the decode steps queued before them (each step and each batch is a few hundred small kernels that leave most of
-the GPU idle); only the copy of their K/V into their rows does. One ONNX Runtime session cannot run two graphs at
-once: its intermediate buffers are shared between runs.
+than using ONNX Runtime's capture, whose replay waits for the graph to finish.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import numpy as np
 import onnxruntime as ort
@@ -38,7 +34,7 @@ from kvexport.strategies import contract as c
 from .decoder import Decoder
 from .exported import ExportedModel
 from .kv_cache import TORCH_DTYPES, KVCache
-from .ort_session import SharedWeights, open_graph
+from .ort_session import open_graph
 
 
 def bind(binding: ort.IOBinding, name: str, tensor: torch.Tensor, output: bool = False) -> None:
@@ -66,11 +62,7 @@ class StaticKVCache(KVCache):
 class StaticCacheDecoder(Decoder):
     def __init__(self, model: ExportedModel, provider: str = "cpu", device_id: int = 0, max_batch: int = 8,
                  cuda_graph: bool = False, max_length: int | None = None, prefill_chunk: int = 512,
-                 prefill_batch: int | None = None, overlap_prefill: bool = False):
-        """overlap_prefill: batches of first prompts run on a second session over the same weights (one copy of
-        them), on CUDA on a stream of their own, beside the decode steps queued before them rather than after them;
-        only the copy of their K/V into their rows waits for those steps. On the CPU, where runs are synchronous,
-        it only uses the second session."""
+                 prefill_batch: int | None = None):
         static = model.manifest["files"].get("static_decode")
         if not static:
             raise KvexportError(f"{model.directory} has no static decode graph: export with --static")
@@ -90,16 +82,8 @@ class StaticCacheDecoder(Decoder):
         self.prefill_chunk, self.prefill_batch = min(prefill_chunk, self.max_length), prefill_batch
         self.device = torch.device("cuda", device_id) if provider == "cuda" else torch.device("cpu")
         self.stream = torch.cuda.Stream(self.device) if provider == "cuda" else None
-        weights = SharedWeights(model.directory / static, provider, device_id) if overlap_prefill else None
         with self._on_stream():  # the session is made on the decoder's stream, which it keeps
-            self.session = open_graph(model, static, provider, device_id, weights)
-        self.prompt_stream, self.prompt_session = self.stream, self.session
-        if overlap_prefill:
-            self.prompt_stream = torch.cuda.Stream(self.device) if provider == "cuda" else None
-            with torch.cuda.stream(self.prompt_stream) if self.prompt_stream else nullcontext():
-                self.prompt_session = open_graph(model, static, provider, device_id, weights)
-        self._weights = weights  # used in place by the sessions: kept as long as they are
-        self._landed: torch.cuda.Event | None = None  # overlapping, CUDA: the staging rows were last copied out
+            self.session = open_graph(model, static, provider, device_id)
         layout, owners_kv = model.layout, len(model.layout.names())
         self.kv_dtype = TORCH_DTYPES[model.dtype]
         self.storage = torch.zeros((owners_kv, max_batch, layout.num_kv_heads, self.max_length, layout.head_dim),
@@ -137,20 +121,6 @@ class StaticCacheDecoder(Decoder):
         with torch.cuda.stream(self.stream):
             yield
         caller.wait_stream(self.stream)
-
-    @contextmanager
-    def _on_prompt_stream(self) -> Iterator[None]:
-        """Inside _on_stream, where a batch of first prompts runs: without overlap_prefill, on the decoder's stream
-        itself; with it, on the prompt stream after only the previous batch's copy out of the staging rows, and the
-        decoder's stream waits for it there (the copy into the rows is queued next, on the decoder's stream)."""
-        if self.prompt_stream is self.stream:  # the CPU's None too
-            yield
-            return
-        if self._landed is not None:
-            self.prompt_stream.wait_event(self._landed)
-        with torch.cuda.stream(self.prompt_stream):
-            yield
-        self.stream.wait_stream(self.prompt_stream)
 
     def bucket(self, size: int) -> int:
         """The run size for `size` rows: on CUDA the power of two at or above it, so that ONNX Runtime, which plans
@@ -216,7 +186,7 @@ class StaticCacheDecoder(Decoder):
             rows = torch.zeros((2, batch), dtype=torch.int32, device=self.device)
             total = torch.tensor([width], dtype=torch.int32)  # read on the host during the run: kept alive here
             binding = self._binding(ids, rows[0], rows[1], slice(0, batch), self.staging_logits[:batch],
-                                    self.staging, total, self.prompt_session)
+                                    self.staging, total)
             self._prefill_bindings[batch, width] = binding, ids, rows, total
         return self._prefill_bindings[batch, width][:3]
 
@@ -225,28 +195,25 @@ class StaticCacheDecoder(Decoder):
         cuda_graph its captured graph (captured at its first run, after two plain runs have sized ONNX Runtime's
         arena and chosen its GEMM algorithms; one launch instead of ONNX Runtime's per-node launches: an uncaptured
         prefill run held the host 6.9 ms on the H100, see docs/results.md), else a plain run."""
-        session, stream = (self.session, self.stream) if isinstance(key, int) else (self.prompt_session,
-                                                                                      self.prompt_stream)
         if not self.cuda_graph:
-            session.run_with_iobinding(binding, self._run_options)
+            self.session.run_with_iobinding(binding, self._run_options)
             return
         if key not in self._graphs:
             for _ in range(2):  # each writes the same K/V at the same slots: the replay below rewrites them
-                session.run_with_iobinding(binding, self._run_options)
+                self.session.run_with_iobinding(binding, self._run_options)
             graph = torch.cuda.CUDAGraph()
             # relaxed: ONNX Runtime may still allocate (from its arena) while capturing; nothing it queues runs yet
-            with torch.cuda.graph(graph, stream=stream, capture_error_mode="relaxed"):
-                session.run_with_iobinding(binding, self._run_options)
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="relaxed"):
+                self.session.run_with_iobinding(binding, self._run_options)
             self._graphs[key] = graph
         self._graphs[key].replay()
 
     def _binding(self, input_ids: torch.Tensor, seqlens: torch.Tensor, logits_index: torch.Tensor, rows: slice,
-                 logits: torch.Tensor, storage: torch.Tensor | None = None, total_length: torch.Tensor | None = None,
-                 session: ort.InferenceSession | None = None) -> ort.IOBinding:
-        """rows of `storage` (the decoder's buffers unless given) for `session` (the decoder's unless given);
-        total_sequence_length is the buffers' length, or for a batch of first prompts their padded length
-        (GroupQueryAttention then writes slots 0..)."""
-        binding = (session or self.session).io_binding()
+                 logits: torch.Tensor, storage: torch.Tensor | None = None,
+                 total_length: torch.Tensor | None = None) -> ort.IOBinding:
+        """rows of `storage` (the decoder's buffers unless given); total_sequence_length is the buffers' length,
+        or for a batch of first prompts their padded length (GroupQueryAttention then writes slots 0..)."""
+        binding = self.session.io_binding()
         bind(binding, c.INPUT_IDS, input_ids)
         bind(binding, c.SEQLENS_K, seqlens)
         bind(binding, c.LOGITS_INDEX, logits_index)
@@ -317,17 +284,13 @@ class StaticCacheDecoder(Decoder):
         seqlens = [length - 1 for length in lengths] + [0] * (batch - len(rows))
         binding, ids_buffer, rows_buffer = self._prefill_binding(batch, width)
         with self._on_stream():
-            with self._on_prompt_stream():
-                ids_buffer.copy_(ids, non_blocking=True)
-                rows_buffer.copy_(torch.tensor([seqlens, c.logits_index(seqlens, width)], dtype=torch.int32),
-                                  non_blocking=True)
-                self._run((batch, width), binding)
+            ids_buffer.copy_(ids, non_blocking=True)
+            rows_buffer.copy_(torch.tensor([seqlens, c.logits_index(seqlens, width)], dtype=torch.int32),
+                              non_blocking=True)
+            self._run((batch, width), binding)
             for index, (row, length) in enumerate(zip(rows, lengths)):
                 self.storage[:, row, :, :length].copy_(self.staging[:, index, :, :length])
                 self.logits[row].copy_(self.staging_logits[index])
-            if self.prompt_stream is not self.stream:
-                self._landed = torch.cuda.Event()
-                self._landed.record(self.stream)
         return self.logits
 
     def prefill_row(self, row: int, tokens: torch.Tensor, cached: int = 0) -> torch.Tensor:

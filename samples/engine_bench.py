@@ -40,8 +40,6 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per scheduler iteration")
     parser.add_argument("--prefill-batch", type=int, help="first prompts per prefill run (default: 8 on CUDA)")
     parser.add_argument("--steps-in-flight", type=int, help="decode steps left queued (default: 2 on CUDA)")
-    parser.add_argument("--overlap-prefill", action="store_true",
-                        help="batches of first prompts beside the decode steps (a second session and stream)")
     parser.add_argument("--process", action="store_true", help="the engine in a process of its own")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
@@ -50,7 +48,7 @@ def main() -> None:
     engine = (EngineProcess if args.process else Engine)(
         args.export, provider=args.provider, max_slots=args.max_slots, max_length=args.max_length,
         max_queue=args.requests, cuda_graph=args.cuda_graph, batching=args.batching, prefill_chunk=args.prefill_chunk,
-        prefill_batch=args.prefill_batch, steps_in_flight=args.steps_in_flight, overlap_prefill=args.overlap_prefill)
+        prefill_batch=args.prefill_batch, steps_in_flight=args.steps_in_flight)
     warm = engine.submit("warm up", SamplingConfig(max_new_tokens=4))
     list(warm)
     work = prompts(args.requests, new_tokens=tuple(args.new_tokens))
@@ -76,8 +74,7 @@ def main() -> None:
     report = {"export": args.export, "max_slots": args.max_slots, "max_length": args.max_length,
               "switch_interval_s": sys.getswitchinterval(), "batching": args.batching, "process": args.process,
               "prefill_chunk": args.prefill_chunk, "prefill_batch": args.prefill_batch,
-              "steps_in_flight": args.steps_in_flight, "overlap_prefill": args.overlap_prefill,
-              "requests": args.requests,
+              "steps_in_flight": args.steps_in_flight, "requests": args.requests,
               "new_tokens": args.new_tokens, "wall_s": wall,
               "generated_tokens": sum(len(t) for t in times.values()),
               "tokens_per_s": sum(len(t) for t in times.values()) / wall,

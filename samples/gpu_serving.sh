@@ -11,8 +11,7 @@
 # --api-servers N (default 1), LOAD_PROCESSES=N runs the load from N processes (default 4: one reads about 20k
 # events/s), CONCURRENCY=N caps the load's connections (default 96), HTTP_REQUESTS=N sends N requests (default 2000;
 # more weigh the load's start and end less), SERVER_RUNS and ENGINE_RUNS pick runs by name, ENGINE_LOADS loads (short,
-# long), STEPS_IN_FLIGHT=N passes --steps-in-flight N to the engine (default 2), OVERLAP_PREFILL=1 runs first prompts
-# beside the decode steps (engine_bench.py and kvexport serve --overlap-prefill), PREFILL_BATCH=N caps the engine
+# long), STEPS_IN_FLIGHT=N passes --steps-in-flight N to the engine (default 2), PREFILL_BATCH=N caps the engine
 # part's batches of first prompts at N (engine_bench.py --prefill-batch; the engine also waits for fewer new prompts
 # before running a batch), PY_SPY=1 (py-spy carried in .whl too) samples the stacks of each thread of the server's
 # processes, native and idle frames included, for 8 s from 8 s into each load: where the engine's host time goes.
@@ -33,7 +32,7 @@ declare -A REQUESTS=([short]=1024 [long]=512)
 run_engine() {  # name export slots batching load
   python3 samples/engine_bench.py "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 \
     --requests "${REQUESTS[$5]}" --new-tokens ${NEW_TOKENS[$5]} --batching "$4" --process \
-    ${STEPS_IN_FLIGHT:+--steps-in-flight $STEPS_IN_FLIGHT} ${OVERLAP_PREFILL:+--overlap-prefill} \
+    ${STEPS_IN_FLIGHT:+--steps-in-flight $STEPS_IN_FLIGHT} \
     ${PREFILL_BATCH:+--prefill-batch $PREFILL_BATCH} --output "/tmp/engine-$1-$5.json" 2>&1 | grep -v Memcpy \
     | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); e=r['engine']; print('$1 $5', round(r['tokens_per_s']), 'tok/s, saturated', round(r['saturated_tokens_per_s']), 'tpot p50/p99', round(r['tpot_p50_ms'],2), round(r['tpot_p99_ms'],2), 'ms, steady step', round(e['steady_step_ms'],3), 'graph', round(e['steady_graph_step_ms'],3), 'overhead', round(e['scheduler_overhead'],3), 'steps', e['decode_steps'], 'loop/prefill/queue/device wait/delivery s', *(round(e[k + '_seconds'], 2) for k in ('loop', 'prefill', 'queue', 'device_wait', 'delivery')), 'device decode/prefill s', *(round(e[k + '_device_seconds'], 2) for k in ('decode', 'prefill')))"
 }
@@ -52,11 +51,11 @@ python3 -c "import fastapi, uvicorn" || { echo "server part skipped: fastapi/uvi
 interval=${STREAM_INTERVAL:-1}  # tokens per streamed event, at least (kvexport serve --stream-interval)
 api=${API_SERVERS:-1}
 requests=${HTTP_REQUESTS:-2000}
-tag=i$interval-a$api-c${CONCURRENCY:-96}-r$requests${STEPS_IN_FLIGHT:+-f$STEPS_IN_FLIGHT}${OVERLAP_PREFILL:+-o}
+tag=i$interval-a$api-c${CONCURRENCY:-96}-r$requests${STEPS_IN_FLIGHT:+-f$STEPS_IN_FLIGHT}
 run_server() {  # name export slots batching rate
   python3 -m kvexport serve "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 --batching "$4" \
     --max-queue 4096 --model-name m --port 8000 --stream-interval "$interval" --api-servers "$api" \
-    ${STEPS_IN_FLIGHT:+--steps-in-flight $STEPS_IN_FLIGHT} ${OVERLAP_PREFILL:+--overlap-prefill} >/tmp/serve-$1.log 2>&1 &
+    ${STEPS_IN_FLIGHT:+--steps-in-flight $STEPS_IN_FLIGHT} >/tmp/serve-$1.log 2>&1 &
   pid=$!
   until curl -sf localhost:8000/health >/dev/null; do  # a server that failed to start ends the script
     kill -0 $pid 2>/dev/null || { cat /tmp/serve-$1.log; exit 1; }; sleep 0.5

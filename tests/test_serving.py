@@ -35,12 +35,11 @@ def alone(served_export):
     return {p: generator.generate([p], GREEDY).token_ids[0] for p in PROMPTS}
 
 
-@pytest.mark.parametrize("steps_in_flight, overlap_prefill", [(1, False), (2, False), (2, True)])
-def test_concurrent_requests_get_what_each_gets_alone(served_export, alone, steps_in_flight, overlap_prefill):
-    """With one step or two left queued while the host takes tokens (CUDA's default is two), and first prompts on
-    a second session: the same tokens."""
+@pytest.mark.parametrize("steps_in_flight", [1, 2])
+def test_concurrent_requests_get_what_each_gets_alone(served_export, alone, steps_in_flight):
+    """With one step or two left queued while the host takes tokens (CUDA's default is two): the same tokens."""
     engine = Engine(served_export, max_slots=3, prefill_chunk=2,  # more requests than slots; chunked prompts
-                    steps_in_flight=steps_in_flight, overlap_prefill=overlap_prefill)
+                    steps_in_flight=steps_in_flight)
     handles = {}
     threads = [threading.Thread(target=lambda p=p: handles.update({p: engine.submit(p, GREEDY)})) for p in PROMPTS]
     for thread in threads:
@@ -272,8 +271,8 @@ def test_a_taken_port_is_one_line(served_export):
 def test_api_servers_share_one_engine(served_export, alone, tmp_path):
     """--api-servers 2: two front-end processes on one port over one engine. Connections reach both, each
     request gets what it gets alone, metrics and the queue bound are the whole server's, and SIGTERM drains the
-    requests in flight and exits 0. The engine runs first prompts on its second session (--overlap-prefill)."""
-    url, process = start_server(served_export, tmp_path, "--api-servers", "2", "--overlap-prefill")
+    requests in flight and exits 0."""
+    url, process = start_server(served_export, tmp_path, "--api-servers", "2")
     try:
         pids = {httpx.get(f"{url}/health").json()["api_server"] for _ in range(40)}  # a new connection each
         assert len(pids) == 2
