@@ -402,6 +402,7 @@ class Engine:
                     self._take(step, self._pending[0] if self._pending else None)
             except Exception as error:  # noqa: BLE001 - a failed step ends its requests, never the engine thread
                 self._pending.clear()
+                self._prefill_runs = []  # their step was never queued
                 self._fail_all(error)
             self._flush()
             self.stats.loop_seconds += time.perf_counter() - started
@@ -543,14 +544,14 @@ class Engine:
     def _take(self, step: Step, following: Step | None) -> None:
         """Stream a queued step's tokens (the steps queued after it keep the device busy meanwhile)."""
         self._accept_chosen(step)  # the work queued before it has run, prefills included
-        graph_ms = 1e3 * step.run.seconds
-        self.stats.last_step_ms = graph_ms
-        self.stats.decode_device_seconds += graph_ms / 1e3
+        ran = step.run.seconds
+        self.stats.last_step_ms = 1e3 * ran
+        self.stats.decode_device_seconds += ran
         self.stats.prefill_device_seconds += sum(run.seconds for run in step.prefills)
         if step.steady and following is not None and following.steady:
             self.stats.steady_steps += 1
             self.stats.steady_wall_seconds += following.started - step.started
-            self.stats.steady_graph_seconds += graph_ms / 1e3
+            self.stats.steady_graph_seconds += ran
 
     def _accept(self, row: int, slot: Slot, token: int) -> None:
         """Record and stream a new token; it is the request's last if the request should stop."""

@@ -199,7 +199,8 @@ class EngineClient:
                 pass
         except (EOFError, OSError):  # the engine process died: its requests end with "error"
             pass
-        self._end_reception()
+        finally:  # whatever ended it: close() waits for this
+            self._end_reception()
 
     def _on_readable(self, loop: asyncio.AbstractEventLoop) -> None:
         try:

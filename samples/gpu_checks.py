@@ -56,12 +56,11 @@ def main() -> None:
     full_length = SamplingConfig(max_new_tokens=48, stop_token_ids=[])  # rows never leave the batch: same shapes
     alone = runs["cuda-fp16-static-graph"].generate(PROMPTS, full_length).token_ids
 
-    def serve(lengths: list[int]) -> list[list[int]]:
-        """Each prompt twice, request i generating lengths[i % len(lengths)] tokens: with 4 slots and staggered
-        lengths, rows free at different steps and the waiting prompts are prefilled while the other rows decode."""
+    def serve(requests: list[tuple[str, int]]) -> list[list[int]]:
+        """The tokens of each (prompt, new tokens) request, submitted together to an engine of 4 slots."""
         engine = EngineProcess(fp16, provider="cuda", cuda_graph=True, max_slots=4, max_length=128)
-        handles = [engine.submit(prompt, SamplingConfig(max_new_tokens=lengths[i % len(lengths)], stop_token_ids=[]))
-                   for i, prompt in enumerate(PROMPTS * 2)]
+        handles = [engine.submit(prompt, SamplingConfig(max_new_tokens=tokens, stop_token_ids=[]))
+                   for prompt, tokens in requests]
         for handle in handles:
             list(handle)
         engine.close()
@@ -69,8 +68,10 @@ def main() -> None:
 
     # The engine admits requests as they arrive, so its batches' shapes differ from the Generator's: float16
     # numerics may differ, as between any two batch shapes; agreement is the measure, with the first difference.
-    served = serve([48])[:len(PROMPTS)]
-    staggered = serve([8, 21, 34, 48])
+    served = serve([(prompt, 48) for prompt in PROMPTS])
+    # Each prompt twice with staggered lengths: rows free at different steps, and the waiting prompts are
+    # prefilled while the other rows decode.
+    staggered = serve(list(zip(PROMPTS * 2, [8, 21, 34, 48] * 2)))
     report["greedy_agreement_engine_staggered_vs_static_graph_fp16_cuda"] = sum(
         a == b for x, y in zip(staggered, alone * 2) for a, b in zip(x, y)) / sum(map(len, staggered))
     report["greedy_tokens_equal_engine_vs_static_graph_fp16_cuda"] = served == alone
