@@ -424,24 +424,28 @@ def concat_linears(parts: list[Linear], axis: int = 1) -> Linear:
 
 
 def unit_norm(description: DecoderDescription) -> Norm:
-    """The normalisation alone (weight 1, bias 0): what a parallel-residual block keeps once fold_parallel_norms
-    has moved its norms' weights into the projections."""
+    """What a parallel-residual block keeps of its norms once fold_parallel_norms has moved their weights and
+    biases into the projections: weight 1 and, for LayerNorm, bias 1 in every dimension (see fold_parallel_norms)."""
     ones = torch.ones(description.hidden_size)
-    return Norm(ones, torch.zeros_like(ones) if description.norm == "layernorm" else None)
+    return Norm(ones, ones.clone() if description.norm == "layernorm" else None)
 
 
 def fold_parallel_norms(layer: Layer, owner: bool) -> Layer:
     """A parallel-residual layer's two norms normalise the same input and differ only in weight and bias, so each
     folds into the projections it feeds: (n(x) * w + b) W + c = n(x) (w^T * W) + (b W + c). Then one normalisation
-    feeds one MatMul for Q|K|V and the MLP's up projection (GPT-NeoX: one norm and one MatMul less per layer).
-    A shared layer (owner False) keeps its unused K/V projections as they are."""
+    feeds one MatMul for Q|K|V and the MLP's up projection (GPT-NeoX: one norm and one MatMul less per layer),
+    LayerNorm's biases included. A shared layer (owner False) keeps its unused K/V projections as they are."""
 
     def fold(lin: Linear, norm: Norm) -> Linear:
         weight = lin.weight.float()
         bias = torch.zeros(weight.shape[1]) if lin.bias is None else lin.bias.float()
-        if norm.bias is not None:
-            bias = bias + norm.bias.float() @ weight
-        return Linear(norm.weight.float()[:, None] * weight, bias)
+        if norm.bias is None:  # RMSNorm: the bias stays an Add
+            return Linear(norm.weight.float()[:, None] * weight, bias)
+        # LayerNorm's n(x) has zero mean, so the unit norm's output is n + 1 and, with H the hidden size,
+        # (n + 1) (W - 1 mean(W) + 1 b / H) = n W + b: the bias rides in the MatMul (one Add less per layer).
+        bias = bias + norm.bias.float() @ weight
+        weight = norm.weight.float()[:, None] * weight
+        return Linear(weight - weight.mean(dim=0, keepdim=True) + bias / weight.shape[0])
 
     attention, mlp = layer.input_norm, layer.post_attention_norm
     key_value = {"k": fold(layer.k, attention), "v": fold(layer.v, attention)} if owner else {}

@@ -51,6 +51,7 @@ def test_graph_has_kv_io_and_projections_for_owners_only(tiny_neox, export_cache
         width = (3 if layer in owners else 1) * q_width + inner
         assert onnx.numpy_helper.to_array(weights[f"layers.{layer}.in_proj.weight"]).shape == (hidden, width)
         assert not any(name.startswith(f"layers.{layer}.attn.") for name in weights)
+        assert f"layers.{layer}.in_proj.bias" not in weights  # carried by the norm's mean direction
     matmul_weights = [n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
     assert len(matmul_weights) == 2 * 4 + 1  # per layer: in (q|k|v|up) and out (o|down); plus the LM head
 

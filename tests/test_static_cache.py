@@ -108,6 +108,9 @@ def test_static_graph_uses_fused_kernels(static_export):
     assert sum(op == "MatMul" for op in ops) == weighted
     assert ops.count("LayerNormalization") == (1 if parallel else 0)
     assert ops.count("Concat") == (layers if parallel else 0)
+    # no bias Add: the output projections' biases go into the fused norms, GPT-NeoX's input projection's ride in
+    # its MatMul (fold_parallel_norms)
+    assert not any(name.endswith(".bias") for node in graph.node if node.op_type == "Add" for name in node.input)
     for node in graph.node:
         assert node.op_type != "Concat" or not any(name.startswith("past_key_values") for name in node.input)
     # tiny_neox's head_dim 16 with 4 rotary dims is outside GroupQueryAttention's rotary kernel: RotaryEmbedding
