@@ -423,11 +423,16 @@ def concat_linears(parts: list[Linear], axis: int = 1) -> Linear:
     return Linear(weight, torch.cat(biases) if axis == 1 else sum(biases))
 
 
+# The unit norm's bias in every dimension, which carries a parallel-residual block's projection biases (see
+# fold_parallel_norms): a power of two, and small, so that adding it rounds a float16 n(x) no coarser than n(x) itself.
+MEAN_CARRIER = 2.0**-3
+
+
 def unit_norm(description: DecoderDescription) -> Norm:
     """What a parallel-residual block keeps of its norms once fold_parallel_norms has moved their weights and
-    biases into the projections: weight 1 and, for LayerNorm, bias 1 in every dimension (see fold_parallel_norms)."""
+    biases into the projections: weight 1 and, for LayerNorm, bias MEAN_CARRIER in every dimension."""
     ones = torch.ones(description.hidden_size)
-    return Norm(ones, ones.clone() if description.norm == "layernorm" else None)
+    return Norm(ones, ones * MEAN_CARRIER if description.norm == "layernorm" else None)
 
 
 def fold_parallel_norms(layer: Layer, owner: bool) -> Layer:
@@ -441,11 +446,12 @@ def fold_parallel_norms(layer: Layer, owner: bool) -> Layer:
         bias = torch.zeros(weight.shape[1]) if lin.bias is None else lin.bias.float()
         if norm.bias is None:  # RMSNorm: the bias stays an Add
             return Linear(norm.weight.float()[:, None] * weight, bias)
-        # LayerNorm's n(x) has zero mean, so the unit norm's output is n + 1 and, with H the hidden size,
-        # (n + 1) (W - 1 mean(W) + 1 b / H) = n W + b: the bias rides in the MatMul (one Add less per layer).
+        # LayerNorm's n(x) has zero mean, so the unit norm's output is n + c with c = MEAN_CARRIER in every
+        # dimension and, with H the hidden size, (n + c) (W - 1 mean(W) + 1 b / (c H)) = n W + b: the bias rides in
+        # the MatMul (one Add less per layer).
         bias = bias + norm.bias.float() @ weight
         weight = norm.weight.float()[:, None] * weight
-        return Linear(weight - weight.mean(dim=0, keepdim=True) + bias / weight.shape[0])
+        return Linear(weight - weight.mean(dim=0, keepdim=True) + bias / (MEAN_CARRIER * weight.shape[0]))
 
     attention, mlp = layer.input_norm, layer.post_attention_norm
     key_value = {"k": fold(layer.k, attention), "v": fold(layer.v, attention)} if owner else {}
