@@ -424,7 +424,8 @@ def concat_linears(parts: list[Linear], axis: int = 1) -> Linear:
 
 
 # The unit norm's bias in every dimension, which carries a parallel-residual block's projection biases (see
-# fold_parallel_norms): a power of two, and small, so that adding it rounds a float16 n(x) no coarser than n(x) itself.
+# fold_parallel_norms): a power of two, small so that adding it keeps a float16 n(x)'s precision (relative logit
+# error of a float16 pythia-160m-shape export: 1.3e-3 with 1/8, 1.1e-3 with the biases added, 5.5e-3 with 1).
 MEAN_CARRIER = 2.0**-3
 
 
