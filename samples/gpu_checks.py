@@ -45,14 +45,16 @@ def main() -> None:
     }
     tokens = {name: generator.generate(PROMPTS, config).token_ids for name, generator in runs.items()}
 
-    def agreement(first: str, second: str) -> float:
-        pairs = [(a, b) for x, y in zip(tokens[first], tokens[second]) for a, b in zip(x, y)]
+    def agreement(first: list[list[int]], second: list[list[int]]) -> float:
+        """The share of positions where two runs' greedy tokens are equal."""
+        pairs = [(a, b) for x, y in zip(first, second) for a, b in zip(x, y)]
         return sum(a == b for a, b in pairs) / len(pairs)
 
     report["greedy_tokens_equal_cuda_fp32_vs_cpu_fp32"] = tokens["cuda-fp32"] == tokens["cpu-fp32"]
     report["greedy_tokens_equal_static_graph_vs_dynamic_fp16_cuda"] = (
         tokens["cuda-fp16-static-graph"] == tokens["cuda-fp16"])
-    report["greedy_agreement_static_graph_fp16_vs_cpu_fp32"] = agreement("cuda-fp16-static-graph", "cpu-fp32")
+    report["greedy_agreement_static_graph_fp16_vs_cpu_fp32"] = agreement(tokens["cuda-fp16-static-graph"],
+                                                                          tokens["cpu-fp32"])
     full_length = SamplingConfig(max_new_tokens=48, stop_token_ids=[])  # rows never leave the batch: same shapes
     alone = runs["cuda-fp16-static-graph"].generate(PROMPTS, full_length).token_ids
 
@@ -72,11 +74,9 @@ def main() -> None:
     # Each prompt twice with staggered lengths: rows free at different steps, and the waiting prompts are
     # prefilled while the other rows decode.
     staggered = serve(list(zip(PROMPTS * 2, [8, 21, 34, 48] * 2)))
-    report["greedy_agreement_engine_staggered_vs_static_graph_fp16_cuda"] = sum(
-        a == b for x, y in zip(staggered, alone * 2) for a, b in zip(x, y)) / sum(map(len, staggered))
+    report["greedy_agreement_engine_staggered_vs_static_graph_fp16_cuda"] = agreement(staggered, alone * 2)
     report["greedy_tokens_equal_engine_vs_static_graph_fp16_cuda"] = served == alone
-    report["greedy_agreement_engine_vs_static_graph_fp16_cuda"] = sum(
-        a == b for x, y in zip(served, alone) for a, b in zip(x, y)) / sum(map(len, alone))
+    report["greedy_agreement_engine_vs_static_graph_fp16_cuda"] = agreement(served, alone)
     report["engine_first_difference_per_prompt"] = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None)
                                                     for x, y in zip(served, alone)]
     report["sample_text_static_graph"] = runs["cuda-fp16-static-graph"].generate(PROMPTS[:1], config).texts[0]
