@@ -58,14 +58,17 @@ def make_session(path, provider: str = "cpu", device_id: int = 0) -> ort.Inferen
     # 10 mantissa bits, which flipped greedy near-ties on the H100); float16 exports are the fast path
     cuda_options = {"device_id": str(device_id), "use_tf32": "0",
                     "user_compute_stream": str(torch.cuda.current_stream(device_id).cuda_stream)}
-    with default_environment(ATTENTION_KERNEL_DEFAULTS):
+    with default_environment(CUDA_KERNEL_DEFAULTS):
         return ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", cuda_options)])
 
 
-# ONNX Runtime 1.31 runs float16 GroupQueryAttention decode on its XQA kernel unless ORT_ENABLE_XQA=0; on the H100
-# its FlashAttention path is faster at every measured batch and context (docs/results.md), and later ONNX Runtime
-# releases make XQA opt-in for this case. The kernel reads the variable when the session is made.
-ATTENTION_KERNEL_DEFAULTS = {"ORT_ENABLE_XQA": "0"}
+# Kernel choices of ONNX Runtime 1.31's CUDA provider, read when a session's kernels are made (docs/results.md):
+# - ORT_ENABLE_XQA=0: float16 GroupQueryAttention decode runs its FlashAttention path, not XQA, which measured
+#   slower at every batch and context on the H100 (later ONNX Runtime releases make XQA opt-in for this case).
+# - ORT_CUDA_GEMM_AUTO_TUNE=1: each MatMul of at most 64 rows times cuBLAS against ONNX Runtime's small-M kernels
+#   (TensorRT-LLM's tinygemm2 on SM 9.0) at its first run and keeps the faster; decode steps at batch 1 took 5-6%
+#   less time on the H100, and batch 64 kept cuBLAS. The first runs happen before a CUDA graph is captured.
+CUDA_KERNEL_DEFAULTS = {"ORT_ENABLE_XQA": "0", "ORT_CUDA_GEMM_AUTO_TUNE": "1"}
 
 
 @contextmanager

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -143,3 +145,14 @@ def test_a_tiny_temperature_samples_the_top_token():
     logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.25]])
     config = SamplingConfig(max_new_tokens=1, temperature=2e-209, seed=0)
     assert choose_tokens(logits, config, config.generator(torch.device("cpu"))).tolist() == [1, 0]
+
+
+def test_kernel_defaults_apply_around_session_creation_only(monkeypatch):
+    # the CUDA sessions' ONNX Runtime kernel choices: a user's own setting wins, and nothing leaks to other sessions
+    from kvexport.runtime.ort_session import default_environment
+
+    monkeypatch.setenv("ORT_ENABLE_XQA", "1")
+    monkeypatch.delenv("ORT_CUDA_GEMM_AUTO_TUNE", raising=False)
+    with default_environment({"ORT_ENABLE_XQA": "0", "ORT_CUDA_GEMM_AUTO_TUNE": "1"}):
+        assert os.environ["ORT_ENABLE_XQA"] == "1" and os.environ["ORT_CUDA_GEMM_AUTO_TUNE"] == "1"
+    assert os.environ["ORT_ENABLE_XQA"] == "1" and "ORT_CUDA_GEMM_AUTO_TUNE" not in os.environ
