@@ -34,6 +34,7 @@ from .baselines import BASELINES, CompiledStaticDecoder, GenAIDecoder, PointRefu
 from .exported import ExportedModel
 from .generator import make_decoder
 from .kv_cache import TORCH_DTYPES
+from .ort_session import cuda_kernel_settings
 from .static_cache import StaticCacheDecoder
 
 PREFILL_TOKEN_LIMIT = 32768  # batch x context above which prefill is not timed (attention scores grow as S^2)
@@ -269,9 +270,20 @@ def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchS
             points += bench_backend(backend, strategy, model, model_dir, settings, device, bandwidth, progress)
             release(device)
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "memory_rate": rates,
+            "software": software(device), "memory_rate": rates,
             "settings": asdict(settings), "points": [asdict(p) for p in points],
             "max_batch_in_budget": capacity, "allocated_mib_at_max_batch": allocated or None}
+
+
+def software(device: torch.device) -> dict:
+    """What produced the numbers: library versions and, on CUDA, the ONNX Runtime kernel choices of kvexport's
+    sessions (baselines keep ONNX Runtime's own)."""
+    import onnxruntime
+    import transformers
+
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "onnxruntime": onnxruntime.__version__}
+    return versions | ({"ort_cuda_kernels": cuda_kernel_settings()} if device.type == "cuda" else {})
 
 
 def allocated_mib(model: ExportedModel, batch: int, context: int, settings: BenchSettings,
@@ -371,10 +383,18 @@ def breakdown(point: dict) -> str:
     return f"{point['weight_bytes'] / 2**20:.0f} + {point['cache_mib']:.0f} + {point['transient_mib']:.0f}"
 
 
+def measured_with(software: dict) -> str:
+    """A report's software in one line: 'torch 2.11, ..., onnxruntime 1.31.1 (kvexport's CUDA sessions: ...)'."""
+    named = ", ".join(f"{name} {version}" for name, version in software.items() if isinstance(version, str))
+    kernels = software.get("ort_cuda_kernels")
+    settings = ", ".join(f"{name}={value}" for name, value in kernels.items()) if kernels else ""
+    return named + (f" (kvexport's CUDA sessions: {settings})" if settings else "")
+
+
 def table(report: dict) -> str:
     header = ("| backend | strategy | batch | context | prefill ms | decode ms (median) | p90 | tokens/s | KV MiB | "
               "peak MiB | = weights + cache + transient | floor ms | measured/floor |")
-    lines = [header, "|" + "---|" * 13]
+    lines = [f"Measured on {report['device']} with {measured_with(report['software'])}", "", header, "|" + "---|" * 13]
     for p in report["points"]:
         if p["decode_ms_median"] is None:
             lines.append(f"| {p['backend']} | {p['strategy']} | {p['batch']} | {p['context']} | n/a: {p['note']} |"

@@ -71,6 +71,11 @@ def make_session(path, provider: str = "cpu", device_id: int = 0) -> ort.Inferen
 CUDA_KERNEL_DEFAULTS = {"ORT_ENABLE_XQA": "0", "ORT_CUDA_GEMM_AUTO_TUNE": "1"}
 
 
+def cuda_kernel_settings() -> dict[str, str]:
+    """The kernel choices kvexport's CUDA sessions are made with: the user's environment, else kvexport's defaults."""
+    return {name: os.environ.get(name, value) for name, value in CUDA_KERNEL_DEFAULTS.items()}
+
+
 @contextmanager
 def default_environment(defaults: dict[str, str]) -> Iterator[None]:
     """Environment variables set to `defaults` where the user has not set them, restored afterwards (so other

@@ -1,5 +1,6 @@
 import json
 
+import onnxruntime
 import pytest
 import torch
 
@@ -21,7 +22,11 @@ def test_bench_runs_end_to_end_on_cpu(tiny_neox, tmp_path, capsys):
     assert by_key[("ort", "every2", 2)]["kv_bytes"] * 2 == by_key[("ort", "none", 2)]["kv_bytes"]
     capacity = report["max_batch_in_budget"]
     assert capacity["every2"]["16"] >= 2 * capacity["none"]["16"] - 1  # half the cache: twice the batch
-    assert (out / "bench.md").read_text().startswith("| backend | strategy |")
+    # what produced the numbers heads the table
+    first, _, header = (out / "bench.md").read_text().splitlines()[:3]
+    assert report["software"]["onnxruntime"] == onnxruntime.__version__ and "ort_cuda_kernels" not in report["software"]
+    assert first.startswith("Measured on cpu with torch ") and f"onnxruntime {onnxruntime.__version__}" in first
+    assert header.startswith("| backend | strategy |")
     for plot in ("bench_latency.png", "bench_memory.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     assert not list(out.glob("*.partial"))
