@@ -6,6 +6,7 @@ import torch
 
 from kvexport.exporter import ReferenceDecoder, load_model
 from kvexport.runtime import ExportedModel, Generator, SamplingConfig, choose_tokens
+from kvexport.runtime.ort_session import CUDA_KERNEL_DEFAULTS, cuda_kernel_settings, default_environment
 from kvexport.strategies import KvexportError, Strategy
 from kvexport.strategies.contract import positions_from_mask
 
@@ -148,11 +149,12 @@ def test_a_tiny_temperature_samples_the_top_token():
 
 
 def test_kernel_defaults_apply_around_session_creation_only(monkeypatch):
-    # the CUDA sessions' ONNX Runtime kernel choices: a user's own setting wins, and nothing leaks to other sessions
-    from kvexport.runtime.ort_session import default_environment
-
+    # the CUDA sessions' ONNX Runtime kernel choices: a user's own setting wins, what bench reports is what the
+    # sessions get, and nothing leaks to other sessions (a baseline's keep ONNX Runtime's defaults)
     monkeypatch.setenv("ORT_ENABLE_XQA", "1")
     monkeypatch.delenv("ORT_CUDA_GEMM_AUTO_TUNE", raising=False)
-    with default_environment({"ORT_ENABLE_XQA": "0", "ORT_CUDA_GEMM_AUTO_TUNE": "1"}):
-        assert os.environ["ORT_ENABLE_XQA"] == "1" and os.environ["ORT_CUDA_GEMM_AUTO_TUNE"] == "1"
+    reported = cuda_kernel_settings()
+    assert reported == {"ORT_ENABLE_XQA": "1", "ORT_CUDA_GEMM_AUTO_TUNE": "1"}
+    with default_environment(CUDA_KERNEL_DEFAULTS):
+        assert {name: os.environ[name] for name in CUDA_KERNEL_DEFAULTS} == reported
     assert os.environ["ORT_ENABLE_XQA"] == "1" and "ORT_CUDA_GEMM_AUTO_TUNE" not in os.environ
