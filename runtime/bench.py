@@ -385,10 +385,11 @@ def breakdown(point: dict) -> str:
 
 def measured_with(software: dict) -> str:
     """A report's software in one line: 'torch 2.11, ..., onnxruntime 1.31.1 (kvexport's CUDA sessions: ...)'."""
-    named = ", ".join(f"{name} {version}" for name, version in software.items() if isinstance(version, str))
+    named = ", ".join(f"{name} {version}" for name, version in software.items() if name != "ort_cuda_kernels")
     kernels = software.get("ort_cuda_kernels")
-    settings = ", ".join(f"{name}={value}" for name, value in kernels.items()) if kernels else ""
-    return named + (f" (kvexport's CUDA sessions: {settings})" if settings else "")
+    if not kernels:
+        return named
+    return named + " (kvexport's CUDA sessions: " + ", ".join(f"{name}={value}" for name, value in kernels.items()) + ")"
 
 
 def table(report: dict) -> str:
