@@ -20,7 +20,7 @@ from kvexport.runtime.engine import Engine
 from kvexport.runtime.engine_process import EngineProcess
 
 sys.path.insert(0, str(Path(__file__).parent))
-from load_test import percentile, prompts
+from load_test import LENGTH_SPREADS, percentile, prompts
 
 
 def main() -> None:
@@ -33,7 +33,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--batching", default="continuous")
     parser.add_argument("--new-tokens", type=int, nargs=2, default=(8, 64), metavar=("LO", "HI"),
-                        help="new tokens per request, drawn uniformly from LO..HI")
+                        help="new tokens per request, drawn from LO..HI as --spread says")
+    parser.add_argument("--spread", choices=LENGTH_SPREADS, default="uniform",
+                        help="how the new tokens are spread over LO..HI")
     parser.add_argument("--switch-interval", type=float, metavar="MS",
                         help="Python's GIL switch interval (default 5 ms): how long the scheduler thread may wait "
                              "for the thread that streams")
@@ -51,7 +53,7 @@ def main() -> None:
         prefill_batch=args.prefill_batch, steps_in_flight=args.steps_in_flight)
     warm = engine.submit("warm up", SamplingConfig(max_new_tokens=4))
     list(warm)
-    work = prompts(args.requests, new_tokens=tuple(args.new_tokens))
+    work = prompts(args.requests, new_tokens=tuple(args.new_tokens), spread=args.spread)
     times: dict[int, list[float]] = {}
 
     async def consume(index, handle):
@@ -75,7 +77,7 @@ def main() -> None:
               "switch_interval_s": sys.getswitchinterval(), "batching": args.batching, "process": args.process,
               "prefill_chunk": args.prefill_chunk, "prefill_batch": args.prefill_batch,
               "steps_in_flight": args.steps_in_flight, "requests": args.requests,
-              "new_tokens": args.new_tokens, "wall_s": wall,
+              "new_tokens": args.new_tokens, "spread": args.spread, "wall_s": wall,
               "generated_tokens": sum(len(t) for t in times.values()),
               "tokens_per_s": sum(len(t) for t in times.values()) / wall,
               "saturated_s": saturated_s, "saturated_tokens_per_s": saturated_tokens / saturated_s,

@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # On the GPU machine, after .gpu/stage.sh: issue #13's H100 figures. pythia-160m shape (random fp16 weights), `none`
 # with 32 slots and `every:2` with 64 slots of 1024 tokens (the same KV bytes: 1152 MiB), continuous and static
-# batching, under two loads of the shipped held-out text's prompts (1 to 60 words): short answers (8 to 64 new tokens;
-# more prompt tokens than new ones) and long ones (64 to 512). First the engine alone (samples/engine_bench.py, the
-# engine in its own process as the server runs it), then, for the long answers, through `kvexport serve` over loopback
-# with an open-loop load (samples/load_test.py). The server part needs fastapi and uvicorn on that machine, which
-# reaches no registry and gets neither from .gpu/stage.sh: carry their wheels in .whl (pip download fastapi uvicorn and
-# their dependencies, which for fastapi 0.165 include opentelemetry-api and importlib-metadata; see the device tool's
-# README); without them it is skipped. STREAM_INTERVAL=N passes --stream-interval N to the server, API_SERVERS=N
-# --api-servers N (default 1), LOAD_PROCESSES=N runs the load from N processes (default 4: one reads about 20k
-# events/s), CONCURRENCY=N caps the load's connections (default 96), HTTP_REQUESTS=N sends N requests (default 2000;
-# more weigh the load's start and end less), SERVER_RUNS and ENGINE_RUNS pick runs by name, ENGINE_LOADS loads (short,
-# long), STEPS_IN_FLIGHT=N passes --steps-in-flight N to the engine (default 2), PREFILL_BATCH=N caps the engine
-# part's batches of first prompts at N (engine_bench.py --prefill-batch; the engine also waits for fewer new prompts
-# before running a batch), PY_SPY=1 (py-spy carried in .whl too) samples the stacks of each thread of the server's
-# processes, native and idle frames included, for 8 s from 8 s into each load: where the engine's host time goes.
-# Results in $OUT.
+# batching, under loads of the shipped held-out text's prompts (1 to 60 words): short answers (8 to 64 new tokens,
+# uniform; more prompt tokens than new ones), long ones (64 to 512, uniform) and long-tailed ones (16 to 896,
+# log-uniform: median 117, mean 219). First the engine alone (samples/engine_bench.py, the engine in its own process
+# as the server runs it), then, for the long answers (SERVER_LOAD=tail: the long-tailed ones), through `kvexport
+# serve` over loopback with an open-loop load (samples/load_test.py). The server part needs fastapi and uvicorn on
+# that machine, which reaches no registry and gets neither from .gpu/stage.sh: carry their wheels in .whl (pip
+# download fastapi uvicorn and their dependencies, which for fastapi 0.165 include opentelemetry-api and
+# importlib-metadata; see the device tool's README); without them it is skipped. STREAM_INTERVAL=N passes
+# --stream-interval N to the server, API_SERVERS=N --api-servers N (default 1), LOAD_PROCESSES=N runs the load from N
+# processes (default 4: one reads about 20k events/s), CONCURRENCY=N caps the load's connections (default 96),
+# HTTP_REQUESTS=N sends N requests (default 2000; more weigh the load's start and end less), SERVER_RUNS and
+# ENGINE_RUNS pick runs by name, ENGINE_LOADS loads (short, long, tail), STEPS_IN_FLIGHT=N passes --steps-in-flight N
+# to the engine (default 2), PREFILL_BATCH=N caps the engine part's batches of first prompts at N (engine_bench.py
+# --prefill-batch; the engine also waits for fewer new prompts before running a batch), PY_SPY=1 (py-spy carried in
+# .whl too) samples the stacks of each thread of the server's processes, native and idle frames included, for 8 s from
+# 8 s into each load: where the engine's host time goes. Results in $OUT.
 source samples/gpu_setup.sh
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -27,11 +28,12 @@ for s in none every:2; do
   [ -d /tmp/p160-${s/:/} ] || python3 -m kvexport export --model /tmp/p160 --share $s --dtype float16 --static \
     --max-new-tokens 0 --output /tmp/p160-${s/:/} 2>&1 | grep -v Memcpy | tail -1
 done
-declare -A NEW_TOKENS=([short]="8 64" [long]="64 512")
-declare -A REQUESTS=([short]=1024 [long]=512)
+declare -A NEW_TOKENS=([short]="8 64" [long]="64 512" [tail]="16 896")
+declare -A SPREAD=([short]=uniform [long]=uniform [tail]=log-uniform)
+declare -A REQUESTS=([short]=1024 [long]=512 [tail]=512)
 run_engine() {  # name export slots batching load
   python3 samples/engine_bench.py "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 \
-    --requests "${REQUESTS[$5]}" --new-tokens ${NEW_TOKENS[$5]} --batching "$4" --process \
+    --requests "${REQUESTS[$5]}" --new-tokens ${NEW_TOKENS[$5]} --spread ${SPREAD[$5]} --batching "$4" --process \
     ${STEPS_IN_FLIGHT:+--steps-in-flight $STEPS_IN_FLIGHT} \
     ${PREFILL_BATCH:+--prefill-batch $PREFILL_BATCH} --output "/tmp/engine-$1-$5.json" 2>&1 | grep -v Memcpy \
     | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); e=r['engine']; print('$1 $5', round(r['tokens_per_s']), 'tok/s, saturated', round(r['saturated_tokens_per_s']), 'tpot p50/p99', round(r['tpot_p50_ms'],2), round(r['tpot_p99_ms'],2), 'ms, steady step', round(e['steady_step_ms'],3), 'graph', round(e['steady_graph_step_ms'],3), 'overhead', round(e['scheduler_overhead'],3), 'steps', e['decode_steps'], 'loop/prefill/queue/device wait/delivery s', *(round(e[k + '_seconds'], 2) for k in ('loop', 'prefill', 'queue', 'device_wait', 'delivery')), 'device decode/prefill s', *(round(e[k + '_device_seconds'], 2) for k in ('decode', 'prefill')))"
@@ -51,7 +53,8 @@ python3 -c "import fastapi, uvicorn" || { echo "server part skipped: fastapi/uvi
 interval=${STREAM_INTERVAL:-1}  # tokens per streamed event, at least (kvexport serve --stream-interval)
 api=${API_SERVERS:-1}
 requests=${HTTP_REQUESTS:-2000}
-tag=i$interval-a$api-c${CONCURRENCY:-96}-r$requests${STEPS_IN_FLIGHT:+-f$STEPS_IN_FLIGHT}
+load=${SERVER_LOAD:-long}
+tag=i$interval-a$api-c${CONCURRENCY:-96}-r$requests${STEPS_IN_FLIGHT:+-f$STEPS_IN_FLIGHT}-$load
 run_server() {  # name export slots batching rate
   python3 -m kvexport serve "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 --batching "$4" \
     --max-queue 4096 --model-name m --port 8000 --stream-interval "$interval" --api-servers "$api" \
@@ -70,7 +73,7 @@ print(*children($pid))"); do
   # 96 clients: more requests in flight than the 64 slots of every:2, which 32 clients never filled (2026-11-25)
   python3 samples/load_test.py --url http://127.0.0.1:8000 --model m --requests "$requests" --rate "$5" \
     --concurrency "${CONCURRENCY:-96}" \
-    --new-tokens ${NEW_TOKENS[long]} --server-pid $pid --ignore-eos --processes "${LOAD_PROCESSES:-4}" \
+    --new-tokens ${NEW_TOKENS[$load]} --spread ${SPREAD[$load]} --server-pid $pid --ignore-eos --processes "${LOAD_PROCESSES:-4}" \
     --output "/tmp/load-$1-$tag.json" >/dev/null
   # CPU seconds of each of the server's processes (the engine, the API servers): which one bounds the load
   python3 -c "import os,sys; sys.path.insert(0, 'samples'); from load_test import children; from pathlib import Path

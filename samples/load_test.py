@@ -17,6 +17,7 @@ processes (one Python process reads about 20k server-sent events a second).
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing
 import random
 import statistics
@@ -29,16 +30,23 @@ import httpx
 
 from kvexport.models import DEFAULT_MODEL, HELDOUT_FILE, shipped_directory
 
+LENGTH_SPREADS = ("uniform", "log-uniform")
 
-def prompts(count: int, seed: int = 0, new_tokens: tuple[int, int] = (8, 64)) -> list[tuple[str, int]]:
+
+def prompts(count: int, seed: int = 0, new_tokens: tuple[int, int] = (8, 64),
+            spread: str = "uniform") -> list[tuple[str, int]]:
     """(prompt, max_tokens) pairs: pieces of the shipped held-out text of 1 to 60 words, and a number of new
-    tokens drawn from the range `new_tokens`."""
+    tokens drawn from the range `new_tokens`, uniformly or log-uniformly (many short answers and a long tail, as
+    chat services see: the load where static batching waits longest for a batch's last request)."""
     words = (shipped_directory(DEFAULT_MODEL) / HELDOUT_FILE).read_text().split()
     rng = random.Random(seed)
+    low, high = new_tokens
     pairs = []
     for _ in range(count):
         start, length = rng.randrange(len(words) - 60), rng.randint(1, 60)
-        pairs.append((" ".join(words[start:start + length]), rng.randint(*new_tokens)))
+        tokens = (rng.randint(low, high) if spread == "uniform"
+                  else round(math.exp(rng.uniform(math.log(low), math.log(high)))))
+        pairs.append((" ".join(words[start:start + length]), tokens))
     return pairs
 
 
@@ -84,7 +92,7 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_
 async def run_share(args, share: int, start_at: float) -> tuple[list[dict], float, float]:
     """One load process's part of the load: every `processes`-th request, at its share of the rate and of the
     clients. Returns its results and the wall-clock times (time.time()) it started and ended."""
-    work = prompts(args.distinct, new_tokens=tuple(args.new_tokens))
+    work = prompts(args.distinct, new_tokens=tuple(args.new_tokens), spread=args.spread)
     jobs = [work[i % len(work)] for i in range(args.requests)][share::args.processes]
     rate, concurrency = args.rate / args.processes, -(-args.concurrency // args.processes)
     results = []
@@ -147,11 +155,11 @@ def run(args) -> dict:
     results = [result for share, _, _ in shares for result in share]
     wall = max(end for _, _, end in shares) - min(start for _, start, _ in shares)
     metrics = httpx.get(f"{args.url}/metrics").text
-    work = prompts(args.distinct, new_tokens=tuple(args.new_tokens))
+    work = prompts(args.distinct, new_tokens=tuple(args.new_tokens), spread=args.spread)
     ok = [r for r in results if r["status"] == 200]
     report = {
         "url": args.url, "requests": len(results), "concurrency": args.concurrency, "rate": args.rate,
-        "processes": args.processes,
+        "processes": args.processes, "new_tokens": args.new_tokens, "spread": args.spread,
         "wall_s": wall, "errors": {str(s): sum(r["status"] == s for r in results) for s in
                                    {r["status"] for r in results} if s != 200},
         "output_pieces_per_s": sum(r["pieces"] for r in ok) / wall,
@@ -192,7 +200,9 @@ def main() -> None:
                         help="load processes, each with its share of the requests, rate and clients")
     parser.add_argument("--distinct", type=int, default=40, help="distinct (prompt, max_tokens) pairs")
     parser.add_argument("--new-tokens", type=int, nargs=2, default=(8, 64), metavar=("LO", "HI"),
-                        help="max_tokens per request, drawn uniformly from LO..HI")
+                        help="max_tokens per request, drawn from LO..HI as --spread says")
+    parser.add_argument("--spread", choices=LENGTH_SPREADS, default="uniform",
+                        help="how max_tokens is spread over LO..HI")
     parser.add_argument("--check-greedy", help="export directory: compare every answer with the prompt run alone")
     parser.add_argument("--server-pid", type=int)
     parser.add_argument("--ignore-eos", action="store_true",
