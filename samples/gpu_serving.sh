@@ -73,7 +73,8 @@ print(*children($pid))"); do
   # 96 clients: more requests in flight than the 64 slots of every:2, which 32 clients never filled (2026-11-25)
   python3 samples/load_test.py --url http://127.0.0.1:8000 --model m --requests "$requests" --rate "$5" \
     --concurrency "${CONCURRENCY:-96}" \
-    --new-tokens ${NEW_TOKENS[$load]} --spread ${SPREAD[$load]} --server-pid $pid --ignore-eos --processes "${LOAD_PROCESSES:-4}" \
+    --new-tokens ${NEW_TOKENS[$load]} --spread ${SPREAD[$load]} --server-pid $pid --ignore-eos \
+    --processes "${LOAD_PROCESSES:-4}" \
     --output "/tmp/load-$1-$tag.json" >/dev/null
   # CPU seconds of each of the server's processes (the engine, the API servers): which one bounds the load
   python3 -c "import os,sys; sys.path.insert(0, 'samples'); from load_test import children; from pathlib import Path
