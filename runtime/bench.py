@@ -34,7 +34,7 @@ from .baselines import BASELINES, CompiledStaticDecoder, GenAIDecoder, PointRefu
 from .exported import ExportedModel
 from .generator import make_decoder
 from .kv_cache import TORCH_DTYPES
-from .ort_session import cuda_kernel_settings
+from .ort_session import cuda_session_settings
 from .static_cache import StaticCacheDecoder
 
 PREFILL_TOKEN_LIMIT = 32768  # batch x context above which prefill is not timed (attention scores grow as S^2)
@@ -276,14 +276,14 @@ def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchS
 
 
 def software(device: torch.device) -> dict:
-    """What produced the numbers: library versions and, on CUDA, the ONNX Runtime kernel choices of kvexport's
-    sessions (baselines keep ONNX Runtime's own)."""
+    """What produced the numbers: library versions and, on CUDA, the ONNX Runtime kernel choices and provider
+    options of kvexport's sessions (baselines keep ONNX Runtime's own)."""
     import onnxruntime
     import transformers
 
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
                 "onnxruntime": onnxruntime.__version__}
-    return versions | ({"ort_cuda_kernels": cuda_kernel_settings()} if device.type == "cuda" else {})
+    return versions | ({"ort_cuda_sessions": cuda_session_settings()} if device.type == "cuda" else {})
 
 
 def allocated_mib(model: ExportedModel, batch: int, context: int, settings: BenchSettings,
@@ -385,11 +385,11 @@ def breakdown(point: dict) -> str:
 
 def measured_with(software: dict) -> str:
     """A report's software in one line: 'torch 2.11, ..., onnxruntime 1.31.1 (kvexport's CUDA sessions: ...)'."""
-    named = ", ".join(f"{name} {version}" for name, version in software.items() if name != "ort_cuda_kernels")
-    kernels = software.get("ort_cuda_kernels")
-    if not kernels:
+    named = ", ".join(f"{name} {version}" for name, version in software.items() if name != "ort_cuda_sessions")
+    sessions = software.get("ort_cuda_sessions")
+    if not sessions:
         return named
-    return named + " (kvexport's CUDA sessions: " + ", ".join(f"{name}={value}" for name, value in kernels.items()) + ")"
+    return named + " (kvexport's CUDA sessions: " + ", ".join(f"{name}={value}" for name, value in sessions.items()) + ")"
 
 
 def table(report: dict) -> str:

@@ -54,11 +54,7 @@ def make_session(path, provider: str = "cpu", device_id: int = 0) -> ort.Inferen
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     import torch
 
-    # use_tf32 0: a float32 export runs float32 MatMuls, as on the CPU (ONNX Runtime's TF32 default rounds them to
-    # 10 mantissa bits, which flipped greedy near-ties on the H100); float16 exports are the fast path
-    # kSameAsRequested: the memory arena grows by what a run asks for, not to its next power of two, which held up
-    # to 0.6 GiB more for a 160M model at the same speed (docs/results.md)
-    cuda_options = {"device_id": str(device_id), "use_tf32": "0", "arena_extend_strategy": "kSameAsRequested",
+    cuda_options = {"device_id": str(device_id), **CUDA_PROVIDER_OPTIONS,
                     "user_compute_stream": str(torch.cuda.current_stream(device_id).cuda_stream)}
     with default_environment(CUDA_KERNEL_DEFAULTS):
         return ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", cuda_options)])
@@ -72,10 +68,18 @@ def make_session(path, provider: str = "cpu", device_id: int = 0) -> ort.Inferen
 #   less time on the H100, and batch 64 kept cuBLAS. The first runs happen before a CUDA graph is captured.
 CUDA_KERNEL_DEFAULTS = {"ORT_ENABLE_XQA": "0", "ORT_CUDA_GEMM_AUTO_TUNE": "1"}
 
+# The CUDA provider's options, besides the device and the stream:
+# - use_tf32 0: a float32 export runs float32 MatMuls, as on the CPU (ONNX Runtime's TF32 default rounds them to
+#   10 mantissa bits, which flipped greedy near-ties on the H100); float16 exports are the fast path.
+# - arena_extend_strategy kSameAsRequested: the memory arena grows by what a run asks for, not to its next power of
+#   two, which held up to 0.6 GiB more for a 160M model at the same speed (docs/results.md).
+CUDA_PROVIDER_OPTIONS = {"use_tf32": "0", "arena_extend_strategy": "kSameAsRequested"}
 
-def cuda_kernel_settings() -> dict[str, str]:
-    """The kernel choices kvexport's CUDA sessions are made with: the user's environment, else kvexport's defaults."""
-    return {name: os.environ.get(name, value) for name, value in CUDA_KERNEL_DEFAULTS.items()}
+
+def cuda_session_settings() -> dict[str, str]:
+    """What kvexport's CUDA sessions are made with: the kernel choices (the user's environment, else kvexport's
+    defaults) and the provider options."""
+    return {name: os.environ.get(name, value) for name, value in CUDA_KERNEL_DEFAULTS.items()} | CUDA_PROVIDER_OPTIONS
 
 
 @contextmanager

@@ -24,7 +24,7 @@ def test_bench_runs_end_to_end_on_cpu(tiny_neox, tmp_path, capsys):
     assert capacity["every2"]["16"] >= 2 * capacity["none"]["16"] - 1  # half the cache: twice the batch
     # what produced the numbers heads the table
     first, _, header = (out / "bench.md").read_text().splitlines()[:3]
-    assert report["software"]["onnxruntime"] == onnxruntime.__version__ and "ort_cuda_kernels" not in report["software"]
+    assert report["software"]["onnxruntime"] == onnxruntime.__version__ and "ort_cuda_sessions" not in report["software"]
     assert first.startswith("Measured on cpu with torch ") and f"onnxruntime {onnxruntime.__version__}" in first
     assert header.startswith("| backend | strategy |")
     for plot in ("bench_latency.png", "bench_memory.png"):

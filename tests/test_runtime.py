@@ -5,8 +5,13 @@ import pytest
 import torch
 
 from kvexport.exporter import ReferenceDecoder, load_model
-from kvexport.runtime import ExportedModel, Generator, SamplingConfig, choose_tokens
-from kvexport.runtime.ort_session import CUDA_KERNEL_DEFAULTS, cuda_kernel_settings, default_environment
+from kvexport.runtime import ExportedModel, Generator, SamplingConfig, choose_tokens, ort_session
+from kvexport.runtime.ort_session import (
+    CUDA_KERNEL_DEFAULTS,
+    CUDA_PROVIDER_OPTIONS,
+    cuda_session_settings,
+    default_environment,
+)
 from kvexport.strategies import KvexportError, Strategy
 from kvexport.strategies.contract import positions_from_mask
 
@@ -153,8 +158,24 @@ def test_kernel_defaults_apply_around_session_creation_only(monkeypatch):
     # sessions get, and nothing leaks to other sessions (a baseline's keep ONNX Runtime's defaults)
     monkeypatch.setenv("ORT_ENABLE_XQA", "1")
     monkeypatch.delenv("ORT_CUDA_GEMM_AUTO_TUNE", raising=False)
-    reported = cuda_kernel_settings()
-    assert reported == {"ORT_ENABLE_XQA": "1", "ORT_CUDA_GEMM_AUTO_TUNE": "1"}
+    reported = cuda_session_settings()
+    assert reported == {"ORT_ENABLE_XQA": "1", "ORT_CUDA_GEMM_AUTO_TUNE": "1", **CUDA_PROVIDER_OPTIONS}
     with default_environment(CUDA_KERNEL_DEFAULTS):
-        assert {name: os.environ[name] for name in CUDA_KERNEL_DEFAULTS} == reported
+        assert {name: os.environ[name] for name in CUDA_KERNEL_DEFAULTS} == {n: reported[n] for n in CUDA_KERNEL_DEFAULTS}
     assert os.environ["ORT_ENABLE_XQA"] == "1" and "ORT_CUDA_GEMM_AUTO_TUNE" not in os.environ
+
+
+def test_cuda_sessions_get_the_reported_settings(monkeypatch):
+    # what bench reports as kvexport's CUDA session settings is what a CUDA session is made with (this machine has
+    # no GPU: the session is recorded instead of made)
+    made = {}
+
+    def record(path, options, providers):
+        made.update(providers[0][1], **{n: os.environ.get(n) for n in CUDA_KERNEL_DEFAULTS})
+
+    monkeypatch.setattr(ort_session, "check_provider", lambda provider: None)
+    monkeypatch.setattr(ort_session.ort, "InferenceSession", record)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: type("Stream", (), {"cuda_stream": 7})())
+    monkeypatch.delenv("ORT_CUDA_GEMM_AUTO_TUNE", raising=False)
+    ort_session.make_session("model.onnx", "cuda", device_id=1)
+    assert made == {"device_id": "1", "user_compute_stream": "7", **cuda_session_settings()}
