@@ -20,7 +20,7 @@ from kvexport.runtime.engine import Engine
 from kvexport.runtime.engine_process import EngineProcess
 
 sys.path.insert(0, str(Path(__file__).parent))
-from load_test import LENGTH_SPREADS, percentile, prompts
+from load_test import add_length_arguments, percentile, prompts
 
 
 def main() -> None:
@@ -32,10 +32,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--batching", default="continuous")
-    parser.add_argument("--new-tokens", type=int, nargs=2, default=(8, 64), metavar=("LO", "HI"),
-                        help="new tokens per request, drawn from LO..HI as --spread says")
-    parser.add_argument("--spread", choices=LENGTH_SPREADS, default="uniform",
-                        help="how the new tokens are spread over LO..HI")
+    add_length_arguments(parser, "new tokens")
     parser.add_argument("--switch-interval", type=float, metavar="MS",
                         help="Python's GIL switch interval (default 5 ms): how long the scheduler thread may wait "
                              "for the thread that streams")

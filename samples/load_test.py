@@ -50,6 +50,14 @@ def prompts(count: int, seed: int = 0, new_tokens: tuple[int, int] = (8, 64),
     return pairs
 
 
+def add_length_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """--new-tokens LO HI and --spread: what `prompts` draws each request's `what` from."""
+    parser.add_argument("--new-tokens", type=int, nargs=2, default=(8, 64), metavar=("LO", "HI"),
+                        help=f"{what} per request, drawn from LO..HI as --spread says")
+    parser.add_argument("--spread", choices=LENGTH_SPREADS, default="uniform",
+                        help=f"the spread of {what} over LO..HI")
+
+
 def percentile(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else None
 
@@ -199,10 +207,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1,
                         help="load processes, each with its share of the requests, rate and clients")
     parser.add_argument("--distinct", type=int, default=40, help="distinct (prompt, max_tokens) pairs")
-    parser.add_argument("--new-tokens", type=int, nargs=2, default=(8, 64), metavar=("LO", "HI"),
-                        help="max_tokens per request, drawn from LO..HI as --spread says")
-    parser.add_argument("--spread", choices=LENGTH_SPREADS, default="uniform",
-                        help="how max_tokens is spread over LO..HI")
+    add_length_arguments(parser, "max_tokens")
     parser.add_argument("--check-greedy", help="export directory: compare every answer with the prompt run alone")
     parser.add_argument("--server-pid", type=int)
     parser.add_argument("--ignore-eos", action="store_true",
