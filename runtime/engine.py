@@ -4,9 +4,10 @@ The engine owns a StaticCacheDecoder with `max_slots` rows and one scheduler thr
 any thread (`submit` returns a handle to iterate, with `for` or `async for`, and to cancel) and wait in a bounded
 queue. Each scheduler iteration:
   1. admits waiting requests into free slots (the lowest free row first, so the active rows stay a short prefix);
-  2. prefills at most `prefill_chunk` prompt tokens, earliest requests first: the first chunks of up to
-     `prefill_batch` new prompts in one run (StaticCacheDecoder.prefill_first; while requests wait for rows and
-     others decode, until a sixteenth of the rows are admitted), further chunks of long prompts row by
+  2. prefills at most `prefill_chunk` prompt tokens (more only to batch a sixteenth of the rows' first prompts),
+     earliest requests first: the first chunks of up to `prefill_batch` new prompts in one run
+     (StaticCacheDecoder.prefill_first; while requests wait for rows and others decode, until a sixteenth of the
+     rows are admitted), further chunks of long prompts row by
      row, so that a long prompt never stalls the requests that are decoding; a prompt's first token is chosen
      on the device, into the row's entry of the next-token buffer, and streamed once the prefill has run (on
      CUDA after the step below is queued, so the host never waits for a device with nothing queued);
@@ -432,10 +433,10 @@ class Engine:
                 self._slots[row] = Slot(handle, generator=generator)
 
     def _prefill(self) -> tuple[bool, Chosen | None]:
-        """Up to prefill_chunk prompt tokens per iteration, earliest-admitted prompts first: the first chunks of new
-        prompts in one batched run, then further chunks of long prompts row by row. A prompt's first token is
-        chosen on the device as soon as the prompt is all in its row. Whether any prompt token ran, and the first
-        tokens chosen (not waited for)."""
+        """Up to prefill_chunk prompt tokens per iteration (or batch_at first chunks), earliest-admitted prompts
+        first: the first chunks of new prompts in one batched run, then further chunks of long prompts row by row.
+        A prompt's first token is chosen on the device as soon as the prompt is all in its row. Whether any prompt
+        token ran, and the first tokens chosen (not waited for)."""
         decoder, budget = self.decoder, self.decoder.prefill_chunk
         pending = [row for _, row in sorted((s.request.id, row) for row, s in enumerate(self._slots)
                                             if s and s.prefilled < len(s.request.prompt_ids))]
@@ -452,7 +453,9 @@ class Engine:
             candidates = []
         for row in candidates:
             size = min(len(self._slots[row].request.prompt_ids), decoder.prefill_chunk)
-            if len(fresh) == decoder.prefill_batch or (fresh and size > budget):
+            # The token budget never splits a batch below batch_at: the prompt left over would idle in its row
+            # until batch_at - 1 more rows were free (4 prompts of the H100 load often sum past 256 tokens).
+            if len(fresh) == decoder.prefill_batch or (len(fresh) >= batch_at and size > budget):
                 break
             fresh.append(row)
             budget -= size

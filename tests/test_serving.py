@@ -108,6 +108,26 @@ def test_static_batching_prefills_its_whole_batch_while_the_first_rows_decode(se
     assert max(first_tokens[handle] for handle in batch) < first_finish
 
 
+def test_first_prompts_past_the_token_budget_still_run_as_one_batch(served_export, alone):
+    """32 rows wait for 2 new prompts before batching them while others decode (a sixteenth). Two prompts over the
+    token budget together must still run in one batch: the second, left over, used to idle in its row until one more
+    row was free."""
+    engine = Engine(served_export, max_slots=32, prefill_batch=8, prefill_chunk=6)
+    batches = []
+    prefill_first = engine.decoder.prefill_first
+    engine.decoder.prefill_first = lambda rows, prompts: (batches.append(len(rows)), prefill_first(rows, prompts))
+    busy = engine.submit(PROMPTS[0], SamplingConfig(max_new_tokens=40, stop_token_ids=[]))
+    while engine.metrics()["active_slots"] == 0:
+        time.sleep(0.001)
+    with engine._wake:  # both are admitted in one scheduler iteration
+        handles = {p: engine.submit(p, GREEDY) for p in PROMPTS[1:3]}  # 2 and 5 tokens
+    for prompt, handle in handles.items():
+        assert list(handle)[-1].finish_reason == "length" and handle.tokens == alone[prompt]
+    list(busy)
+    engine.close()
+    assert batches == [1, 2]
+
+
 def test_a_request_that_fills_the_cache_gets_all_its_tokens(served_export):
     """A prompt plus max_new_tokens exactly as long as the cache: every token asked for comes, although the engine
     queues each row's next step before it has seen the row's last token."""
