@@ -62,6 +62,16 @@ def percentile(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else None
 
 
+def saturated(timeline: list[list[float]]) -> dict:
+    """Tokens/s from the load's start to the last timeline sample (every half second) at which requests still
+    waited for rows: until then every row that freed was refilled; after it the rows drain, which a finite load ends
+    with and a sustained one never reaches (engine_bench.py's saturated figure, there from each token's time). The
+    drain lasts about as long as the longest answers whatever the server's speed, so it weighs more in a faster
+    server's shorter run."""
+    waiting = [row for row in timeline if row[0] > 0 and row[4] > 0]  # s, generated_tokens, ..., queue_depth
+    return {"saturated_s": waiting[-1][0], "saturated_tokens_per_s": waiting[-1][1] / waiting[-1][0]} if waiting else {}
+
+
 def resident_bytes(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(x for x in status.splitlines() if x.startswith("VmRSS")).split()[1]) * 1024
@@ -180,6 +190,7 @@ def run(args) -> dict:
     }
     report["served_tokens_per_s"] = report["server_metrics"].get("kvexport_generated_tokens", 0) / wall
     report["timeline"] = {"columns": ["s", *watched], "rows": timeline}
+    report.update(saturated(timeline))
     if memory:
         tail = memory[len(memory) // 5:]
         report["server_rss_mib"] = {"first": memory[0] / 2**20, "min_last_80pct": min(tail) / 2**20,
