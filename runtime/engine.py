@@ -7,10 +7,10 @@ queue. Each scheduler iteration:
   2. prefills at most `prefill_chunk` prompt tokens (more only to batch a sixteenth of the rows' first prompts),
      earliest requests first: the first chunks of up to `prefill_batch` new prompts in one run
      (StaticCacheDecoder.prefill_first; while requests wait for rows and others decode, until a sixteenth of the
-     rows are admitted), further chunks of long prompts row by
-     row, so that a long prompt never stalls the requests that are decoding; a prompt's first token is chosen
-     on the device, into the row's entry of the next-token buffer, and streamed once the prefill has run (on
-     CUDA after the step below is queued, so the host never waits for a device with nothing queued);
+     rows are admitted), further chunks of long prompts row by row, so that a long prompt never stalls the
+     requests that are decoding; a prompt's first token is chosen on the device, into the row's entry of the
+     next-token buffer, and streamed once the prefill has run (on CUDA after the step below is queued, so the
+     host never waits for a device with nothing queued);
   3. queues one decode step for rows 0..n-1 (n: the highest decoding row + 1, bucketed on CUDA), each at its own
      length, fed from the next-token buffer, and the choice of each row's next token (each with its own settings
      and generator) back into that buffer; rows that are not decoding write one slot past their valid tokens,
