@@ -197,9 +197,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise KvexportError(f"--api-servers {args.api_servers}: a server needs at least 1 API server process")
     if args.steps_in_flight is not None and args.steps_in_flight < 1:
         raise KvexportError(f"--steps-in-flight {args.steps_in_flight}: at least 1 step is queued ahead")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise KvexportError(f"--prefill-chunk {args.prefill_chunk}: an iteration prefills at least 1 prompt token")
     options = {"provider": args.provider, "max_slots": args.max_slots, "max_queue": args.max_queue,
                "max_length": args.max_length, "cuda_graph": args.cuda_graph, "batching": args.batching,
                "steps_in_flight": args.steps_in_flight}
+    if args.prefill_chunk is not None:  # else the Engine's default
+        options["prefill_chunk"] = args.prefill_chunk
     if args.replicas:
         from kvexport.serving.ray_app import serve_on_ray
 
@@ -437,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decode steps left queued on the device while the scheduler streams an earlier one's "
                              "tokens (default 2 on CUDA, so that a slow scheduler iteration does not idle the GPU; "
                              "1 on the CPU)")
+    server.add_argument("--prefill-chunk", type=int, metavar="N",
+                        help="prompt tokens prefilled per scheduler iteration, over all new prompts (default 256; "
+                             "a batch of a sixteenth of the rows' first prompts may pass it): larger admits long "
+                             "prompts sooner, smaller pauses the decoding requests less")
     server.add_argument("--replicas", type=int, default=0,
                         help="serve on Ray Serve with this many replicas, one engine each (needs ray[serve])")
     server.add_argument("--gpus-per-replica", type=float, default=0.0)

@@ -73,6 +73,8 @@ class StaticCacheDecoder(Decoder):
                                 f"GroupQueryAttention has no {model.dtype} CUDA kernel): export with --dtype float16")
         self.model, self.max_batch = model, max_batch
         self.max_length = max_length or model.facts.max_positions
+        if prefill_chunk < 1:
+            raise InputError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
         if self.max_length > model.facts.max_positions:
             raise InputError(f"max_length {self.max_length} exceeds the model's {model.facts.max_positions} positions: "
                              f"use at most {model.facts.max_positions}")

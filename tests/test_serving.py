@@ -251,7 +251,9 @@ def start_server(export_dir, cwd, *options: str) -> tuple[str, subprocess.Popen]
 
 @pytest.fixture(scope="module")
 def server(served_export, tmp_path_factory):
-    url, process = start_server(served_export, tmp_path_factory.mktemp("cwd"), "--stream-interval", "3")
+    # prompts of more than 3 tokens are prefilled over several iterations: the answers must not change
+    url, process = start_server(served_export, tmp_path_factory.mktemp("cwd"), "--stream-interval", "3",
+                                "--prefill-chunk", "3")
     yield url, process
     if process.poll() is None:
         process.kill()
@@ -271,7 +273,7 @@ def test_with_two_steps_in_flight_a_stopped_request_gets_no_token_past_its_stop(
     engine.close()
 
 
-@pytest.mark.parametrize("option", ["--stream-interval", "--api-servers", "--steps-in-flight"])
+@pytest.mark.parametrize("option", ["--stream-interval", "--api-servers", "--steps-in-flight", "--prefill-chunk"])
 def test_a_bad_serve_option_is_one_line(served_export, option):
     command = [sys.executable, "-m", "kvexport", "serve", str(served_export), option, "0"]
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
