@@ -270,6 +270,8 @@ def test_with_two_steps_in_flight_a_stopped_request_gets_no_token_past_its_stop(
     assert [event.token_id for event in after] == alone[PROMPTS[1]] and after.finish_reason == "length"
     with pytest.raises(KvexportError, match="at least 1"):
         Engine(served_export, steps_in_flight=0)
+    with pytest.raises(InputError, match="prefill_chunk must be at least 1"):
+        Engine(served_export, prefill_chunk=0)
     engine.close()
 
 
