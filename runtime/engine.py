@@ -11,19 +11,23 @@ queue. Each scheduler iteration:
      requests that are decoding; a prompt's first token is chosen on the device, into the row's entry of the
      next-token buffer, and streamed once the prefill has run (on CUDA after the step below is queued, so the
      host never waits for a device with nothing queued);
-  3. queues one decode step for rows 0..n-1 (n: the highest decoding row + 1, bucketed on CUDA), each at its own
+  3. with rows left free and no request waiting (the load dropped, or the last requests drain), moves the requests
+     of the highest rows into the free lower ones (their K/V and next token, copied on the device) when that makes
+     the step below smaller: a few long requests left in high rows would otherwise keep every step at full size;
+  4. queues one decode step for rows 0..n-1 (n: the highest decoding row + 1, bucketed on CUDA), each at its own
      length, fed from the next-token buffer, and the choice of each row's next token (each with its own settings
      and generator) back into that buffer; rows that are not decoding write one slot past their valid tokens,
      which their next prefill chunk overwrites before anything reads it;
-  4. while the device runs the steps queued, takes the tokens of the oldest that leaves `steps_in_flight` queued
+  5. while the device runs the steps queued, takes the tokens of the oldest that leaves `steps_in_flight` queued
      to the host, streams them, and frees the rows whose requests stop (length, stop token, cancel, deadline).
 So the host never waits for a step it has just queued: with steps_in_flight = 2 (CUDA's default) the device runs
 steps n - 1 and n while the host streams step n - 2, so a host iteration slower than a step is made up by a faster
 one before the device runs dry. A row whose request stops at step n - 2 has already been fed to the steps after
-it, whose tokens for it are dropped.
+it, whose tokens for it are dropped; a request moved to another row takes the tokens of the steps queued before
+the move from its old row's entries.
 Rows never see each other's tokens, so a greedy response does not depend on what else is in the batch, to the
 export's tolerance. With batching="static" a batch is admitted only into an empty engine and runs until its last
-request ends, as static batching does (for comparison).
+request ends, as static batching does (for comparison: its rows are never moved).
 """
 
 from __future__ import annotations
@@ -165,6 +169,7 @@ class Detokenizer:
 @dataclass
 class Slot:
     request: RequestHandle
+    row: int | None  # the row its request holds now; None once the request has ended
     prefilled: int = 0  # prompt tokens written into the row so far
     generator: torch.Generator | None = None
     decoding: bool = False  # its first token is chosen: decode steps feed it from the next-token buffer
@@ -179,7 +184,7 @@ class Slot:
 @dataclass
 class Chosen:
     """Tokens chosen on the device for some rows, on their way to the host."""
-    slots: list[tuple[int, Slot]]  # (row, slot) they were chosen for
+    slots: list[tuple[int, Slot]]  # (row, slot) they were chosen for: the slot's row then
     tokens: torch.Tensor  # host copy of the next-token buffer (pinned on CUDA), valid once `done` has passed
     done: torch.cuda.Event | None  # CUDA: recorded after the copy
 
@@ -228,6 +233,7 @@ class EngineStats:
     generated_tokens: int = 0
     prompt_tokens: int = 0
     decode_steps: int = 0
+    rows_moved: int = 0  # requests moved to a lower row, so that steps ran smaller
     # Steady decoding (iterations with no prefill): wall time from one step's queueing to the next's, and the
     # device's time in the model's run of those steps (the rest of the wall time is the scheduler's: choosing and
     # streaming tokens, bookkeeping, and waiting for the thread that streams).
@@ -355,7 +361,7 @@ class Engine:
             "kv_bytes_allocated": self.decoder.storage.numel() * self.decoder.storage.element_size(),
             "requests_submitted": stats.requests_submitted, "requests_finished": dict(stats.requests_finished),
             "refused_queue_full": stats.refused_queue_full, "generated_tokens": stats.generated_tokens,
-            "prompt_tokens": stats.prompt_tokens, "decode_steps": stats.decode_steps,
+            "prompt_tokens": stats.prompt_tokens, "decode_steps": stats.decode_steps, "rows_moved": stats.rows_moved,
             "last_step_ms": stats.last_step_ms,
             "steady_step_ms": 1e3 * stats.steady_wall_seconds / stats.steady_steps if stats.steady_steps else 0.0,
             "steady_graph_step_ms": (1e3 * stats.steady_graph_seconds / stats.steady_steps
@@ -389,6 +395,7 @@ class Engine:
                     self._flush()
                     first = None
                 queueing = time.perf_counter()
+                self._compact()
                 queued = self._queue_step(steady=not prefilled)
                 self.stats.queue_seconds += time.perf_counter() - queueing
                 if first is not None:  # on CUDA, once the prefill has run, while the step just queued runs
@@ -430,7 +437,7 @@ class Engine:
                     self._finish(handle, "cancelled")
                     continue
                 generator = None if handle.config.greedy else handle.config.generator(self.device)
-                self._slots[row] = Slot(handle, generator=generator)
+                self._slots[row] = Slot(handle, row, generator=generator)
 
     def _prefill(self) -> tuple[bool, Chosen | None]:
         """Up to prefill_chunk prompt tokens per iteration (or batch_at first chunks), earliest-admitted prompts
@@ -487,6 +494,22 @@ class Engine:
             first = self._to_host([(row, self._slots[row]) for row in complete], Chosen)
         return budget < decoder.prefill_chunk, first
 
+    def _compact(self) -> None:
+        """Move the requests of rows at or above the bucket of the rows in use into free rows below it, so that the
+        next steps run at that bucket; rows are free after admission only when no request waits. Their K/V and
+        next token are copied on the device after the work already queued, which still writes the old rows."""
+        used = [row for row, slot in enumerate(self._slots) if slot]
+        if self.batching != "continuous" or not used:
+            return
+        below = self.decoder.bucket(len(used))
+        free = (row for row in range(below) if self._slots[row] is None)
+        for source in [row for row in used if row >= below]:
+            target, slot = next(free), self._slots[source]
+            self.decoder.move_row(source, target, slot.length)
+            self._next_tokens[target].copy_(self._next_tokens[source])
+            self._slots[target], self._slots[source], slot.row = slot, None, target
+            self.stats.rows_moved += 1
+
     def _queue_step(self, steady: bool) -> Step | None:
         """Queue one decode step for the rows that go on decoding, and the choice of their next tokens, without
         waiting for it. A row is fed only while the tokens already queued leave it short of its limits."""
@@ -541,8 +564,8 @@ class Engine:
         tokens = chosen.wait()
         self.stats.device_wait_seconds += time.perf_counter() - started
         for row, slot in chosen.slots:
-            if self._slots[row] is slot:
-                self._accept(row, slot, tokens[row])
+            if slot.row is not None:  # its request goes on, in this row or another since
+                self._accept(slot, tokens[row])
 
     def _take(self, step: Step, following: Step | None) -> None:
         """Stream a queued step's tokens (the steps queued after it keep the device busy meanwhile)."""
@@ -556,17 +579,17 @@ class Engine:
             self.stats.steady_wall_seconds += following.started - step.started
             self.stats.steady_graph_seconds += ran
 
-    def _accept(self, row: int, slot: Slot, token: int) -> None:
+    def _accept(self, slot: Slot, token: int) -> None:
         """Record and stream a new token; it is the request's last if the request should stop."""
         request = slot.request
         request.tokens.append(token)
         self.stats.generated_tokens += 1
         if token in request.config.stop_token_ids:
-            self._release(row, "stop", token)
+            self._release(slot.row, "stop", token)
         # Counted from the tokens taken, not slot.length, which already counts a step queued after this token's.
         elif (len(request.tokens) >= request.config.max_new_tokens
               or slot.prefilled + len(request.tokens) >= self.decoder.max_length):
-            self._release(row, "length", token)
+            self._release(slot.row, "length", token)
         else:
             self._send(request, Event(token, ""))
 
@@ -579,9 +602,9 @@ class Engine:
 
     def _release(self, row: int, reason: str, token: int | None = None) -> None:
         """Free the row and end its request, with `token` as the last event's when there is one."""
-        request = self._slots[row].request
-        self._slots[row] = None
-        self._finish(request, reason, token)
+        slot = self._slots[row]
+        self._slots[row], slot.row = None, None
+        self._finish(slot.request, reason, token)
 
     def _finish(self, handle: RequestHandle, reason: str, token: int | None = None) -> None:
         handle.finish_reason = reason

@@ -257,6 +257,11 @@ class StaticCacheDecoder(Decoder):
             self._run_decode(batch)
         return self.logits[:batch]
 
+    def move_row(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` slots of row `source` into row `target`, after the work queued before."""
+        with self._on_stream():
+            self.storage[:, target, :, :length].copy_(self.storage[:, source, :, :length])
+
     def prefill_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
         """Prefill empty rows with their prompts: each prompt's first chunk batched with others' (prefill_first),
         the rest appended per row. The logits buffer [max_batch, 1, vocab] (each row's last prompt token's)."""

@@ -58,22 +58,24 @@ def main() -> None:
     full_length = SamplingConfig(max_new_tokens=48, stop_token_ids=[])  # rows never leave the batch: same shapes
     alone = runs["cuda-fp16-static-graph"].generate(PROMPTS, full_length).token_ids
 
-    def serve(requests: list[tuple[str, int]]) -> list[list[int]]:
-        """The tokens of each (prompt, new tokens) request, submitted together to an engine of 4 slots."""
+    def serve(requests: list[tuple[str, int]]) -> tuple[list[list[int]], int]:
+        """The tokens of each (prompt, new tokens) request, submitted together to an engine of 4 slots, and the
+        requests the engine moved to lower rows."""
         engine = EngineProcess(fp16, provider="cuda", cuda_graph=True, max_slots=4, max_length=128)
         handles = [engine.submit(prompt, SamplingConfig(max_new_tokens=tokens, stop_token_ids=[]))
                    for prompt, tokens in requests]
         for handle in handles:
             list(handle)
+        moved = engine.metrics()["rows_moved"]
         engine.close()
-        return [handle.tokens for handle in handles]
+        return [handle.tokens for handle in handles], moved
 
     # The engine admits requests as they arrive, so its batches' shapes differ from the Generator's: float16
     # numerics may differ, as between any two batch shapes; agreement is the measure, with the first difference.
-    served = serve([(prompt, 48) for prompt in PROMPTS])
-    # Each prompt twice with staggered lengths: rows free at different steps, and the waiting prompts are
-    # prefilled while the other rows decode.
-    staggered = serve(list(zip(PROMPTS * 2, [8, 21, 34, 48] * 2)))
+    served, _ = serve([(prompt, 48) for prompt in PROMPTS])
+    # Each prompt twice with staggered lengths: rows free at different steps, the waiting prompts are prefilled
+    # while the other rows decode, and the last requests move to lower rows as the others end.
+    staggered, report["engine_rows_moved_staggered"] = serve(list(zip(PROMPTS * 2, [8, 21, 34, 48] * 2)))
     report["greedy_agreement_engine_staggered_vs_static_graph_fp16_cuda"] = agreement(staggered, alone * 2)
     report["greedy_tokens_equal_engine_vs_static_graph_fp16_cuda"] = served == alone
     report["greedy_agreement_engine_vs_static_graph_fp16_cuda"] = agreement(served, alone)

@@ -128,6 +128,32 @@ def test_first_prompts_past_the_token_budget_still_run_as_one_batch(served_expor
     assert batches == [1, 2]
 
 
+def test_requests_left_in_high_rows_move_down_and_steps_run_smaller(served_export, alone):
+    """Two long requests (one greedy, one sampled) in rows 2 and 3 outlive two short ones in rows 0 and 1: they move
+    to rows 0 and 1, with two steps in flight, and the steps after run 2 rows, not 4 (on the CPU one prompt is
+    prefilled per iteration, so row 3 starts decoding after rows 0 and 1 end); each long request gets what it gets
+    alone."""
+    sampled = SamplingConfig(max_new_tokens=12, temperature=0.9, seed=7, stop_token_ids=[])
+    solo = Engine(served_export, max_slots=1)
+    expected = solo.submit(PROMPTS[3], sampled)
+    list(expected)
+    solo.close()
+    engine = Engine(served_export, max_slots=4, steps_in_flight=2)
+    sizes = []
+    decode_rows = engine.decoder.decode_rows
+    engine.decoder.decode_rows = lambda tokens, lengths: (sizes.append(len(tokens)), decode_rows(tokens, lengths))[1]
+    short = SamplingConfig(max_new_tokens=2, stop_token_ids=[])
+    with engine._wake:  # admitted in one iteration, into rows 0..3 in this order
+        handles = [engine.submit(PROMPTS[0], short), engine.submit(PROMPTS[1], short),
+                   engine.submit(PROMPTS[2], GREEDY), engine.submit(PROMPTS[3], sampled)]
+    for handle in handles:
+        assert list(handle)[-1].finish_reason == "length"
+    assert handles[2].tokens == alone[PROMPTS[2]] and handles[3].tokens == expected.tokens
+    assert engine.metrics()["rows_moved"] == 2
+    assert max(sizes) == 3 and sizes.count(2) >= 8  # without the moves, row 3 kept every step of it at 4 rows
+    engine.close()
+
+
 def test_a_request_that_fills_the_cache_gets_all_its_tokens(served_export):
     """A prompt plus max_new_tokens exactly as long as the cache: every token asked for comes, although the engine
     queues each row's next step before it has seen the row's last token."""
