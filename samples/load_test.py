@@ -11,7 +11,10 @@ by status, and with --check-greedy whether every greedy answer equals the same p
 Generator on the export, batch 1). With --server-pid it samples the resident memory of the server and its child
 processes (its engine's) every half second; the engine's metrics (tokens, requests, active rows, queue) are sampled
 as often into a timeline, which shows when the engine starts and stops working. --processes N sends the load from N
-processes (one Python process reads about 20k server-sent events a second).
+processes (one Python process reads about 20k server-sent events a second), whose clients take requests from one
+queue as they arrive: each request waits for the first free client of any process, so that no process runs out of
+work while another still holds a backlog (when each sent a fixed share, the load's last seconds held too few
+requests to fill a server's rows, docs/results.md).
 """
 
 import argparse
@@ -19,11 +22,12 @@ import asyncio
 import json
 import math
 import multiprocessing
+import queue
 import random
 import statistics
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -83,10 +87,12 @@ def children(pid: int) -> list[int]:
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
-              ignore_eos: bool = False) -> dict:
+              arrived: float | None, ignore_eos: bool = False) -> dict:
+    """One streamed request; its times from `arrived` (time.monotonic(), the same clock in every process), or from
+    now."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": ignore_eos, "stream_options": {"include_usage": True}}
-    started, times, text, tokens = time.perf_counter(), [], "", 0
+    started, times, text, tokens = time.monotonic() if arrived is None else arrived, [], "", 0
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -96,7 +102,7 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_
                 if line.startswith("data: ") and line != "data: [DONE]":
                     chunk = json.loads(line[6:])
                     if chunk["choices"]:  # a text delta, or the last piece with the finish reason
-                        times.append(time.perf_counter())
+                        times.append(time.monotonic())
                         text += chunk["choices"][0]["text"]
                     tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
     except httpx.HTTPError as error:
@@ -104,38 +110,48 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_
     return {"status": 200, "prompt": prompt, "max_tokens": max_tokens, "text": text,
             "ttft_s": times[0] - started if times else None,
             "tpot_s": (times[-1] - times[0]) / (tokens - 1) if len(times) > 1 and tokens > 1 else None,
-            "pieces": len(times), "tokens": tokens, "seconds": time.perf_counter() - started}
+            "pieces": len(times), "tokens": tokens, "seconds": time.monotonic() - started}
 
 
-async def run_share(args, share: int, start_at: float) -> tuple[list[dict], float, float]:
-    """One load process's part of the load: every `processes`-th request, at its share of the rate and of the
-    clients. Returns its results and the wall-clock times (time.time()) it started and ended."""
+async def run_share(args, start_at: float, arrivals) -> tuple[list[dict], float, float]:
+    """One load process's clients (its share of --concurrency), each taking the next (request index, arrival time)
+    from the queue `arrivals` as soon as it is free, until it takes None. Returns their results and the wall-clock
+    times (time.time()) the process started and ended."""
     work = prompts(args.distinct, new_tokens=tuple(args.new_tokens), spread=args.spread)
-    jobs = [work[i % len(work)] for i in range(args.requests)][share::args.processes]
-    rate, concurrency = args.rate / args.processes, -(-args.concurrency // args.processes)
+    concurrency = -(-args.concurrency // args.processes)
     results = []
-    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        started = time.time()
-        if rate:  # open loop: arrivals do not wait for answers
-            rng, tasks = random.Random(1 + share), []
-            for job in jobs:
-                tasks.append(asyncio.create_task(one(client, args.url, args.model, *job, args.ignore_eos)))
-                await asyncio.sleep(rng.expovariate(rate))
-            results = await asyncio.gather(*tasks)
-        else:  # closed loop: each client sends its next request when the last one ends
-            queue = list(reversed(jobs))
+        started, loop = time.time(), asyncio.get_running_loop()
+        with ThreadPoolExecutor(concurrency) as takers:  # a blocking get each, off the event loop
 
             async def client_loop():
-                while queue:
-                    results.append(await one(client, args.url, args.model, *queue.pop(), args.ignore_eos))
+                while (arrival := await loop.run_in_executor(takers, arrivals.get)) is not None:
+                    index, arrived = arrival
+                    results.append(await one(client, args.url, args.model, *work[index % len(work)], arrived,
+                                             args.ignore_eos))
             await asyncio.gather(*(client_loop() for _ in range(concurrency)))
     return results, started, time.time()
 
 
-def run_share_sync(args, share: int, start_at: float) -> tuple[list[dict], float, float]:
-    return asyncio.run(run_share(args, share, start_at))
+def run_share_sync(args, start_at: float, arrivals) -> tuple[list[dict], float, float]:
+    return asyncio.run(run_share(args, start_at, arrivals))
+
+
+def send_arrivals(args, arrivals, start_at: float) -> None:
+    """Put each request into the queue when it arrives: all at start_at (closed loop: each client sends its next
+    request when its last one ends), or at Poisson arrivals of --rate a second (open loop: arrivals do not wait for
+    answers); then one None for each client."""
+    time.sleep(max(0.0, start_at - time.time()))
+    rng, due = random.Random(1), time.monotonic()
+    for index in range(args.requests):
+        if args.rate:
+            time.sleep(max(0.0, due - time.monotonic()))
+            due += rng.expovariate(args.rate)
+        arrivals.put((index, time.monotonic() if args.rate else None))
+    for _ in range(args.processes * -(-args.concurrency // args.processes)):
+        arrivals.put(None)
 
 
 def run(args) -> dict:
@@ -163,11 +179,16 @@ def run(args) -> dict:
     sampler = threading.Thread(target=sample)
     sampler.start()
     if args.processes == 1:
-        shares = [run_share_sync(args, 0, start_at)]
+        arrivals = queue.Queue()
+        threading.Thread(target=send_arrivals, args=(args, arrivals, start_at), daemon=True).start()
+        shares = [run_share_sync(args, start_at, arrivals)]
     else:
-        with ProcessPoolExecutor(args.processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-            shares = list(pool.map(run_share_sync, [args] * args.processes, range(args.processes),
-                                   [start_at] * args.processes))
+        context = multiprocessing.get_context("spawn")
+        with context.Manager() as manager, ProcessPoolExecutor(args.processes, mp_context=context) as pool:
+            arrivals = manager.Queue()
+            threading.Thread(target=send_arrivals, args=(args, arrivals, start_at), daemon=True).start()
+            shares = list(pool.map(run_share_sync, [args] * args.processes, [start_at] * args.processes,
+                                   [arrivals] * args.processes))
     stop.set()
     sampler.join()
     results = [result for share, _, _ in shares for result in share]
@@ -213,10 +234,10 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
+    parser.add_argument("--concurrency", type=int, default=32, help="clients: requests in flight at most")
     parser.add_argument("--rate", type=float, default=0.0, help="open loop: Poisson arrivals per second")
     parser.add_argument("--processes", type=int, default=1,
-                        help="load processes, each with its share of the requests, rate and clients")
+                        help="load processes, each with its share of the clients")
     parser.add_argument("--distinct", type=int, default=40, help="distinct (prompt, max_tokens) pairs")
     add_length_arguments(parser, "max_tokens")
     parser.add_argument("--check-greedy", help="export directory: compare every answer with the prompt run alone")
