@@ -497,7 +497,7 @@ class Engine:
     def _compact(self) -> None:
         """Move the requests of rows at or above the bucket of the rows in use into free rows below it, so that the
         next steps run at that bucket; rows are free after admission only when no request waits. Their K/V and
-        next token are copied on the device after the work already queued, which still writes the old rows."""
+        next token are copied on the device after the work already queued (the steps in flight write the old rows)."""
         used = [row for row, slot in enumerate(self._slots) if slot]
         if self.batching != "continuous" or not used:
             return
