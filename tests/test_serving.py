@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+from conftest import REPO_ROOT
 
 from kvexport.exporter import export
 from kvexport.runtime import Generator, SamplingConfig
@@ -381,6 +382,20 @@ def test_openai_client_against_the_server(server, alone, served_export):
               .choices[0].text for _ in range(2)]
     assert seeded[0] == seeded[1]
 
+
+
+def test_the_load_generator_over_two_processes(server, served_export, tmp_path):
+    """samples/load_test.py, which measures the server for docs/results.md: Poisson arrivals taken from one queue by
+    the clients of two processes; every request answered, each greedy answer the prompt's alone."""
+    url, _ = server
+    output = tmp_path / "load.json"
+    subprocess.run([sys.executable, str(REPO_ROOT / "samples/load_test.py"), "--url", url, "--requests", "24",
+                    "--rate", "40", "--concurrency", "4", "--processes", "2", "--new-tokens", "4", "12",
+                    "--check-greedy", str(served_export), "--output", str(output)],
+                   check=True, capture_output=True, timeout=300)
+    report = json.loads(output.read_text())
+    assert report["requests"] == 24 and report["errors"] == {} and report["greedy_mismatches"] == 0
+    assert 0 < report["ttft_p50_s"] <= report["ttft_p99_s"] < report["wall_s"]
 
 BAD_REQUESTS = [
     ("malformed JSON", b"{not json", 400),
