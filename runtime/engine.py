@@ -496,10 +496,12 @@ class Engine:
 
     def _compact(self) -> None:
         """Move the requests of rows at or above the bucket of the rows in use into free rows below it, so that the
-        next steps run at that bucket; rows are free after admission only when no request waits. Their K/V and
-        next token are copied on the device after the work already queued (the steps in flight write the old rows)."""
+        next steps run at that bucket. Their K/V and next token are copied on the device after the work already
+        queued (the steps in flight write the old rows)."""
+        if self.batching != "continuous" or self._waiting:  # a request waits: admission fills the free rows
+            return
         used = [row for row, slot in enumerate(self._slots) if slot]
-        if self.batching != "continuous" or not used:
+        if not used:
             return
         below = self.decoder.bucket(len(used))
         free = (row for row in range(below) if self._slots[row] is None)

@@ -113,12 +113,12 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_
             "pieces": len(times), "tokens": tokens, "seconds": time.monotonic() - started}
 
 
-async def run_share(args, start_at: float, arrivals) -> tuple[list[dict], float, float]:
+async def run_clients(args, start_at: float, arrivals) -> tuple[list[dict], float, float]:
     """One load process's clients (its share of --concurrency), each taking the next (request index, arrival time)
     from the queue `arrivals` as soon as it is free, until it takes None. Returns their results and the wall-clock
     times (time.time()) the process started and ended."""
     work = prompts(args.distinct, new_tokens=tuple(args.new_tokens), spread=args.spread)
-    concurrency = -(-args.concurrency // args.processes)
+    concurrency = clients_per_process(args)
     results = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -135,8 +135,12 @@ async def run_share(args, start_at: float, arrivals) -> tuple[list[dict], float,
     return results, started, time.time()
 
 
-def run_share_sync(args, start_at: float, arrivals) -> tuple[list[dict], float, float]:
-    return asyncio.run(run_share(args, start_at, arrivals))
+def clients_per_process(args) -> int:
+    return -(-args.concurrency // args.processes)
+
+
+def run_clients_sync(args, start_at: float, arrivals) -> tuple[list[dict], float, float]:
+    return asyncio.run(run_clients(args, start_at, arrivals))
 
 
 def send_arrivals(args, arrivals, start_at: float) -> None:
@@ -150,7 +154,7 @@ def send_arrivals(args, arrivals, start_at: float) -> None:
             time.sleep(max(0.0, due - time.monotonic()))
             due += rng.expovariate(args.rate)
         arrivals.put((index, time.monotonic() if args.rate else None))
-    for _ in range(args.processes * -(-args.concurrency // args.processes)):
+    for _ in range(args.processes * clients_per_process(args)):
         arrivals.put(None)
 
 
@@ -181,18 +185,18 @@ def run(args) -> dict:
     if args.processes == 1:
         arrivals = queue.Queue()
         threading.Thread(target=send_arrivals, args=(args, arrivals, start_at), daemon=True).start()
-        shares = [run_share_sync(args, start_at, arrivals)]
+        runs = [run_clients_sync(args, start_at, arrivals)]
     else:
         context = multiprocessing.get_context("spawn")
         with context.Manager() as manager, ProcessPoolExecutor(args.processes, mp_context=context) as pool:
             arrivals = manager.Queue()
             threading.Thread(target=send_arrivals, args=(args, arrivals, start_at), daemon=True).start()
-            shares = list(pool.map(run_share_sync, [args] * args.processes, [start_at] * args.processes,
-                                   [arrivals] * args.processes))
+            runs = list(pool.map(run_clients_sync, [args] * args.processes, [start_at] * args.processes,
+                                 [arrivals] * args.processes))
     stop.set()
     sampler.join()
-    results = [result for share, _, _ in shares for result in share]
-    wall = max(end for _, _, end in shares) - min(start for _, start, _ in shares)
+    results = [result for clients, _, _ in runs for result in clients]
+    wall = max(end for _, _, end in runs) - min(start for _, start, _ in runs)
     metrics = httpx.get(f"{args.url}/metrics").text
     work = prompts(args.distinct, new_tokens=tuple(args.new_tokens), spread=args.spread)
     ok = [r for r in results if r["status"] == 200]

@@ -383,7 +383,6 @@ def test_openai_client_against_the_server(server, alone, served_export):
     assert seeded[0] == seeded[1]
 
 
-
 def test_the_load_generator_over_two_processes(server, served_export, tmp_path):
     """samples/load_test.py, which measures the server for docs/results.md: Poisson arrivals taken from one queue by
     the clients of two processes; every request answered, each greedy answer the prompt's alone."""
@@ -396,6 +395,7 @@ def test_the_load_generator_over_two_processes(server, served_export, tmp_path):
     report = json.loads(output.read_text())
     assert report["requests"] == 24 and report["errors"] == {} and report["greedy_mismatches"] == 0
     assert 0 < report["ttft_p50_s"] <= report["ttft_p99_s"] < report["wall_s"]
+
 
 BAD_REQUESTS = [
     ("malformed JSON", b"{not json", 400),
