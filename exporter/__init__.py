@@ -1,16 +1,25 @@
-"""Rewrite a Hugging Face decoder so shared layers attend over their owner's K/V, and emit ONNX for it."""
+"""Rewrite a Hugging Face decoder so shared layers attend over their owner's K/V, and emit ONNX for it.
 
-from kvexport.models import DEFAULT_MODEL
+The names below are imported on first use: `kvexport --help` and `--version` (whose module lives in this package)
+must work where ONNX Runtime, which validation needs, is not installed yet.
+"""
 
-from .loading import ALIASES, HUB_ALIASES, LoadedModel, load_model, resolve_model
-from .models import DecoderDescription, UnsupportedModelError, describe
-from .onnx_graph import build_decoder, cache_layout
-from .pipeline import ExportResult, export
-from .reference import ReferenceDecoder
-from .validate import ValidationReport, validate_export
+from importlib import import_module
 
-__all__ = [
-    "ALIASES", "DEFAULT_MODEL", "HUB_ALIASES", "DecoderDescription", "ExportResult", "LoadedModel", "ReferenceDecoder",
-    "UnsupportedModelError", "ValidationReport", "build_decoder", "cache_layout", "describe", "export",
-    "load_model", "resolve_model", "validate_export",
-]
+_NAMES = {
+    "DEFAULT_MODEL": "kvexport.models",
+    "ALIASES": ".loading", "HUB_ALIASES": ".loading", "LoadedModel": ".loading", "load_model": ".loading",
+    "resolve_model": ".loading",
+    "DecoderDescription": ".models", "UnsupportedModelError": ".models", "describe": ".models",
+    "build_decoder": ".onnx_graph", "cache_layout": ".onnx_graph",
+    "ExportResult": ".pipeline", "export": ".pipeline",
+    "ReferenceDecoder": ".reference",
+    "ValidationReport": ".validate", "validate_export": ".validate",
+}
+__all__ = list(_NAMES)
+
+
+def __getattr__(name: str):
+    if name not in _NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_NAMES[name], __name__), name)

@@ -30,7 +30,18 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    add_provider_arg(parser)
+
+
+def add_provider_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where ONNX Runtime runs (default auto: cuda when onnxruntime-gpu sees a GPU, else cpu)")
+
+
+def resolved_provider(args: argparse.Namespace) -> str:
+    from kvexport.runtime.ort_session import resolve_provider
+
+    return resolve_provider(args.provider)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -60,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from kvexport.runtime import Generator, SamplingConfig
 
     # `generate` checks every file's hash by default; right after an export there is nothing to check.
-    generator = Generator(args.directory, provider=args.provider, backend=getattr(args, "backend", "ort"),
+    generator = Generator(args.directory, provider=resolved_provider(args), backend=getattr(args, "backend", "ort"),
                           max_batch=len(args.prompt or [DEFAULT_PROMPT]), cuda_graph=getattr(args, "cuda_graph", False),
                           verify=not getattr(args, "no_verify", True))
     prompts = args.prompt or [DEFAULT_PROMPT]
@@ -199,12 +210,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise KvexportError(f"--steps-in-flight {args.steps_in_flight}: at least 1 step is queued ahead")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise KvexportError(f"--prefill-chunk {args.prefill_chunk}: an iteration prefills at least 1 prompt token")
-    options = {"provider": args.provider, "max_slots": args.max_slots, "max_queue": args.max_queue,
+    options = {"provider": resolved_provider(args), "max_slots": args.max_slots, "max_queue": args.max_queue,
                "max_length": args.max_length, "cuda_graph": args.cuda_graph, "batching": args.batching,
                "steps_in_flight": args.steps_in_flight}
     if args.prefill_chunk is not None:  # else the Engine's default
         options["prefill_chunk"] = args.prefill_chunk
     if args.replicas:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise KvexportError("--replicas runs on Ray Serve, which is not installed: pip install 'kvexport[ray]'")
         from kvexport.serving.ray_app import serve_on_ray
 
         return serve_on_ray(args.directory, args.host, args.port, args.model_name, args.replicas,
@@ -326,8 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", help="export directory (default exports/MODEL.STRATEGY)")
     export.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     export.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
-    export.add_argument("--static", action="store_true",
-                        help="also write the decode graph over preallocated cache buffers (backend ort-static)")
+    export.add_argument("--static", action=argparse.BooleanOptionalAction, default=True,
+                        help="also write the decode graph over preallocated cache buffers, which serve, bench's "
+                             "ort-static and --backend ort-static run (default; --no-static writes the dynamic "
+                             "graph only)")
     add_sampling_args(export)
     export.set_defaults(func=cmd_export)
 
@@ -392,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--calib", help="calibration text file (default: the default model's held-out text)")
     heads.add_argument("--samples", type=int, default=128,
                        help="calibration windows (default 128: 16,384 tokens at --length 128; 32 kept 2 to 10 points "
-                            "less next-token accuracy on the tiny models, docs/results.md)")
+                            "less next-token accuracy on the tiny models)")
     heads.add_argument("--length", type=int, default=128, help="tokens per calibration window")
     heads.add_argument("-o", "--output", type=Path, required=True)
     heads.set_defaults(func=cmd_compress_heads)
@@ -426,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-slots", type=int, default=16, help="sequences decoded together (cache rows)")
     server.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     server.add_argument("--max-length", type=int, help="tokens per sequence the cache holds (default: the model's)")
-    server.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    add_provider_arg(server)
     server.add_argument("--cuda-graph", action="store_true")
     server.add_argument("--batching", choices=["continuous", "static"], default="continuous",
                         help="static: admit a new batch only when the last one has finished (for comparison)")

@@ -66,7 +66,7 @@ RIDGE = 1e-6  # relative regulariser of the error metrics, so a head that is nev
 OUTPUT_RIDGE = 1.0
 # rope-svd-fit: Adam's step size per weight, relative to that weight's RMS (1e-3 on tiny-llama), and the default
 # number of steps per layer. On tiny-llama at 2 KV heads, 32 calibration windows (held-out next-token accuracy,
-# docs/results.md): 100 steps 48.21%, 200 48.77%, against 46.54% for rope-svd-refit; 3x the step size for 100 steps
+# measured): 100 steps 48.21%, 200 48.77%, against 46.54% for rope-svd-refit; 3x the step size for 100 steps
 # 47.89%. With too little calibration text more steps overfit it: 128 windows is the command's default.
 FIT_STEP = 0.025
 FIT_STEPS = 200

@@ -94,10 +94,11 @@ def export(
     output: str | os.PathLike[str],
     dtype: str = "float32",
     validate: bool = True,
-    static: bool = False,
+    static: bool = True,
     log=print,
 ) -> ExportResult:
-    """Export, validate and publish. static=True also writes the decode graph over preallocated cache buffers."""
+    """Export, validate and publish. static (the default) also writes the decode graph over preallocated cache
+    buffers, which the server and the ort-static backend run; static=False writes the dynamic graph only."""
     started = time.perf_counter()
     target = Path(output)
     if target.exists() and not (target / c.MANIFEST_FILE).is_file():

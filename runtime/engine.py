@@ -299,7 +299,7 @@ class Engine:
         self._outbox: list[tuple[RequestHandle, Event]] = []  # events of this iteration, delivered at its end
         self._on_events = on_events or deliver
         # The handles' text needs the tokenizer, loaded here and not by the first submit, which would hold the
-        # scheduler's lock meanwhile (on the H100 the server's first request waited about 12 s, docs/results.md).
+        # scheduler's lock meanwhile (on the H100 the server's first request waited about 12 s).
         # Events sent elsewhere (engine_process.py) are turned into text there.
         self._tokenizer = self.generator.tokenizer if on_events is None and self.model.has_tokenizer else None
         self.stats = EngineStats()
@@ -452,7 +452,7 @@ class Engine:
         # While requests wait for rows and others decode, new prompts are batched, rather than pausing decoding for
         # each: up to a sixteenth of the rows (at most prefill_batch) may idle meanwhile. On the H100 a batch of 8
         # prompts of 96 tokens takes 1.2 ms and one of 4 takes 0.86; at 64 rows, waiting for 4 kept 95% of the rows
-        # busy where waiting for 8 (prompts then padded to powers of two) kept 89% (docs/results.md). Static
+        # busy where waiting for 8 (prompts then padded to powers of two) kept 89%. Static
         # batching admits no row until its batch ends, so its last prompts never wait.
         batch_at = max(1, min(decoder.prefill_batch, self.max_slots // 16))
         if (self.batching == "continuous" and len(candidates) < batch_at and self._waiting

@@ -2,7 +2,7 @@
 
 Threads of one Python process share one interpreter lock, so there the scheduler's steps wait while the server turns
 tokens into text and streams them: on the H100 the engine served 10.9k tokens/s to consumers that detokenize and
-15.7k to consumers of token ids (docs/results.md, issue 13). As vLLM's engine core does, the engine runs in a child
+15.7k to consumers of token ids. As vLLM's engine core does, the engine runs in a child
 process ('spawn': CUDA state is never forked) and sends each scheduler iteration's token ids in one message per
 front end; a front end checks requests (encoding prompts with the tokenizer; the engine takes them as checked), the
 consumers of its handles turn ids into text, and the front ends count the requests in flight for backpressure in one
@@ -12,7 +12,7 @@ ends, in processes of their own, each over its own pipe to the one engine (vLLM'
 `launch_engine(..., front_ends=N)`, then an `EngineClient` per pipe, in the process that serves it. The engine
 process's other thread only takes the front ends' messages, and an API server reads the engine's on its event loop:
 a second thread busy in Python makes the scheduler wait for the interpreter lock after each CUDA call (the H100
-profile in docs/results.md).
+profile).
 
 Messages, front end to engine: ("submit", id, token ids, config, timeout_s), ("cancel", id), ("refused", None),
 ("metrics", id), ("close", drain). Engine to front end: ("ready", None) or ("failed", (error type, message)) once,
@@ -54,7 +54,7 @@ SWITCH_INTERVAL_S = 0.0005
 def freeze_startup_objects() -> None:
     """Exclude what a server process holds once started (modules, the model, the sessions: about 232k objects in
     the engine process) from Python's cyclic garbage collector, as vLLM does: otherwise each full collection
-    scans them all, a pause of about 90 ms on a 2-core machine (docs/results.md) during which no step is
+    scans them all, a pause of about 90 ms on a 2-core machine, during which no step is
     queued and no token streamed. Only kvexport's own processes call this."""
     gc.collect()
     gc.freeze()
@@ -125,7 +125,7 @@ class EngineClient:
     def receive_on(self, loop: asyncio.AbstractEventLoop) -> None:
         """Receive the engine's messages in `loop` (an API server's, which streams the tokens), not in a thread: a
         receiver thread waits for the interpreter lock after each read while the loop holds it (half its time
-        on the H100, docs/results.md), and takes it from the loop when it gets it."""
+        on the H100), and takes it from the loop when it gets it."""
         loop.add_reader(self._connection.fileno(), self._on_readable, loop)
 
     def submit(self, prompt: Prompt, config: SamplingConfig | None = None,

@@ -17,6 +17,17 @@ from .exported import ExportedModel
 from .kv_cache import KVCache
 
 
+def resolve_provider(provider: str) -> str:
+    """'auto': CUDA where ONNX Runtime has its CUDA provider and torch sees a GPU, else the CPU."""
+    if provider != "auto":
+        return provider
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def check_provider(provider: str) -> None:
     """One-line errors for a provider this machine cannot serve (CUDA needs ORT's CUDA provider and a CUDA
     build of torch, whose streams and tensors the runtime shares with ORT)."""
@@ -72,7 +83,7 @@ CUDA_KERNEL_DEFAULTS = {"ORT_ENABLE_XQA": "0", "ORT_CUDA_GEMM_AUTO_TUNE": "1"}
 # - use_tf32 0: a float32 export runs float32 MatMuls, as on the CPU (ONNX Runtime's TF32 default rounds them to
 #   10 mantissa bits, which flipped greedy near-ties on the H100); float16 exports are the fast path.
 # - arena_extend_strategy kSameAsRequested: the memory arena grows by what a run asks for, not to its next power of
-#   two, which held up to 0.6 GiB more for a 160M model at the same speed (docs/results.md).
+#   two, which held up to 0.6 GiB more for a 160M model at the same speed.
 CUDA_PROVIDER_OPTIONS = {"use_tf32": "0", "arena_extend_strategy": "kSameAsRequested"}
 
 

@@ -196,7 +196,7 @@ class StaticCacheDecoder(Decoder):
         """One run of a binding made once (a decode step's or a prefill shape's) on the decoder's stream: with
         cuda_graph its captured graph (captured at its first run, after two plain runs have sized ONNX Runtime's
         arena and chosen its GEMM algorithms; one launch instead of ONNX Runtime's per-node launches: an uncaptured
-        prefill run held the host 6.9 ms on the H100, see docs/results.md), else a plain run."""
+        prefill run held the host 6.9 ms on the H100), else a plain run."""
         if not self.cuda_graph:
             self.session.run_with_iobinding(binding, self._run_options)
             return

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the GPU machine, after .gpu/stage.sh: issue #18's measurements, one per call (each fits the 10-minute limit).
+# On the GPU machine, after .gpu/stage.sh: the real-size measurements of docs/results.md, one part per run.
 #   bash samples/gpu_real_sizes.sh export llama-7b     # random fp16 weights of the shape; export every:2, validated
 #   bash samples/gpu_real_sizes.sh export llama-13b
 #   bash samples/gpu_real_sizes.sh prefill             # pythia-1.4b at 16 x 2048: peak device memory and capacity

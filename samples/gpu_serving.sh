@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the GPU machine, after .gpu/stage.sh: issue #13's H100 figures. pythia-160m shape (random fp16 weights), `none`
+# On the GPU machine, after .gpu/stage.sh: the serving figures of docs/results.md. pythia-160m shape (random fp16 weights), `none`
 # with 32 slots and `every:2` with 64 slots of 1024 tokens (the same KV bytes: 1152 MiB), continuous and static
 # batching, under loads of the shipped held-out text's prompts (1 to 60 words): short answers (8 to 64 new tokens,
 # uniform; more prompt tokens than new ones), long ones (64 to 512, uniform) and long-tailed ones (16 to 896,

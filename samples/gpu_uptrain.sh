@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the GPU machine: issue #12's uptraining runs on tiny-neox, one `kvexport uptrain` per strategy, each followed by
+# On the GPU machine: the uptraining runs of docs/results.md on tiny-neox, one `kvexport uptrain` per strategy, each followed by
 # `kvexport eval` on the shipped held-out text (the windows of docs/results.md's strategy table). Needs, carried:
 # .train/train.txt and .train/select.txt (python samples/train_tiny.py texts ...) and .train/strategies/kvsharer{2,4,6}.json
 # (kvexport search --model tiny-neox --shared-layers N --threshold -1). Results: $OUT/uptrain-NAMES.tar.gz.

@@ -1,4 +1,4 @@
-"""Plot issue #12's results: held-out perplexity vs KV bytes per token, before and after uptraining.
+"""Plot the uptraining results: held-out perplexity vs KV bytes per token, before and after uptraining.
 
     python samples/plot_uptrain.py docs/uptrain     # reads eval-before.json and NAME/{eval,kvexport_uptrain}.json
 """

@@ -1,6 +1,6 @@
 """Device time of a batch of first prompts (StaticCacheDecoder.prefill_first, captured as the engine runs it) by batch
 and padded width, and of one decode step of 64 rows, for a static export of the pythia-160m shape (docs/results.md,
-issue 13): what a continuous-batching engine pauses its decoding for when it admits new prompts.
+Serving): what a continuous-batching engine pauses its decoding for when it admits new prompts.
 
     python samples/prefill_time.py EXPORT_DIR
 """

@@ -1,4 +1,4 @@
-"""Where the host time of an ort-static decode step goes on CUDA (docs/results.md, issue 16): wall clock per step,
+"""Where the host time of an ort-static decode step goes on CUDA (docs/results.md): wall clock per step,
 over many steps, of the captured graph's replay alone; of a greedy loop that takes each step's token to the host
 (a loop that streams without overlap); of the same loop with the token fed back on the device, the host never
 waiting (as `kvexport bench` and the engine run it), from the caller's stream and from the decoder's own; and of

@@ -11,10 +11,20 @@ def test_headline_command_exports_validates_and_generates(tiny_neox, tmp_path, c
     printed = capsys.readouterr().out
     assert "validation (float32)" in printed and "2 of 4 layers cache K/V" in printed
     assert "50% saved" in printed
-    assert json.loads((out / "kvexport.json").read_text())["cache"]["owners"] == [0, 2]
+    manifest = json.loads((out / "kvexport.json").read_text())
+    assert manifest["cache"]["owners"] == [0, 2]
+    assert manifest["files"]["static_decode"] == "model_static.onnx"  # serve and ort-static run it as it is
     assert main(["inspect", str(out)]) == 0
     inspect = capsys.readouterr().out
     assert "layer   0 owns, shared by 1" in inspect and "KV bytes per token  1024 vs 2048 full" in inspect
+
+
+def test_no_static_writes_the_dynamic_graph_only(tiny_neox, tmp_path):
+    out = tmp_path / "export"
+    assert main(["--model", str(tiny_neox), "--share", "none", "--output", str(out), "--max-new-tokens", "0",
+                 "--no-static"]) == 0
+    assert json.loads((out / "kvexport.json").read_text())["files"]["static_decode"] is None
+    assert not (out / "model_static.onnx").exists()
 
 
 def test_strategy_make_then_export(tiny_neox, tmp_path, capsys):

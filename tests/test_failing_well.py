@@ -1,5 +1,5 @@
 """Damaged exports and bad requests end in a KvexportError subclass (one line and exit 2 from the CLI), before
-anything runs: the cases of issue 17's two tables, one by one."""
+anything runs: each damaged file and each bad request, one by one."""
 
 import dataclasses
 import json
