@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from kvexport.strategies import SPEC_HELP, KvexportError, make_strategy
 from kvexport.strategies import contract as c
 
 DEFAULT_PROMPT = "In Python, a list"
+API_KEY_VARIABLE = "KVEXPORT_API_KEY"  # the server's API key, when --api-key is not given (as vLLM's VLLM_API_KEY)
 
 
 def strategy_label(spec: str) -> str:
@@ -199,17 +201,23 @@ def cmd_uptrain(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from kvexport.serving.app import serve
+        from kvexport.serving.guard import Limits
+        from kvexport.serving.openai_api import ApiSettings
     except ImportError as missing:
         raise KvexportError(f"serving needs the serve extra ({missing.name} is missing): pip install "
                             "'kvexport[serve]'") from None
-    if args.stream_interval < 1:
-        raise KvexportError(f"--stream-interval {args.stream_interval}: a streamed event carries at least 1 token")
-    if args.api_servers < 1:
-        raise KvexportError(f"--api-servers {args.api_servers}: a server needs at least 1 API server process")
-    if args.steps_in_flight is not None and args.steps_in_flight < 1:
-        raise KvexportError(f"--steps-in-flight {args.steps_in_flight}: at least 1 step is queued ahead")
-    if args.prefill_chunk is not None and args.prefill_chunk < 1:
-        raise KvexportError(f"--prefill-chunk {args.prefill_chunk}: an iteration prefills at least 1 prompt token")
+    for option, value, least, what in (
+            ("--stream-interval", args.stream_interval, 1, "a streamed event carries at least 1 token"),
+            ("--api-servers", args.api_servers, 1, "a server needs at least 1 API server process"),
+            ("--steps-in-flight", args.steps_in_flight, 1, "at least 1 step is queued ahead"),
+            ("--prefill-chunk", args.prefill_chunk, 1, "an iteration prefills at least 1 prompt token"),
+            ("--max-request-bytes", args.max_request_bytes, 1024, "a request body of at least 1024 bytes")):
+        if value is not None and value < least:
+            raise KvexportError(f"{option} {value}: {what}")
+    api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
+    api = ApiSettings(model_name=args.model_name or "", stream_interval=args.stream_interval,
+                      chat_template=read_chat_template(args.chat_template),
+                      limits=Limits(api_key=api_key, max_request_bytes=args.max_request_bytes))
     options = {"provider": resolved_provider(args), "max_slots": args.max_slots, "max_queue": args.max_queue,
                "max_length": args.max_length, "cuda_graph": args.cuda_graph, "batching": args.batching,
                "steps_in_flight": args.steps_in_flight}
@@ -222,10 +230,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise KvexportError("--replicas runs on Ray Serve, which is not installed: pip install 'kvexport[ray]'")
         from kvexport.serving.ray_app import serve_on_ray
 
-        return serve_on_ray(args.directory, args.host, args.port, args.model_name, args.replicas,
-                            args.gpus_per_replica, stream_interval=args.stream_interval, **options)
-    return serve(args.directory, args.host, args.port, args.model_name, args.stream_interval, args.api_servers,
-                 **options)
+        return serve_on_ray(args.directory, args.host, args.port, api, args.replicas, args.gpus_per_replica,
+                            **options)
+    return serve(args.directory, args.host, args.port, api, args.api_servers, **options)
+
+
+def read_chat_template(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text()
+    except OSError as problem:
+        raise KvexportError(f"--chat-template {path}: {problem.strerror}: give a Jinja template file") from None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -462,6 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt tokens prefilled per scheduler iteration, over all new prompts (default 256; "
                              "a batch of a sixteenth of the rows' first prompts may pass it): larger admits long "
                              "prompts sooner, smaller pauses the decoding requests less")
+    server.add_argument("--api-key", help=f"clients must send 'Authorization: Bearer KEY' on /v1/ routes (default: "
+                        f"${API_KEY_VARIABLE}; none: every request is served)")
+    server.add_argument("--max-request-bytes", type=int, default=4 * 2**20, metavar="N",
+                        help="larger request bodies get 413 before they are read (default 4 MiB)")
+    server.add_argument("--chat-template", type=Path, metavar="FILE",
+                        help="Jinja chat template for /v1/chat/completions (default: the tokenizer's own)")
     server.add_argument("--replicas", type=int, default=0,
                         help="serve on Ray Serve with this many replicas, one engine each (needs ray[serve])")
     server.add_argument("--gpus-per-replica", type=float, default=0.0)

@@ -22,7 +22,8 @@ HUB_ALIASES = {f"pythia-{size}": f"EleutherAI/pythia-{size}" for size in
 ALIASES = (*SHIPPED, *HUB_ALIASES)
 # Files an export needs besides the weights; copied next to the ONNX model as optimum-cli does.
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
+              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
+              "chat_template.jinja", "chat_template.json")  # where newer checkpoints keep their chat template
 
 
 UPTRAIN_RECORD = "kvexport_uptrain.json"  # in a model directory written by `kvexport uptrain`: its strategy

@@ -349,6 +349,15 @@ class Engine:
         self._thread.join()
 
     # -- what a server reports ---------------------------------------------------------------------
+    @property
+    def requests(self) -> RequestChecker:
+        return self.generator.requests
+
+    @property
+    def alive(self) -> bool:
+        """Whether the scheduler runs and takes requests (a server's health)."""
+        return self._thread.is_alive() and not self._closing
+
     def metrics(self) -> dict:
         active = [s for s in self._slots if s is not None]
         tokens = sum(s.length for s in active)

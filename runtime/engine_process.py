@@ -156,6 +156,11 @@ class EngineClient:
             raise QueueFullError(f"{in_flight} requests are in flight for {self.max_slots} rows: retry later")
         return handle
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine process takes requests: false once it has stopped (or died) or this client closed."""
+        return not self._closing
+
     def metrics(self) -> dict:
         """The engine's metrics (as Engine.metrics, with refusals counted over every front end), asked of the
         engine process."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -105,8 +106,7 @@ class RequestChecker:
         encoded = []
         for index, prompt in enumerate(prompts):
             if isinstance(prompt, str):
-                # verbose=False: the length check against the model's positions is ours (stream), not the tokenizer's
-                ids = self.tokenizer(prompt, verbose=False)["input_ids"]
+                ids = self.encode_text(prompt, index)
             elif isinstance(prompt, (Sequence, np.ndarray)) and not isinstance(prompt, bytes):
                 ids = list(prompt)
                 if not all(map(is_integer, ids)):
@@ -121,6 +121,23 @@ class RequestChecker:
                 raise InputError(f"prompt {index} has token id {outside[0]} outside the vocabulary [0, {vocab})")
             encoded.append([int(t) for t in ids])
         return encoded
+
+    def encode_text(self, text: str, index: int = 0, special_tokens: bool = True) -> list[int]:
+        """A text's token ids. A text that no tokenization could fit in the cache is refused from its length alone,
+        before the tokenizer spends time on it (a server's front end tokenizes while it serves others)."""
+        limit = min(limit for limit in (self.model.facts.max_positions, self.max_length) if limit is not None)
+        if len(text) > self.max_chars_per_token * limit:
+            raise InputError(f"prompt {index} has {len(text)} characters, more than {limit} tokens of this model can "
+                             f"hold: shorten the prompt")
+        # verbose=False: the length check against the model's positions is ours (stream), not the tokenizer's
+        return self.tokenizer(text, verbose=False, add_special_tokens=special_tokens)["input_ids"]
+
+    @functools.cached_property
+    def max_chars_per_token(self) -> int:
+        """An upper bound on the characters one token covers: its longest vocabulary entry (a byte-level or
+        SentencePiece token's string is at least as long as the text it stands for), twice over for normalizers
+        that compose characters."""
+        return 2 * max(map(len, self.tokenizer.get_vocab()), default=1)
 
     def check(self, batch: int, prompt_length: int, config: SamplingConfig) -> None:
         vocab = self.model.facts.vocab_size

@@ -65,7 +65,8 @@ class StaticCacheDecoder(Decoder):
                  prefill_batch: int | None = None):
         static = model.manifest["files"].get("static_decode")
         if not static:
-            raise KvexportError(f"{model.directory} has no static decode graph: export with --static")
+            raise KvexportError(f"{model.directory} has no static decode graph (it was exported with --no-static): "
+                                "export it again without --no-static")
         if cuda_graph and provider != "cuda":
             raise KvexportError("CUDA graphs need the cuda provider")
         if provider == "cuda" and model.dtype != "float16":

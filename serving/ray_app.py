@@ -12,20 +12,25 @@ listens on the head node's --host and --port.
 # parameters' types (Request) as objects on the replica, not as names to look up.
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 
+from .openai_api import ApiSettings
 
-def deployment(directory: Path, model_name: str | None, replicas: int, gpus_per_replica: float,
-               stream_interval: int = 1, **engine_options):
-    """A bound Ray Serve application: `replicas` copies of the API, each over its own Engine."""
+
+def deployment(directory: Path, api: ApiSettings, replicas: int, gpus_per_replica: float, **engine_options):
+    """A bound Ray Serve application: `replicas` copies of the API, each over its own Engine. api.model_name
+    defaults to the export's source."""
     from ray import serve
 
-    from .app import metrics_response, models_payload, start_engine
-    from .openai_api import Completions
+    from .app import health_response, metrics_response, models_payload, start_engine
+    from .guard import Guard
+    from .openai_api import ChatCompletions, Completions
 
     app = FastAPI(title="kvexport")
+    app.add_middleware(Guard, limits=api.limits)
 
     @serve.deployment(num_replicas=replicas, ray_actor_options={"num_gpus": gpus_per_replica},
                       max_ongoing_requests=engine_options.get("max_queue", 256))
@@ -33,14 +38,23 @@ def deployment(directory: Path, model_name: str | None, replicas: int, gpus_per_
     class KvexportReplica:
         def __init__(self):
             self.engine = start_engine(directory, **engine_options)
-            self.name = model_name or self.engine.model.facts.source
-            self.completions_api, self.created = Completions(self.engine, self.name, stream_interval), int(time.time())
+            self.settings = replace(api, model_name=api.model_name or self.engine.model.facts.source)
+            self.name, self.created = self.settings.model_name, int(time.time())
+            self.routes = {"completions": Completions(self.engine, self.settings),
+                           "chat": ChatCompletions(self.engine, self.settings)}
+
+        async def answer(self, route: str, request: Request):
+            response = await self.routes[route](request)
+            response.headers["x-kvexport-replica"] = str(os.getpid())
+            return response
 
         @app.post("/v1/completions")
         async def completions(self, request: Request):
-            response = await self.completions_api(request)
-            response.headers["x-kvexport-replica"] = str(os.getpid())
-            return response
+            return await self.answer("completions", request)
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(self, request: Request):
+            return await self.answer("chat", request)
 
         @app.get("/v1/models")
         async def models(self):
@@ -48,7 +62,7 @@ def deployment(directory: Path, model_name: str | None, replicas: int, gpus_per_
 
         @app.get("/health")
         async def health(self):
-            return {"status": "ok", "model": self.name, "replica": os.getpid()}
+            return health_response(self.engine, self.name, "replica", os.getpid())
 
         @app.get("/metrics")
         async def metrics(self):
@@ -57,17 +71,15 @@ def deployment(directory: Path, model_name: str | None, replicas: int, gpus_per_
     return KvexportReplica.bind()
 
 
-def serve_on_ray(directory: Path, host: str, port: int, model_name: str | None, replicas: int,
-                 gpus_per_replica: float = 0.0, block: bool = True, stream_interval: int = 1,
-                 **engine_options) -> int:
+def serve_on_ray(directory: Path, host: str, port: int, api: ApiSettings, replicas: int,
+                 gpus_per_replica: float = 0.0, block: bool = True, **engine_options) -> int:
     import ray
     from ray import serve
 
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, include_dashboard=False,
              log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(deployment(Path(directory).resolve(), model_name, replicas, gpus_per_replica, stream_interval,
-                         **engine_options),
+    serve.run(deployment(Path(directory).resolve(), api, replicas, gpus_per_replica, **engine_options),
               route_prefix="/", name="kvexport")
     print(f"serving {directory} on http://{host}:{port}/v1 with {replicas} Ray Serve replicas", flush=True)
     if not block:

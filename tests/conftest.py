@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,3 +62,38 @@ def export_cache(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def served_export(tmp_path_factory):
+    """The shipped model (real tokenizer and chat template), every:2, with the static graph the engine runs."""
+    from kvexport.exporter import export
+
+    out = tmp_path_factory.mktemp("serve") / "export"
+    return export("tiny-neox", "every:2", out, log=lambda _: None).directory
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(export_dir, cwd, *options: str, env: dict | None = None) -> tuple[str, subprocess.Popen]:
+    """`kvexport serve` in a process of its own on a free port (4 slots, 8 queued unless options say otherwise),
+    once /health answers."""
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-c", "import sys; from kvexport.exporter.cli import main; sys.exit(main(sys.argv[1:]))",
+               "serve", str(export_dir), "--port", str(port), "--max-slots", "4", "--max-queue", "8", *options]
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    return url, process

@@ -11,9 +11,8 @@ import time
 
 import httpx
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, start_server
 
-from kvexport.exporter import export
 from kvexport.runtime import Generator, SamplingConfig
 from kvexport.runtime.engine import Engine, EngineClosedError, QueueFullError, deliver
 from kvexport.runtime.engine_process import EngineClient, EngineProcess, launch_engine
@@ -21,13 +20,6 @@ from kvexport.strategies import InputError, KvexportError
 
 PROMPTS = ["In Python, a list", "The dictionary", "def f(x):", "import os", "class A:", "Lambda", "A", "for i in"]
 GREEDY = SamplingConfig(max_new_tokens=12, stop_token_ids=[])
-
-
-@pytest.fixture(scope="module")
-def served_export(tmp_path_factory):
-    """The shipped model (real tokenizer), every:2, with the static graph the engine runs."""
-    out = tmp_path_factory.mktemp("serve") / "export"
-    return export("tiny-neox", "every:2", out, static=True, log=lambda _: None).directory
 
 
 @pytest.fixture(scope="module")
@@ -254,28 +246,6 @@ def test_a_front_end_that_receives_on_its_event_loop(served_export, alone):
     assert metrics["generated_tokens"] == 36 and stranded[-1].finish_reason == "error"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(export_dir, cwd, *options: str) -> tuple[str, subprocess.Popen]:
-    port = free_port()
-    command = [sys.executable, "-c", "import sys; from kvexport.exporter.cli import main; sys.exit(main(sys.argv[1:]))",
-               "serve", str(export_dir), "--port", str(port), "--max-slots", "4", "--max-queue", "8", *options]
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    return url, process
-
-
 @pytest.fixture(scope="module")
 def server(served_export, tmp_path_factory):
     # prompts of more than 3 tokens are prefilled over several iterations: the answers must not change
@@ -412,6 +382,8 @@ BAD_REQUESTS = [
     ("n 2", {"model": "tiny-neox", "prompt": "a", "n": 2}, 400),
     ("empty prompt list", {"model": "tiny-neox", "prompt": []}, 400),
     ("unknown model", {"model": "gpt-4", "prompt": "a"}, 404),
+    ("nested too deeply", b"[" * 100_000 + b"]" * 100_000, 400),
+    ("logprobs", {"model": "tiny-neox", "prompt": "a", "logprobs": 2}, 400),
 ]
 
 
@@ -469,10 +441,11 @@ def test_ignore_eos_generates_past_an_end_of_sequence_token(served_export, alone
     from fastapi.testclient import TestClient
 
     from kvexport.serving.app import create_app
+    from kvexport.serving.openai_api import ApiSettings
 
     engine = Engine(served_export, max_slots=2)
     engine.model.facts.eos_token_ids = [alone[PROMPTS[0]][2]]
-    with TestClient(create_app(engine, "tiny-neox")) as client:
+    with TestClient(create_app(engine, ApiSettings("tiny-neox"))) as client:
         body = {"model": "tiny-neox", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
         stopped = client.post("/v1/completions", json=body).json()
         going_on = client.post("/v1/completions", json={**body, "ignore_eos": True}).json()

@@ -159,8 +159,8 @@ def test_static_cache_limits_are_clear_errors(static_export, tiny_neox, tmp_path
         decoder.step(too_long, too_long, positions_from_mask(too_long), cache)
     with pytest.raises(KvexportError, match="CUDA graphs need the cuda provider"):
         StaticCacheDecoder(model, cuda_graph=True)
-    plain = export(str(tiny_neox), "none", tmp_path / "plain", log=lambda _: None).directory
-    with pytest.raises(KvexportError, match="export with --static"):
+    plain = export(str(tiny_neox), "none", tmp_path / "plain", static=False, log=lambda _: None).directory
+    with pytest.raises(KvexportError, match="without --no-static"):
         StaticCacheDecoder(ExportedModel.load(plain))
 
 
