@@ -187,9 +187,12 @@ def cmd_uptrain(args: argparse.Namespace) -> int:
     settings = UptrainSettings(
         steps=args.steps, batch_size=args.batch_size, length=args.length, accumulate=args.accumulate, lr=args.lr,
         warmup=args.warmup, eval_every=args.eval_every, eval_windows=args.eval_windows, patience=args.patience,
-        seed=args.seed)
+        seed=args.seed, lora_rank=args.lora, lora_alpha=args.lora_alpha,
+        gradient_checkpointing=args.gradient_checkpointing)
     record = run_uptrain(args.kv_heads_model or args.model, args.share, args.data, args.output, settings,
                          eval_data=args.eval_data, resume=args.resume, device=args.device)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the first process reports
+        return 0
     before, best = record["before"], record["best"]
     print(f"wrote {args.output}: held-out perplexity {before['heldout_ppl']:.2f} -> {best['heldout_ppl']:.2f} "
           f"(accuracy {before['heldout_accuracy']:.3f} -> {best['heldout_accuracy']:.3f}) in "
@@ -447,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     uptrain.add_argument("--patience", type=int, default=0,
                          help="stop after this many evaluations without improvement (default: never)")
     uptrain.add_argument("--seed", type=int, default=0)
+    uptrain.add_argument("--lora", type=int, default=0, metavar="R",
+                         help="freeze the model and train rank-R adapters of its projections, merged into the output "
+                              "(default 0: train every tensor, 16 bytes a parameter)")
+    uptrain.add_argument("--lora-alpha", type=float, default=0.0, help="adapter scale alpha / R (default alpha 2R)")
+    uptrain.add_argument("--gradient-checkpointing", action="store_true",
+                         help="recompute each layer's activations in the backward pass instead of keeping them")
     uptrain.add_argument("--device", choices=["cpu", "cuda"], help="cuda or cpu (default: cuda when there is one)")
     uptrain.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
     uptrain.add_argument("-o", "--output", type=Path, required=True)

@@ -95,10 +95,13 @@ class ReferenceDecoder:
         return tensor.to(self.device).to(self.dtype)
 
     def _linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
-        """x W + b, over blocks of W's columns: a large weight (the LM head) is never cast whole."""
+        """x W + b, over blocks of W's columns: a large weight (the LM head) is never cast whole; plus a low-rank
+        update's own product, kept apart from W's (merged into a bfloat16 W it would round away)."""
         block = max(1, LINEAR_BLOCK_ELEMENTS // lin.weight.shape[0])
         parts = [x @ self._t(columns) for columns in lin.weight.split(block, dim=1)]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        if lin.adapter is not None:
+            y = y + (x @ self._t(lin.adapter.a)) @ self._t(lin.adapter.b) * lin.adapter.scale
         return y if lin.bias is None else y + self._t(lin.bias)
 
     def _norm(self, x: torch.Tensor, norm: Norm) -> torch.Tensor:
@@ -133,6 +136,10 @@ class ReferenceDecoder:
         logits = self._linear(final, d.lm_head)
         d.release()
         return ReferenceOutput(logits, present, final, layer_kv or {})
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the residual stream after the last layer."""
+        return self._linear(self._norm(x, self.d.final_norm), self.d.lm_head)
 
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> LayerInputs:

@@ -1,16 +1,21 @@
 """`kvexport uptrain`: continue training a model with a KV-sharing strategy in force (MLKV-style uptraining).
 
-The model trains through the architecture-neutral description the exporter reads: the parameters are the
-checkpoint's tensors in Hugging Face layout (float32 master copies) and the description is views of them, so the
+The model trains through the architecture-neutral description the exporter reads (training/model.py): the
 forward pass is the reference decoder's under the strategy. Shared layers attend over their owner's K/V and never
 run their own K/V projections: those get no gradient and are unused under the strategy (they stay in the
 checkpoint, unchanged, so that it remains a standard Hugging Face model); owners start from the original weights.
+With `lora_rank`, the checkpoint stays frozen and low-rank adapters train (merged into the output); with
+`gradient_checkpointing`, each layer's activations are recomputed in the backward pass instead of kept.
 
-A run is reproducible from its settings: batch `step` depends only on (seed, step), and the state (parameters,
-optimizer, schedule, history) is written atomically to a sibling folder `.NAME.uptrain`, so `--resume` after an
-interruption gives the result an uninterrupted run gives. The output directory is written under a temporary name
-and renamed when complete; it records the strategy (kvexport_uptrain.json, strategy.json), and exporting it with
-another strategy is refused.
+Under torchrun (`torchrun --nproc-per-node N -m kvexport uptrain ...`) each process takes an equal share of every
+batch and FSDP2 shards the model over the processes (training/distributed.py); the losses, gradients and updates
+are those of one process with the whole batch, up to the order of floating-point sums.
+
+A run is reproducible from its settings: batch `step` depends only on (seed, step), and the state (the trained
+tensors and optimizer, sharded by process, with the schedule and history) is written atomically to a sibling
+folder `.NAME.uptrain`, so `--resume` after an interruption gives the result an uninterrupted run gives. The output
+directory is written under a temporary name and renamed when complete; it records the strategy
+(kvexport_uptrain.json, strategy.json), and exporting it with another strategy is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,21 +33,22 @@ import torch
 import torch.nn.functional as F
 
 from kvexport.exporter.loading import SIDE_FILES, UPTRAIN_RECORD, bind_strategy, check_trained_strategy, load_model
-from kvexport.exporter.models import describe
-from kvexport.exporter.reference import ReferenceDecoder, compute_device
 from kvexport.strategies import KvexportError, Strategy, make_strategy
 from kvexport.strategies.atomic import atomic_path, write_text_atomic
 
 from .data import held_out_windows, split_tail, text_files, token_stream, train_batch
+from .distributed import Ranks, shard, start
+from .model import LoraSettings, TrainableDecoder, merged_checkpoint
 
-STATE_FILE = "state.pt"
-BEST_FILE = "best.safetensors"
+STATE_DIR = "state"  # trained tensors and optimizer (one shard per process) and progress.json
+BEST_DIR = "best"  # the trained tensors of the best held-out evaluation so far
+PROGRESS_FILE = "progress.json"
 
 
 @dataclass
 class UptrainSettings:
     steps: int
-    batch_size: int = 16
+    batch_size: int = 16  # windows per optimizer step and micro-batch, over all processes
     length: int = 256  # tokens per training window
     accumulate: int = 1  # micro-batches per optimizer step
     lr: float = 3e-4
@@ -53,6 +60,9 @@ class UptrainSettings:
     patience: int = 0  # evaluations without improvement before stopping early; 0: never
     held_out_fraction: float = 0.02  # of the --data tokens, when no --eval-data is given
     seed: int = 0
+    lora_rank: int = 0  # 0: train every tensor; R: freeze them and train rank-R adapters
+    lora_alpha: float = 0.0  # the adapters' scale is alpha / rank; 0: 2 x rank
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "length", "accumulate", "eval_windows"):
@@ -60,8 +70,16 @@ class UptrainSettings:
                 raise KvexportError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 < self.lr < 1 or not 0 <= self.warmup < 1 or self.clip <= 0:
             raise KvexportError("--lr must be in (0, 1), --warmup in [0, 1) and --clip positive")
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise KvexportError("--lora and --lora-alpha must be positive")
         if self.eval_every == 0:
             self.eval_every = max(1, self.steps // 10)
+        if self.lora_rank and not self.lora_alpha:
+            self.lora_alpha = 2.0 * self.lora_rank
+
+    @property
+    def lora(self) -> LoraSettings | None:
+        return LoraSettings(self.lora_rank, self.lora_alpha) if self.lora_rank else None
 
     def lr_factor(self, step: int) -> float:
         warmup = max(1, int(self.warmup * self.steps))
@@ -80,8 +98,8 @@ def run_uptrain(model: str, share: str, data: list[str], output: Path, settings:
     state_dir = output.with_name(f".{output.name}.uptrain")
     if output.exists():
         raise KvexportError(f"{output} exists: choose another -o")
-    if resume and not (state_dir / STATE_FILE).is_file():
-        raise KvexportError(f"there is no interrupted run of {output} to resume ({state_dir / STATE_FILE} is "
+    if resume and not (state_dir / STATE_DIR / PROGRESS_FILE).is_file():
+        raise KvexportError(f"there is no interrupted run of {output} to resume ({state_dir / STATE_DIR} is "
                             "missing): run without --resume")
     if state_dir.exists() and not resume:
         raise KvexportError(f"an interrupted run of {output} is in {state_dir}: pass --resume to continue it, or "
@@ -89,7 +107,23 @@ def run_uptrain(model: str, share: str, data: list[str], output: Path, settings:
     loaded = load_model(model)
     strategy = make_strategy(share, loaded.config.num_hidden_layers, loaded.reference)
     check_trained_strategy(loaded.directory, strategy)
-    device = compute_device(device)
+    ranks = start(device)
+    try:
+        if settings.batch_size % ranks.size:
+            raise KvexportError(f"--batch-size {settings.batch_size} is shared by {ranks.size} processes: give a "
+                                "multiple of their number")
+        log = log if ranks.main else (lambda _: None)
+        record = train_and_write(loaded, strategy, data, output, state_dir, settings, eval_data, resume, ranks,
+                                 show_progress and ranks.main, log)
+        ranks.barrier()  # the output is complete for every process
+        return record
+    finally:
+        ranks.close()
+
+
+def train_and_write(loaded, strategy: Strategy, data: list[str], output: Path, state_dir: Path,
+                    settings: UptrainSettings, eval_data: list[str] | None, resume: bool, ranks: Ranks,
+                    show_progress: bool, log) -> dict:
     tokenizer = loaded.tokenizer()
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (loaded.config.eos_token_id or 0)
     train_files = text_files(data)
@@ -101,55 +135,67 @@ def run_uptrain(model: str, share: str, data: list[str], output: Path, settings:
     windows = held_out_windows(held_ids, settings.length, settings.eval_windows)
     run_key = {"model": loaded.reference, "kv_source": list(strategy.kv_source),
                "data": [str(f) for f in train_files], "settings": asdict(settings)}
+    # not the number of processes: the state is resharded on load, and the global batch is the same
 
     torch.manual_seed(settings.seed)
-    params = {name: torch.nn.Parameter(t.to(device=device, dtype=torch.float32))
-              for name, t in loaded.checkpoint.tensors.items() if t.is_floating_point()}
-    decoder = ReferenceDecoder(describe(loaded.config, params), strategy, torch.float32, device)
-    trainer = Trainer(decoder, params, settings, device)
+    # one process builds the model where it trains; several build it on the host and shard it before moving it
+    built_on = ranks.device if ranks.size == 1 else torch.device("cpu")
+    base_dtype = torch.bfloat16 if ranks.device.type == "cuda" else torch.float32
+    model = TrainableDecoder(loaded.config, {name: t.to(built_on) for name, t in loaded.checkpoint.tensors.items()
+                                             if t.is_floating_point()},
+                             strategy, settings.lora, base_dtype, settings.gradient_checkpointing, settings.seed)
+    shard(model, model.blocks, ranks)
+    model.to(ranks.device)
+    trainer = Trainer(model, settings, ranks)
     progress = {"step": 0, "history": [], "best_ppl": math.inf, "since_best": 0, "seconds": 0.0}
     if resume:
-        progress = trainer.load(state_dir / STATE_FILE, run_key)
+        progress = trainer.load(state_dir / STATE_DIR, run_key)
         log(f"resuming at step {progress['step']} of {settings.steps}")
     else:
-        state_dir.mkdir(parents=True)
+        ranks.barrier()  # every process has checked that there is no state folder
+        if ranks.main:
+            state_dir.mkdir(parents=True)
         before = trainer.evaluate(windows)
         progress["history"].append({"step": 0, "heldout_ppl": before[0], "heldout_accuracy": before[1]})
         progress["best_ppl"] = before[0]  # if training never does better, the output is the model as it was
-        trainer.save_best(state_dir / BEST_FILE)
-        log(f"held-out perplexity before: {before[0]:.2f} (accuracy {before[1]:.3f}); {len(train_ids)} training tokens")
+        trainer.save(state_dir / BEST_DIR)
+        trained = sum(p.numel() for p in model.parameters())
+        log(f"held-out perplexity before: {before[0]:.2f} (accuracy {before[1]:.3f}); {len(train_ids)} training "
+            f"tokens; {trained:,} trained parameters on {ranks.size} process{'es' if ranks.size > 1 else ''}")
     trainer.train(train_ids, windows, progress, state_dir, run_key, show_progress, log)
     record = {"source": loaded.reference, "strategy": strategy.to_dict(), "settings": asdict(settings),
               "data": [str(f) for f in train_files], "eval_data": eval_data or "the last "
               f"{settings.held_out_fraction:.0%} of --data", "train_tokens": len(train_ids),
-              "device": str(device), "seconds": round(progress["seconds"], 1), "steps_run": progress["step"],
-              "before": progress["history"][0],
+              "device": str(ranks.device.type), "processes": ranks.size, "seconds": round(progress["seconds"], 1),
+              "tokens_per_second": round(progress.get("tokens", 0) / max(progress["seconds"], 1e-9)),
+              "peak_device_bytes": torch.cuda.max_memory_allocated(ranks.device) if ranks.device.type == "cuda" else None,
+              "steps_run": progress["step"], "before": progress["history"][0],
               "best": min((h for h in progress["history"] if "heldout_ppl" in h), key=lambda h: h["heldout_ppl"]),
               "history": progress["history"]}
-    write_output(loaded, strategy, state_dir, output, record)
-    shutil.rmtree(state_dir)
+    trainer.restore(state_dir / BEST_DIR)
+    state = trainer.full_state()  # a collective: every process takes part
+    if ranks.main:
+        write_output(loaded, strategy, merged_checkpoint(model, state, loaded.checkpoint.tensors), output, record)
+        shutil.rmtree(state_dir)
     return record
 
 
 class Trainer:
-    def __init__(self, decoder: ReferenceDecoder, params: dict[str, torch.nn.Parameter], settings: UptrainSettings,
-                 device: torch.device):
-        self.decoder, self.params, self.settings, self.device = decoder, params, settings, device
-        decay = [p for p in params.values() if p.dim() >= 2]
-        no_decay = [p for p in params.values() if p.dim() < 2]  # norms and biases
+    def __init__(self, model: TrainableDecoder, settings: UptrainSettings, ranks: Ranks):
+        self.model, self.settings, self.ranks, self.device = model, settings, ranks, ranks.device
+        params = list(model.parameters())
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]  # norms and biases
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr,
                                            betas=(0.9, 0.95))
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, settings.lr_factor)
         # bfloat16 matmuls on the GPU; float32 on the CPU, where a run is also bitwise reproducible.
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     def logits(self, windows: torch.Tensor) -> torch.Tensor:
-        windows = windows.to(self.device)
-        ones = torch.ones_like(windows)
-        positions = torch.arange(windows.shape[1], device=self.device).expand_as(windows)
         with self.autocast:
-            return self.decoder.forward(windows, ones, positions).logits.float()
+            return self.model(windows.to(self.device)).float()
 
     def loss(self, windows: torch.Tensor) -> torch.Tensor:
         logits = self.logits(windows)
@@ -158,7 +204,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, windows: torch.Tensor) -> tuple[float, float]:
-        """(perplexity, next-token accuracy) on the held-out windows."""
+        """(perplexity, next-token accuracy) on the held-out windows (every process runs them all: the sharded
+        model's forward is a collective)."""
         nll, correct, count = 0.0, 0, 0
         for chunk in windows.split(self.settings.batch_size):
             logits = self.logits(chunk)[:, :-1]
@@ -180,16 +227,18 @@ class Trainer:
             loss = 0.0
             for micro in range(s.accumulate):
                 batch = train_batch(train_ids, step * s.accumulate + micro, s.batch_size, s.length, s.seed)
-                scaled = self.loss(batch) / s.accumulate
+                scaled = self.loss(self.ranks.share(batch)) / s.accumulate
                 scaled.backward()
                 loss += scaled.item()
-            torch.nn.utils.clip_grad_norm_(list(self.params.values()), s.clip)
+            torch.nn.utils.clip_grad_norm_(list(self.model.parameters()), s.clip)
             self.optimizer.step()
             self.schedule.step()
+            loss = self.ranks.mean(loss)  # also waits for every process's step
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - started
             progress["seconds"] += seconds
+            progress["tokens"] = progress.get("tokens", 0) + s.batch_size * s.accumulate * s.length
             progress["step"] = step + 1
             entry = {"step": step + 1, "loss": loss, "lr": self.schedule.get_last_lr()[0]}
             tokens_per_s = s.batch_size * s.accumulate * s.length / seconds
@@ -201,62 +250,97 @@ class Trainer:
                 entry.update(heldout_ppl=ppl, heldout_accuracy=accuracy)
                 if ppl < progress["best_ppl"]:
                     progress["best_ppl"], progress["since_best"] = ppl, 0
-                    self.save_best(state_dir / BEST_FILE)
+                    self.save(state_dir / BEST_DIR)
                 else:
                     progress["since_best"] += 1
                 log(f"step {step + 1}: held-out perplexity {ppl:.2f}, accuracy {accuracy:.3f}")
             progress["history"].append(entry)
             stop = s.patience and progress["since_best"] >= s.patience
             if evaluated or stop:
-                self.save(state_dir / STATE_FILE, progress, run_key)
+                self.save(state_dir / STATE_DIR, progress, run_key)
             if stop:
                 log(f"stopping early: {s.patience} evaluations without a better held-out perplexity")
                 break
         bar.close()
 
-    def host_params(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().cpu() for name, p in self.params.items()}
+    def save(self, folder: Path, progress: dict | None = None, run_key: dict | None = None) -> None:
+        """The trained tensors (with progress: also the optimizer and schedule), each process its shard, replacing
+        `folder` whole once every shard and the progress file are written."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    def save_best(self, path: Path) -> None:
-        from safetensors.torch import save_file
+        partial = folder.with_name(folder.name + ".partial")
+        if self.ranks.main:
+            shutil.rmtree(partial, ignore_errors=True)
+        self.ranks.barrier()
+        if progress is None:
+            state = {"model": get_model_state_dict(self.model)}
+        else:
+            model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+            state = {"model": model_state, "optimizer": optimizer_state}
+        with warnings.catch_warnings():  # one process: "assuming the intent is to save in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(state, checkpoint_id=partial)
+        self.ranks.barrier()
+        if self.ranks.main:
+            if progress is not None:
+                (partial / PROGRESS_FILE).write_text(json.dumps({"progress": progress, "run_key": run_key,
+                                                                 "schedule": self.schedule.state_dict()}))
+            old = folder.with_name(folder.name + ".old")
+            if folder.exists():
+                folder.rename(old)
+            partial.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        self.ranks.barrier()
 
-        with atomic_path(path) as partial:
-            save_file(self.host_params(), str(partial))
+    def load(self, folder: Path, run_key: dict) -> dict:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    def save(self, path: Path, progress: dict, run_key: dict) -> None:
-        state = {"params": self.host_params(),
-                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                 "progress": progress, "run_key": run_key}
-        with atomic_path(path) as partial:
-            torch.save(state, partial)
-
-    def load(self, path: Path, run_key: dict) -> dict:
-        state = torch.load(path, map_location=self.device, weights_only=False)  # our own file
-        if state["run_key"] != run_key:
-            changed = sorted(k for k in run_key if state["run_key"].get(k) != run_key[k])
+        saved = json.loads((folder / PROGRESS_FILE).read_text())
+        if saved["run_key"] != run_key:
+            changed = sorted(k for k in run_key if saved["run_key"].get(k) != run_key[k])
             raise KvexportError(f"--resume continues the same run, but {', '.join(changed)} differ from the "
-                                f"interrupted one in {path.parent}: repeat its command, or remove that folder")
-        with torch.no_grad():
-            for name, param in self.params.items():
-                param.copy_(state["params"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        return state["progress"]
+                                f"interrupted one in {folder.parent}: repeat its command, or remove that folder")
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=folder)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        self.schedule.load_state_dict(saved["schedule"])
+        return saved["progress"]
+
+    def restore(self, folder: Path) -> None:
+        """The trained tensors saved in `folder` (save without progress)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        state = {"model": get_model_state_dict(self.model)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=folder)
+        set_model_state_dict(self.model, state["model"])
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The trained tensors whole, on the host (the main process's; the others get an empty dict)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(
+            full_state_dict=self.ranks.size > 1, cpu_offload=True))
 
 
-def write_output(loaded, strategy: Strategy, state_dir: Path, output: Path, record: dict) -> None:
-    """The best parameters as a Hugging Face checkpoint in the source's dtype, with the source's config and
+def write_output(loaded, strategy: Strategy, tensors: dict[str, torch.Tensor], output: Path, record: dict) -> None:
+    """The trained checkpoint (merged_checkpoint) as a Hugging Face model directory, with the source's config and
     tokenizer, the strategy, the record, the log and a loss-curve PNG; written under a temporary name."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        best = load_file(str(state_dir / BEST_FILE))
-        stored = loaded.checkpoint.tensors
-        save_file({name: tensor.to(stored[name].dtype).contiguous() for name, tensor in best.items()},
-                  str(partial / "model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
         for name in SIDE_FILES:
             if (loaded.directory / name).is_file():
                 shutil.copy2(loaded.directory / name, partial / name)

@@ -22,9 +22,19 @@ class UnsupportedModelError(KvexportError):
 
 
 @dataclass
+class LowRank:
+    """A trained low-rank update of a linear map (LoRA): y = x @ W + bias + (x @ a) @ b * scale. Only uptraining
+    builds these; its output merges them into the weights, so exports never see one."""
+    a: torch.Tensor  # [in, rank]
+    b: torch.Tensor  # [rank, out]
+    scale: float
+
+
+@dataclass
 class Linear:
     weight: torch.Tensor  # [in, out]
     bias: torch.Tensor | None = None
+    adapter: LowRank | None = None
 
     @classmethod
     def from_hf(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
