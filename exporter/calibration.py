@@ -12,7 +12,7 @@ from kvexport.models import DEFAULT_MODEL, HELDOUT_FILE, shipped_directory
 from kvexport.strategies import KvexportError, Strategy, no_sharing
 
 from .loading import LoadedModel
-from .reference import ReferenceDecoder
+from .reference import CPU, ReferenceDecoder
 
 
 def read_text(path: str | Path | None) -> str:
@@ -49,18 +49,20 @@ def next_token_stats(logits: torch.Tensor, windows: torch.Tensor) -> tuple[float
 class Calibration:
     """Runs windows through the reference once without sharing, then scores candidate strategies."""
 
-    def __init__(self, loaded: LoadedModel, windows: torch.Tensor, dtype: torch.dtype = torch.float32):
-        self.description = loaded.description
-        self.windows, self.dtype = windows, dtype
+    def __init__(self, loaded: LoadedModel, windows: torch.Tensor, dtype: torch.dtype = torch.float32,
+                 device: torch.device = CPU):
+        self.description = loaded.description_on(device)
+        self.device = device
+        self.windows, self.dtype = windows.to(device), dtype
         self.mask = torch.ones_like(windows)
         self.positions = torch.arange(windows.shape[1]).expand_as(windows)
         full = self._run(no_sharing(self.description.num_layers), collect_layer_kv=True)
         self.layer_kv = [full.layer_kv[i] for i in range(self.description.num_layers)]
         self.full_hidden = full.final_hidden.flatten(1)
-        self.full_nll = next_token_stats(full.logits, windows)[0]
+        self.full_nll = next_token_stats(full.logits, self.windows)[0]
 
     def _run(self, strategy: Strategy, collect_layer_kv: bool = False):
-        reference = ReferenceDecoder(self.description, strategy, self.dtype)
+        reference = ReferenceDecoder(self.description, strategy, self.dtype, self.device)
         return reference.forward(self.windows, self.mask, self.positions, collect_layer_kv=collect_layer_kv)
 
     def cosine(self, strategy: Strategy) -> float:

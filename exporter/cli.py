@@ -40,6 +40,10 @@ def add_provider_arg(parser: argparse.ArgumentParser) -> None:
                         help="where ONNX Runtime runs (default auto: cuda when onnxruntime-gpu sees a GPU, else cpu)")
 
 
+def add_device_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--device", choices=["cpu", "cuda"], help=f"where {what} (default: cuda when there is one)")
+
+
 def resolved_provider(args: argparse.Namespace) -> str:
     from kvexport.runtime.ort_session import resolve_provider
 
@@ -152,13 +156,15 @@ def cmd_strategy_make(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from .calibration import read_text
     from .loading import load_model
+    from .reference import compute_device
     from .search import SearchSettings, run_search, shared_count
 
+    device = compute_device(args.device)
     loaded = load_model(args.model)
     count = shared_count(loaded.config.num_hidden_layers, args.shared_layers, args.ratio)
     settings = SearchSettings(shared_layers=count, criterion=args.criterion, threshold=args.threshold,
                               samples=args.samples, length=args.length, order=args.order)
-    strategy = run_search(loaded, read_text(args.calib), settings)
+    strategy = run_search(loaded, read_text(args.calib), settings, device=device)
     strategy.save(args.output)
     reached = "" if strategy.provenance["reached_target"] else f" (target {count} not reached at this threshold)"
     print(f"wrote {args.output}: {len(strategy.shared)} of {strategy.num_layers} layers shared{reached}")
@@ -251,17 +257,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .calibration import read_text, token_windows
     from .evaluate import evaluate, load_baseline, table, write_report
     from .loading import load_model
+    from .reference import compute_device
 
+    device = compute_device(args.device)
     loaded = load_model(args.model)
     layers = loaded.config.num_hidden_layers
     strategies = {strategy_label(spec): make_strategy(spec, layers, loaded.reference) for spec in args.share}
     baseline = load_baseline(loaded, args.baseline)
     windows = token_windows(loaded.tokenizer(), read_text(args.text), args.windows, args.length, from_end=True)
-    rows = evaluate(loaded, strategies, windows, with_torch=args.torch, baseline=baseline)
+    rows = evaluate(loaded, strategies, windows, with_torch=args.torch, baseline=baseline,
+                    device=None if device.type == "cpu" else device)
     print(table(rows))
     paths = write_report(rows, Path(args.output), {"model": loaded.reference, "windows": args.windows,
                                                     "length": args.length, "text": str(args.text or "default"),
-                                                    "baseline": baseline.reference if baseline else None})
+                                                    "baseline": baseline.reference if baseline else None,
+                                                    "computed_by": "onnxruntime (cpu)" if device.type == "cpu"
+                                                    else f"float32 reference ({device.type})"})
     print("wrote " + ", ".join(map(str, paths)))
     return 0
 
@@ -400,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--length", type=int, default=64)
     search.add_argument("--order", choices=["dissimilar", "similar"], default="dissimilar",
                         help="walk the most dissimilar pairs first (KVSharer) or the most similar (for comparison)")
+    add_device_arg(search, "the model runs for the calibration passes")
     search.add_argument("-o", "--output", type=Path, default=Path(c.STRATEGY_FILE))
     search.set_defaults(func=cmd_search)
 
@@ -422,9 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fit the layers for this sharing strategy (shared layers' queries and output projection "
                             "to read their owner's K/V); the output then exports with it only. With --kv-heads "
                             f"equal to the model's heads, only the shared layers are fitted. {SPEC_HELP}")
-    heads.add_argument("--device", choices=["cpu", "cuda"],
-                       help="where the model runs for the fits (default: cuda when there is one; rope-svd-fit's "
-                            "steps want a GPU beyond small models)")
+    add_device_arg(heads, "the model runs for the fits (rope-svd-fit's steps want a GPU beyond small models)")
     heads.add_argument("--calib", help="calibration text file (default: the default model's held-out text)")
     heads.add_argument("--samples", type=int, default=128,
                        help="calibration windows (default 128: 16,384 tokens at --length 128; 32 kept 2 to 10 points "
@@ -456,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     uptrain.add_argument("--lora-alpha", type=float, default=0.0, help="adapter scale alpha / R (default alpha 2R)")
     uptrain.add_argument("--gradient-checkpointing", action="store_true",
                          help="recompute each layer's activations in the backward pass instead of keeping them")
-    uptrain.add_argument("--device", choices=["cpu", "cuda"], help="cuda or cpu (default: cuda when there is one)")
+    add_device_arg(uptrain, "it trains (under torchrun: each process's GPU)")
     uptrain.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
     uptrain.add_argument("-o", "--output", type=Path, required=True)
     uptrain.set_defaults(func=cmd_uptrain)
@@ -507,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--baseline", help="the model whose full accuracy the ratios are against (default: the "
                             "model a compress-heads or uptrain output was made from; else --model itself)")
     evaluation.add_argument("--torch", action="store_true", help="also evaluate the PyTorch reference")
+    add_device_arg(evaluation, "the models run (cpu: the exported ONNX graphs on ONNX Runtime; cuda: the float32 "
+                               "reference on the GPU, the weights held once)")
     evaluation.add_argument("--output", default="eval-results")
     evaluation.set_defaults(func=cmd_eval)
 

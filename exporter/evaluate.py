@@ -3,7 +3,9 @@
 Perplexity and next-token accuracy on held-out windows for the full model and each strategy, retention
 relative to the baseline's full model (the model itself, or the model a compress-heads or uptrain output was made
 from), and KV bytes per token. With torch=True the PyTorch reference computes the
-same numbers, as a cross-check of the exported graphs.
+same numbers, as a cross-check of the exported graphs. On a GPU the float32 reference computes them there, with
+the weights held once in their stored dtype (an export's validation bounds the graph's difference from it at
+1e-4): exporting and running a large model on the CPU once per strategy would take far longer.
 """
 
 from __future__ import annotations
@@ -56,11 +58,23 @@ def onnx_logits(directory: Path, windows: torch.Tensor) -> torch.Tensor:
     return torch.cat(chunks)
 
 
+def reference_logits(description, strategy: Strategy, windows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    reference = ReferenceDecoder(description, strategy, torch.float32, device)
+    chunks = []
+    with torch.no_grad():
+        for chunk in windows.split(BATCH):
+            ones = torch.ones_like(chunk)
+            chunks.append(reference.forward(chunk, ones, positions_from_mask(ones)).logits)
+    return torch.cat(chunks)
+
+
 def evaluate(loaded: LoadedModel, strategies: dict[str, Strategy], windows: torch.Tensor,
-             with_torch: bool = False, log=print, baseline: LoadedModel | None = None) -> list[EvalRow]:
+             with_torch: bool = False, log=print, baseline: LoadedModel | None = None,
+             device: torch.device | None = None) -> list[EvalRow]:
     """Rows for the baseline's full model (named 'BASELINE: none'; given, the ratios are against it), the full
     model ('none') and each named strategy; a model uptrained or fitted for one strategy gets no 'none' row (it
-    is not meant to run without its sharing)."""
+    is not meant to run without its sharing). device: where the float32 reference computes the logits instead of
+    the exported graphs on ONNX Runtime (None)."""
     bound = fitted_strategy(loaded.directory) is not None
     named = {**({} if bound else {"none": no_sharing(loaded.description.num_layers)}), **strategies}
     runs = [(loaded, name, strategy) for name, strategy in named.items()]
@@ -68,11 +82,17 @@ def evaluate(loaded: LoadedModel, strategies: dict[str, Strategy], windows: torc
         runs.insert(0, (baseline, f"{Path(baseline.reference).name}: none",
                         no_sharing(baseline.description.num_layers)))
     rows: list[EvalRow] = []
+    on_device: dict[int, object] = {}  # a model's description on the GPU, made once for all its strategies
     with tempfile.TemporaryDirectory(prefix="kvexport-eval-") as tmp:
         for index, (model, name, strategy) in enumerate(runs):
             description = model.description
-            directory = export(model, strategy, Path(tmp) / f"s{index}", log=lambda _: None).directory
-            nll, accuracy = next_token_stats(onnx_logits(directory, windows), windows)
+            if device is None:
+                directory = export(model, strategy, Path(tmp) / f"s{index}", log=lambda _: None).directory
+                nll, accuracy = next_token_stats(onnx_logits(directory, windows), windows)
+            else:
+                on_device = on_device if id(model) in on_device else {id(model): model.description_on(device)}
+                logits = reference_logits(on_device[id(model)], strategy, windows, device)
+                nll, accuracy = next_token_stats(logits, windows.to(device))
             torch_ppl = torch_accuracy = None
             if with_torch:
                 reference = ReferenceDecoder(description, strategy, torch.float32)

@@ -107,6 +107,15 @@ class LoadedModel:
 
         return describe(self.config, self.checkpoint.tensors, self.checkpoint.release)
 
+    def description_on(self, device: torch.device) -> DecoderDescription:
+        """The description over the checkpoint's tensors on `device`, still in their stored dtype (a GPU holds the
+        weights once and the reference casts one layer at a time); on the CPU, the memory-mapped one."""
+        if device.type == "cpu":
+            return self.description
+        from .models import describe
+
+        return describe(self.config, {name: tensor.to(device) for name, tensor in self.checkpoint.tensors.items()})
+
     @cached_property
     def hf_model(self) -> torch.nn.Module:
         """The Hugging Face model in float32, eval mode: the ground truth for the `none` strategy (4 bytes per

@@ -19,6 +19,7 @@ from kvexport.strategies import KvexportError, Strategy
 from .models import DecoderDescription, Layer, Linear, Norm
 
 LINEAR_BLOCK_ELEMENTS = 1 << 25  # weights cast at a time by the reference: 256 MiB in float64
+CPU = torch.device("cpu")
 MASKED = -1e9  # additive bias for masked keys; finite so fully padded rows stay NaN-free
 
 KV = tuple[torch.Tensor, torch.Tensor]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from tqdm import tqdm
 
 from kvexport.strategies import Strategy, StrategyError
@@ -11,6 +12,7 @@ from kvexport.strategies.kvsharer import layer_distances, search
 
 from .calibration import Calibration, token_windows
 from .loading import LoadedModel
+from .reference import CPU
 
 CRITERIA = {
     # name: (Calibration method, default threshold)
@@ -42,12 +44,12 @@ def shared_count(num_layers: int, shared_layers: int | None, ratio: float | None
 
 
 def run_search(loaded: LoadedModel, text: str, settings: SearchSettings, calibration: Calibration | None = None,
-               show_progress: bool = True) -> Strategy:
+               show_progress: bool = True, device: torch.device = CPU) -> Strategy:
     if settings.criterion not in CRITERIA:
         raise StrategyError(f"criterion must be one of {', '.join(CRITERIA)}")
     if calibration is None:
         windows = token_windows(loaded.tokenizer(), text, settings.samples, settings.length)
-        calibration = Calibration(loaded, windows)
+        calibration = Calibration(loaded, windows, device=device)
     distances = layer_distances(calibration.layer_kv)
     score = getattr(calibration, CRITERIA[settings.criterion][0])
     threshold = settings.resolved_threshold()

@@ -32,7 +32,7 @@ def layer_distances(layer_kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> to
         for b in range(a + 1, count):
             key = (means[a][0] - means[b][0]).norm(dim=-1).mean()
             value = (means[a][1] - means[b][1]).norm(dim=-1).mean()
-            distances[a, b] = distances[b, a] = (key + value) / 2
+            distances[a, b] = distances[b, a] = ((key + value) / 2).item()  # from any device
     return distances
 
 

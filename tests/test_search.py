@@ -102,6 +102,11 @@ def test_eval_of_none_reproduces_the_full_model_perplexity(tiny_neox):
         assert row.accuracy == pytest.approx(row.torch_accuracy, abs=1e-9)
     assert rows[1].kv_bytes_per_token * 2 == rows[0].kv_bytes_per_token
     assert rows[1].perplexity_ratio == pytest.approx(rows[1].perplexity / rows[0].perplexity)
+    # the GPU's way (the reference on a device, the weights held there once), here on the CPU: the same rows
+    on_device = evaluate(loaded, {"every:2": Strategy((0, 0, 2, 2))}, windows, log=lambda _: None,
+                         device=torch.device("cpu"))
+    for row, again in zip(rows, on_device, strict=True):
+        assert again.perplexity == pytest.approx(row.perplexity, rel=1e-4) and again.accuracy == row.accuracy
 
 
 def test_search_and_eval_commands(tiny_neox, tmp_path, capsys):
