@@ -40,6 +40,19 @@ def add_provider_arg(parser: argparse.ArgumentParser) -> None:
                         help="where ONNX Runtime runs (default auto: cuda when onnxruntime-gpu sees a GPU, else cpu)")
 
 
+def add_weights_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", choices=["float", "int4", "int8"], default="float",
+                        help="how the layers' projections are stored: in --dtype (default), or as 4- or 8-bit integers "
+                             "with a scale per block of inputs (ONNX Runtime's MatMulNBits; Llama family)")
+    parser.add_argument("--weight-block", type=int, default=32, metavar="N", help="inputs per scale (default 32)")
+
+
+def weight_format(args: argparse.Namespace):
+    from .models import BlockQuantized
+
+    return None if args.weights == "float" else BlockQuantized(int(args.weights[3:]), args.weight_block)
+
+
 def add_device_arg(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], help=f"where {what} (default: cuda when there is one)")
 
@@ -55,7 +68,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     output = Path(args.output) if args.output else default_output(args.model, args.share)
     result = export(args.model, args.share, output, dtype=args.dtype, validate=not args.no_validate,
-                    static=args.static)
+                    static=args.static, weight_format=weight_format(args))
     cache = result.manifest["cache"]
     print(f"wrote {result.directory} in {result.seconds:.1f} s (peak host memory "
           f"{result.peak_host_bytes / 2**30:.2f} GiB): {len(cache['owners'])} of "
@@ -107,7 +120,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     facts, layout = model.facts, model.layout
     print(f"model      {facts.source} ({facts.architecture}, {facts.num_layers} layers, "
           f"{facts.num_heads} heads / {facts.num_kv_heads} KV heads, head dim {facts.head_dim})")
-    print(f"dtype      {model.dtype}")
+    print(f"dtype      {model.dtype}, projections {model.manifest.get('weights', {}).get('format', model.dtype)}")
     print(f"strategy   {model.strategy.method}: {len(layout.owners)} owners, {len(model.strategy.shared)} shared")
     print(model.strategy.describe())
     print(f"KV bytes per token  {layout.bytes_per_token()} vs {layout.full_bytes_per_token} full "
@@ -266,7 +279,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     baseline = load_baseline(loaded, args.baseline)
     windows = token_windows(loaded.tokenizer(), read_text(args.text), args.windows, args.length, from_end=True)
     rows = evaluate(loaded, strategies, windows, with_torch=args.torch, baseline=baseline,
-                    device=None if device.type == "cpu" else device)
+                    device=None if device.type == "cpu" else device, weight_format=weight_format(args))
     print(table(rows))
     paths = write_report(rows, Path(args.output), {"model": loaded.reference, "windows": args.windows,
                                                     "length": args.length, "text": str(args.text or "default"),
@@ -375,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write the decode graph over preallocated cache buffers, which serve, bench's "
                              "ort-static and --backend ort-static run (default; --no-static writes the dynamic "
                              "graph only)")
+    add_weights_args(export)
     add_sampling_args(export)
     export.set_defaults(func=cmd_export)
 
@@ -517,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--baseline", help="the model whose full accuracy the ratios are against (default: the "
                             "model a compress-heads or uptrain output was made from; else --model itself)")
     evaluation.add_argument("--torch", action="store_true", help="also evaluate the PyTorch reference")
+    add_weights_args(evaluation)
     add_device_arg(evaluation, "the models run (cpu: the exported ONNX graphs on ONNX Runtime; cuda: the float32 "
                                "reference on the GPU, the weights held once)")
     evaluation.add_argument("--output", default="eval-results")

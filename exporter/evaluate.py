@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from kvexport.strategies.contract import positions_from_mask
 
 from .calibration import next_token_stats
 from .loading import LoadedModel, fitted_strategy, load_model, original_model
+from .models import BlockQuantized
 from .onnx_graph import cache_layout
 from .pipeline import export
 from .reference import ReferenceDecoder
@@ -70,28 +71,33 @@ def reference_logits(description, strategy: Strategy, windows: torch.Tensor, dev
 
 def evaluate(loaded: LoadedModel, strategies: dict[str, Strategy], windows: torch.Tensor,
              with_torch: bool = False, log=print, baseline: LoadedModel | None = None,
-             device: torch.device | None = None) -> list[EvalRow]:
+             device: torch.device | None = None, weight_format: BlockQuantized | None = None) -> list[EvalRow]:
     """Rows for the baseline's full model (named 'BASELINE: none'; given, the ratios are against it), the full
     model ('none') and each named strategy; a model uptrained or fitted for one strategy gets no 'none' row (it
     is not meant to run without its sharing). device: where the float32 reference computes the logits instead of
-    the exported graphs on ONNX Runtime (None)."""
+    the exported graphs on ONNX Runtime (None). weight_format: every row but the first with its projections
+    quantized so (the first, the model as it is, is what the ratios are against)."""
     bound = fitted_strategy(loaded.directory) is not None
     named = {**({} if bound else {"none": no_sharing(loaded.description.num_layers)}), **strategies}
-    runs = [(loaded, name, strategy) for name, strategy in named.items()]
-    if baseline is not None:
-        runs.insert(0, (baseline, f"{Path(baseline.reference).name}: none",
-                        no_sharing(baseline.description.num_layers)))
+    suffix = f", {weight_format.label}" if weight_format else ""
+    runs = [(loaded, name + suffix, strategy, weight_format) for name, strategy in named.items()]
+    if baseline is not None or (weight_format and not bound):
+        reference = baseline or loaded
+        runs.insert(0, (reference, f"{Path(reference.reference).name}: none",
+                        no_sharing(reference.description.num_layers), None))
     rows: list[EvalRow] = []
     on_device: dict[int, object] = {}  # a model's description on the GPU, made once for all its strategies
     with tempfile.TemporaryDirectory(prefix="kvexport-eval-") as tmp:
-        for index, (model, name, strategy) in enumerate(runs):
-            description = model.description
+        for index, (model, name, strategy, fmt) in enumerate(runs):
+            description = replace(model.description, weight_format=fmt)
             if device is None:
-                directory = export(model, strategy, Path(tmp) / f"s{index}", log=lambda _: None).directory
+                directory = export(model, strategy, Path(tmp) / f"s{index}", log=lambda _: None,
+                                   weight_format=fmt).directory
                 nll, accuracy = next_token_stats(onnx_logits(directory, windows), windows)
             else:
                 on_device = on_device if id(model) in on_device else {id(model): model.description_on(device)}
-                logits = reference_logits(on_device[id(model)], strategy, windows, device)
+                logits = reference_logits(replace(on_device[id(model)], weight_format=fmt), strategy, windows,
+                                          device)
                 nll, accuracy = next_token_stats(logits, windows.to(device))
             torch_ppl = torch_accuracy = None
             if with_torch:

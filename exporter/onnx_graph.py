@@ -2,8 +2,8 @@
 
 Inputs: input_ids, attention_mask, position_ids, past_key_values.{i}.key|value for owner layers i.
 Outputs: logits (float32), present.{i}.key|value for owner layers i. Shared layers project only their
-queries and attend over their owner's present K/V. Standard ONNX ops (opset 17) only, so that ONNX
-Runtime and TensorRT's parser both take it.
+queries and attend over their owner's present K/V. The dynamic graph uses standard ONNX ops (opset 17) only, so
+that ONNX Runtime and TensorRT's parser both take it, unless its projections are quantized (MatMulNBits).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 from kvexport.strategies import Strategy
 from kvexport.strategies import contract as c
 
-from .models import DecoderDescription, Layer, Linear, Norm, UnsupportedModelError
-from .onnx_weights import WeightFile
+from .models import BlockQuantized, DecoderDescription, Layer, Linear, Norm, UnsupportedModelError
+from .onnx_weights import WeightFile, converted
+from .quantize import packed, quantize
 from .reference import MASKED
 
 OPSET = 17
@@ -47,6 +48,22 @@ class GraphBuilder:
     def weight(self, name: str, tensor: torch.Tensor | np.ndarray) -> str:
         self.initializers.append(self.weights.initializer(name, tensor, self.dtype))
         return name
+
+    def quantized(self, name: str, weight: torch.Tensor, fmt: BlockQuantized,
+                  column_scale: torch.Tensor | None) -> tuple[str, str]:
+        """MatMulNBits' packed codes and scales (in the graph's dtype) of a weight [in, out], quantized on the
+        weight file's threads."""
+        outputs, blocks = weight.shape[1], weight.shape[0] // fmt.block
+
+        def compute() -> list[np.ndarray]:
+            codes, scales = quantize(weight, fmt)
+            scales = scales if column_scale is None else scales * column_scale[:, None].to(scales.dtype)
+            return [packed(codes, fmt), converted(scales.reshape(-1), self.dtype)]
+
+        names = [f"{name}.q{fmt.bits}", f"{name}.scales"]
+        shapes = [(outputs, blocks, fmt.block * fmt.bits // 8), (outputs * blocks,)]
+        self.initializers += self.weights.derived(names, shapes, ["uint8", self.dtype], compute)
+        return names[0], names[1]
 
     def const(self, values, dtype=np.int64) -> str:
         array = np.asarray(values, dtype=dtype)
@@ -82,9 +99,20 @@ class DecoderGraph:
         self._length: str | None = None  # static graph: the input's sequence length, made when first used
 
     # -- building blocks ---------------------------------------------------------------------------
-    def linear(self, x: str, lin: Linear, name: str, bias: bool = True) -> str:
-        """x W (+ b; bias=False leaves the bias to the caller, which folds it into a fused kernel)."""
-        y = self.g.op("MatMul", x, self.g.weight(f"{name}.weight", lin.weight))
+    def linear(self, x: str, lin: Linear, name: str, bias: bool = True, projection: bool = True,
+               column_scale: torch.Tensor | None = None) -> str:
+        """x W (+ b; bias=False leaves the bias to the caller, which folds it into a fused kernel). A layer's
+        projection (not the LM head) is stored in the description's weight format; column_scale multiplies W's
+        columns, after quantization (so a quantized W scaled is the scaled W quantized)."""
+        fmt = self.d.weight_format if projection else None
+        if fmt is None:
+            weight = lin.weight if column_scale is None else lin.weight * column_scale
+            y = self.g.op("MatMul", x, self.g.weight(f"{name}.weight", weight))
+        else:
+            inputs, outputs = lin.weight.shape
+            codes, scales = self.g.quantized(f"{name}.weight", lin.weight, fmt, column_scale)
+            y = self.g.op("MatMulNBits", x, codes, scales, domain="com.microsoft", K=inputs, N=outputs,
+                          bits=fmt.bits, block_size=fmt.block)
         return y if lin.bias is None or not bias else self.g.op("Add", y, self.g.weight(f"{name}.bias", lin.bias))
 
     def norm(self, x: str, norm: Norm, name: str) -> str:
@@ -265,15 +293,18 @@ class DecoderGraph:
         one multiplication less per layer and step.
         """
         scale = self.d.head_dim**-0.5
-        q = Linear(layer.q.weight * scale, None if layer.q.bias is None else layer.q.bias * scale)
+        q = Linear(layer.q.weight, None if layer.q.bias is None else layer.q.bias * scale)
         owner = self.strategy.is_owner(i)
         parts = [q, layer.k, layer.v] if owner else [q]
+        column_scale = torch.ones(sum(lin.weight.shape[1] for lin in parts) + (
+            0 if appended is None else appended.weight.shape[1]))
+        column_scale[:q.weight.shape[1]] = scale
         widths = [lin.weight.shape[1] for lin in parts] if split else [sum(lin.weight.shape[1] for lin in parts)]
         if appended is not None:
             parts.append(appended)
             widths.append(appended.weight.shape[1])
         name = f"layers.{i}." + ("in_proj" if appended is not None else "attn.qkv_proj" if owner else "attn.q_proj")
-        out = self.linear(h, concat_linears(parts), name)
+        out = self.linear(h, concat_linears(parts), name, column_scale=column_scale)
         pieces = [out] if len(widths) == 1 else self.g.op("Split", out, self.g.const(widths), axis=-1,
                                                            outputs=len(widths))
         extra = pieces.pop() if appended is not None else None
@@ -334,7 +365,7 @@ class DecoderGraph:
                                           f"layers.{i}.post_attention_norm")
                 mlp = self.mlp(h, layer, i, down_bias=not fold)
                 h, x = self.residual_norm(x, [mlp], [layer.down.bias], following, following_name)
-        logits = self.linear(self.kept_positions(h), d.lm_head, "lm_head")
+        logits = self.linear(self.kept_positions(h), d.lm_head, "lm_head", projection=False)
         g.op("Cast", logits, to=TensorProto.FLOAT, outputs=[c.LOGITS])
         d.release()
         return self._model()
@@ -400,7 +431,8 @@ class DecoderGraph:
         outputs += [value_info(c.present_name(i, kind), kv_type, present_dims)
                     for i in present_layers for kind in c.KV_KINDS]
         graph = helper.make_graph(self.g.nodes, "kvexport_decoder", inputs, outputs, self.g.initializers)
-        opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if static else [])
+        contrib = static or d.weight_format is not None  # GroupQueryAttention and friends; MatMulNBits
+        opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if contrib else [])
         model = helper.make_model(graph, opset_imports=opsets, producer_name="kvexport", ir_version=IR_VERSION)
         helper.set_model_props(model, {"kvexport.strategy": json.dumps(self.strategy.to_dict()),
                                        "kvexport.dtype": self.dtype,

@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -52,12 +53,33 @@ class WeightFile:
         file. Names identify values: a name written before is not written again."""
         if name in self._written:
             return self._written[name]
-        shape = tuple(tensor.shape)
+        return self._place(name, tuple(tensor.shape), dtype, self._pool.submit(converted, tensor, dtype))
+
+    def derived(self, names: list[str], shapes: list[tuple[int, ...]], dtypes: list[str],
+                compute: Callable[[], list[np.ndarray]]) -> list[onnx.TensorProto]:
+        """Initializers of the arrays that one computation makes (a quantized weight's codes and scales), each of
+        the shape and dtype given, computed on the file's threads."""
+        if names[0] in self._written:
+            return [self._written[name] for name in names]
+        shared, parts = self._pool.submit(compute), [Future() for _ in names]
+
+        def hand_out(done: Future) -> None:
+            for index, part in enumerate(parts):
+                if done.exception() is not None:
+                    part.set_exception(done.exception())
+                else:
+                    part.set_result(done.result()[index])
+
+        shared.add_done_callback(hand_out)
+        return [self._place(*entry) for entry in zip(names, shapes, dtypes, parts, strict=True)]
+
+    def _place(self, name: str, shape: tuple[int, ...], dtype: str, values: Future) -> onnx.TensorProto:
+        """The next place in the file for `values` (a Future of an array of that shape and dtype)."""
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
         padding = -self.size % (ALIGNMENT if nbytes >= SMALL else 64)
         offset = self.size + padding
         self.size = offset + nbytes
-        self._queue.append((padding, nbytes, self._pool.submit(converted, tensor, dtype)))
+        self._queue.append((padding, nbytes, values))
         while len(self._queue) > WINDOW:
             self._write_next()
         proto = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),

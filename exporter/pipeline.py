@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
@@ -24,13 +24,14 @@ from kvexport.strategies import contract as c
 from kvexport.strategies.integrity import record_files, seal
 
 from .loading import SIDE_FILES, LoadedModel, check_trained_strategy, load_config, load_model
-from .models import DecoderDescription
+from .models import BlockQuantized, DecoderDescription, UnsupportedModelError
 from .onnx_graph import build_decoder, cache_layout
 from .onnx_weights import WeightFile
 from .validate import (
     HF_CHECK_BYTES,
     ValidationError,
     ValidationReport,
+    quantization_error,
     reference_case,
     validate_export,
     validate_static,
@@ -96,9 +97,12 @@ def export(
     validate: bool = True,
     static: bool = True,
     log=print,
+    weight_format: BlockQuantized | None = None,
 ) -> ExportResult:
     """Export, validate and publish. static (the default) also writes the decode graph over preallocated cache
-    buffers, which the server and the ort-static backend run; static=False writes the dynamic graph only."""
+    buffers, which the server and the ort-static backend run; static=False writes the dynamic graph only.
+    weight_format: the layers' projections stored quantized (MatMulNBits); validated against the reference computing
+    with the same quantized weights, and the quantization's own effect on the logits reported beside."""
     started = time.perf_counter()
     target = Path(output)
     if target.exists() and not (target / c.MANIFEST_FILE).is_file():
@@ -111,7 +115,7 @@ def export(
         strategy.check_model(config.num_hidden_layers, reference)
     loaded = load_model(model) if isinstance(model, str) else model
     check_trained_strategy(loaded.directory, strategy)
-    description = loaded.description
+    description = replace(loaded.description, weight_format=check_weight_format(loaded.description, weight_format))
     layout = cache_layout(description, strategy, dtype)
     log(f"exporting {loaded.reference} ({description.architecture}, {description.num_layers} layers) with "
         f"{len(strategy.owners)} cache owners, {dtype}")
@@ -136,11 +140,15 @@ def export(
         if validate:
             validation_started = time.perf_counter()
             case = reference_case(description, strategy)
-            hf_check = not strategy.shared and description.parameter_bytes(4) <= HF_CHECK_BYTES
+            hf_check = (not strategy.shared and weight_format is None
+                        and description.parameter_bytes(4) <= HF_CHECK_BYTES)
             report = validate_export(staging / c.MODEL_FILE, case, description, strategy, dtype,
                                      hf_model=loaded.hf_model if hf_check else None)
             if not strategy.shared and not hf_check:
-                report.hf_skipped = f"float32 weights above {HF_CHECK_BYTES >> 30} GiB"
+                report.hf_skipped = ("quantized weights" if weight_format else
+                                     f"float32 weights above {HF_CHECK_BYTES >> 30} GiB")
+            if weight_format is not None:  # what the quantization itself changes, beside the graph's own error
+                report.quantization_relative = quantization_error(case, loaded.description, strategy)
             if static:
                 report.steps += validate_static(staging / c.STATIC_MODEL_FILE, case, description, strategy,
                                                 dtype).steps
@@ -153,6 +161,8 @@ def export(
                 )
         manifest = {
             "format": c.FORMAT_NAME, "version": c.FORMAT_VERSION, "dtype": dtype, "weight_bytes": weight_bytes,
+            "weights": ({"format": weight_format.label, "bits": weight_format.bits, "block": weight_format.block}
+                        if weight_format else {"format": dtype}),
             "model": model_facts(loaded, description).to_dict(), "strategy": strategy.to_dict(),
             "cache": {"owners": list(layout.owners), "num_kv_heads": layout.num_kv_heads,
                       "head_dim": layout.head_dim, "bytes_per_token": layout.bytes_per_token(),
@@ -171,6 +181,24 @@ def export(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ExportResult(target, manifest, report, time.perf_counter() - started, peak_host_bytes())
+
+
+def check_weight_format(description: DecoderDescription, fmt: BlockQuantized | None) -> BlockQuantized | None:
+    """The format, if this model's projections can be stored in it; else a one-line error."""
+    if fmt is None:
+        return None
+    if fmt.bits not in (4, 8) or fmt.block < 16 or fmt.block & (fmt.block - 1):
+        raise KvexportError(f"int{fmt.bits} weights in blocks of {fmt.block}: use int4 or int8 with a block "
+                            "that is a power of two, at least 16")
+    if description.parallel_residual:
+        raise UnsupportedModelError(f"quantized weights are not supported for {description.architecture} yet (its "
+                                    "parallel-residual norms fold into the projections): export it without --weights")
+    layer = description.layers[0]
+    inputs = {lin.weight.shape[0] for lin in (layer.q, layer.o, layer.down)}
+    if any(size % fmt.block for size in inputs):
+        raise KvexportError(f"the projections' input sizes {sorted(inputs)} are not multiples of the block "
+                            f"{fmt.block}: pass a --weight-block that divides them")
+    return fmt
 
 
 def publish(staging: Path, target: Path) -> None:

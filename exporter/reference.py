@@ -9,7 +9,7 @@ dtype at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +105,15 @@ class ReferenceDecoder:
             y = y + (x @ self._t(lin.adapter.a)) @ self._t(lin.adapter.b) * lin.adapter.scale
         return y if lin.bias is None else y + self._t(lin.bias)
 
+    def _projection(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
+        """A layer's projection as the export computes it: with its weight quantized and dequantized where the
+        description stores projections quantized."""
+        if self.d.weight_format is None:
+            return self._linear(x, lin)
+        from .quantize import round_trip
+
+        return self._linear(x, replace(lin, weight=round_trip(self._t(lin.weight), self.d.weight_format)))
+
     def _norm(self, x: torch.Tensor, norm: Norm) -> torch.Tensor:
         if self.d.norm == "layernorm":
             return F.layer_norm(x, x.shape[-1:], self._t(norm.weight), self._t(norm.bias), self.d.norm_eps)
@@ -158,10 +167,10 @@ class ReferenceDecoder:
         d = self.d
         batch, seq, _ = x.shape
         h = self._norm(x, layer.input_norm)
-        q = apply_rotary(self._heads(self._linear(h, layer.q), d.num_heads), inputs.cos, inputs.sin)
+        q = apply_rotary(self._heads(self._projection(h, layer.q), d.num_heads), inputs.cos, inputs.sin)
         if self.strategy.is_owner(i) or layer_kv is not None:
-            k = apply_rotary(self._heads(self._linear(h, layer.k), d.num_kv_heads), inputs.cos, inputs.sin)
-            v = self._heads(self._linear(h, layer.v), d.num_kv_heads)
+            k = apply_rotary(self._heads(self._projection(h, layer.k), d.num_kv_heads), inputs.cos, inputs.sin)
+            v = self._heads(self._projection(h, layer.v), d.num_kv_heads)
             if layer_kv is not None:
                 layer_kv[i] = (k, v)
             if self.strategy.is_owner(i):
@@ -180,7 +189,7 @@ class ReferenceDecoder:
 
     def output(self, layer: Layer, context: torch.Tensor) -> torch.Tensor:
         """The attention's output projection."""
-        return self._linear(context, layer.o)
+        return self._projection(context, layer.o)
 
     def residual(self, layer: Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The residual stream after the layer, given its attention output."""
@@ -191,6 +200,7 @@ class ReferenceDecoder:
 
     def _mlp(self, h: torch.Tensor, layer) -> torch.Tensor:
         if layer.gate is None:
-            return self._linear(self._act(self._linear(h, layer.up)), layer.down)
-        return self._linear(self._act(self._linear(h, layer.gate)) * self._linear(h, layer.up), layer.down)
+            return self._projection(self._act(self._projection(h, layer.up)), layer.down)
+        return self._projection(self._act(self._projection(h, layer.gate)) * self._projection(h, layer.up),
+                                layer.down)
 

@@ -44,6 +44,7 @@ class ValidationReport:
     steps: list[dict] = field(default_factory=list)  # per step: kind, max_abs_diff, relative
     hf_relative: float | None = None
     hf_skipped: str | None = None  # why the Hugging Face check did not run, where it could have
+    quantization_relative: float | None = None  # quantized weights: the reference's logits with them vs without
     seconds: float | None = None  # wall time of the whole validation
     device: str = "cpu"  # where the reference ran
     reference_seconds: float | None = None  # of which the reference's
@@ -64,6 +65,8 @@ class ValidationReport:
             text += f"; reference vs Hugging Face {self.hf_relative:.2e} (tolerance {HF_TOLERANCE:.0e})"
         if self.hf_skipped:
             text += f"; reference vs Hugging Face skipped ({self.hf_skipped})"
+        if self.quantization_relative is not None:
+            text += f"; the quantized weights move the logits by {self.quantization_relative:.2e} (relative)"
         if self.seconds is not None:
             text += f"; {self.seconds:.1f} s (reference {self.reference_seconds or 0:.1f} s on {self.device})"
         return text
@@ -109,6 +112,15 @@ def reference_case(description: DecoderDescription, strategy: Strategy, decode_s
     out = reference.forward(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(c.positions_from_mask(mask)))
     return ValidationCase(ids, mask, lengths, prompt, out.logits.cpu().numpy(), device,
                           round(time.perf_counter() - started, 2))
+
+
+def quantization_error(case: ValidationCase, unquantized: DecoderDescription, strategy: Strategy) -> float:
+    """The relative logit change that quantizing the weights makes: the float64 reference without it, against
+    the case's (with it), over the case's positions."""
+    reference = ReferenceDecoder(unquantized, strategy, torch.float64, case.device)
+    logits = reference.forward(torch.from_numpy(case.ids), torch.from_numpy(case.mask),
+                               torch.from_numpy(case.positions)).logits.cpu().numpy()
+    return _relative(case.logits, logits, case.mask == 1)[1]
 
 
 def session_for(path: Path, dtype: str, static: bool) -> ort.InferenceSession:

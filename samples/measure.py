@@ -18,7 +18,7 @@ def device_memory_sampler(stop: threading.Event, peak: list[int]) -> None:
     while not stop.is_set():
         try:
             used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                  capture_output=True, text=True, timeout=5).stdout.split()
+                                  capture_output=True, text=True, timeout=5, check=False).stdout.split()
             peak[0] = max(peak[0], *(int(value) for value in used))
         except (OSError, ValueError, subprocess.TimeoutExpired):
             return

@@ -7,7 +7,16 @@ from collections.abc import Callable
 import torch
 
 from . import gpt_neox, llama
-from .description import DecoderDescription, Layer, LazyLayers, Linear, LowRank, Norm, UnsupportedModelError
+from .description import (
+    BlockQuantized,
+    DecoderDescription,
+    Layer,
+    LazyLayers,
+    Linear,
+    LowRank,
+    Norm,
+    UnsupportedModelError,
+)
 
 READERS: dict[str, Callable[..., DecoderDescription]] = {
     "gpt_neox": gpt_neox.describe,
@@ -40,6 +49,5 @@ def describe(config, weights: dict[str, torch.Tensor], release: Callable[[], Non
     return reader(config, weights, release)
 
 
-__all__ = ["READERS", "WRITERS", "DecoderDescription", "Layer", "LazyLayers", "Linear", "LowRank", "Norm", "UnsupportedModelError",
-           "describe",
-           "state_dict"]
+__all__ = ["READERS", "WRITERS", "BlockQuantized", "DecoderDescription", "Layer", "LazyLayers", "Linear", "LowRank",
+           "Norm", "UnsupportedModelError", "describe", "state_dict"]

@@ -21,6 +21,19 @@ class UnsupportedModelError(KvexportError):
     """A model kvexport cannot export, with what to do instead."""
 
 
+@dataclass(frozen=True)
+class BlockQuantized:
+    """How an export stores the layers' projection weights: `bits`-bit integers with one scale per `block` inputs
+    of each output (exporter/quantize.py), run by ONNX Runtime's MatMulNBits. The embeddings, norms and LM head
+    keep the export's dtype."""
+    bits: int = 4  # 4 or 8
+    block: int = 32  # a power of two, at least 16
+
+    @property
+    def label(self) -> str:
+        return f"int{self.bits}"
+
+
 @dataclass
 class LowRank:
     """A trained low-rank update of a linear map (LoRA): y = x @ W + bias + (x @ a) @ b * scale. Only uptraining
@@ -112,6 +125,7 @@ class DecoderDescription:
     layers: Sequence[Layer]  # a list, or LazyLayers read from a checkpoint
     final_norm: Norm
     lm_head: Linear  # [hidden, vocab]
+    weight_format: BlockQuantized | None = None  # None: the projections in the export's dtype
     # Returns the checkpoint pages a pass has read (Checkpoint.release); passes call it when they are done.
     release: Callable[[], None] = lambda: None
 
@@ -121,11 +135,19 @@ class DecoderDescription:
         return self.num_heads // self.num_kv_heads
 
     def parameter_bytes(self, bytes_per_element: int) -> int:
-        tensors = [self.embed, self.lm_head.weight]
+        """Bytes of the weights in an export of that element size (quantized projections: their codes and
+        scales)."""
+        total = (self.embed.numel() + self.lm_head.weight.numel()) * bytes_per_element
+        fmt = self.weight_format
         for layer in self.layers:
-            tensors += [t for lin in (layer.q, layer.k, layer.v, layer.o, layer.up, layer.down, layer.gate)
-                        if lin is not None for t in (lin.weight, lin.bias) if t is not None]
-        return sum(t.numel() for t in tensors) * bytes_per_element
+            for lin in (layer.q, layer.k, layer.v, layer.o, layer.up, layer.down, layer.gate):
+                if lin is None:
+                    continue
+                elements = lin.weight.numel()
+                total += (elements * bytes_per_element if fmt is None else
+                          elements * fmt.bits // 8 + elements // fmt.block * bytes_per_element)
+                total += 0 if lin.bias is None else lin.bias.numel() * bytes_per_element
+        return total
 
 
 def rope_settings(config, default_theta: float, default_fraction: float) -> tuple[float, float]:

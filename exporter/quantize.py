@@ -1,0 +1,44 @@
+"""Block-wise weight quantization, as ONNX Runtime's MatMulNBits stores it.
+
+A weight [in, out] is cut, for each output, into blocks of `block` consecutive inputs; each block keeps one scale
+(its largest magnitude over 2^(bits-1) - 1: symmetric round-to-nearest) and `bits`-bit codes q, stored with the
+implicit zero point 2^(bits-1), so w = (q - 2^(bits-1)) * scale. Codes are packed along the inputs, the lower bits
+first, into [out, blocks, block * bits / 8] bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .models import BlockQuantized
+
+
+def quantize(weight: torch.Tensor, fmt: BlockQuantized) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [out, blocks, block] int16 in [0, 2^bits), scales [out, blocks] float32) of a weight [in, out]."""
+    columns, rows = weight.shape[1], weight.shape[0]
+    blocks = weight.detach().to(torch.float32).t().reshape(columns, rows // fmt.block, fmt.block)
+    middle = 1 << (fmt.bits - 1)
+    scales = blocks.abs().amax(-1) / (middle - 1)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero block: codes 0, scale 0
+    codes = torch.clamp(torch.round(blocks / safe[..., None]), -middle, middle - 1) + middle
+    return codes.to(torch.int16), scales
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: BlockQuantized) -> torch.Tensor:
+    """The weight [in, out] that quantized codes stand for, in float32."""
+    values = (codes.to(torch.float32) - (1 << (fmt.bits - 1))) * scales[..., None]
+    return values.reshape(values.shape[0], -1).t()
+
+
+def round_trip(weight: torch.Tensor, fmt: BlockQuantized) -> torch.Tensor:
+    """The weight as the export computes with it: quantized, then dequantized (float32)."""
+    return dequantize(*quantize(weight, fmt), fmt)
+
+
+def packed(codes: torch.Tensor, fmt: BlockQuantized) -> np.ndarray:
+    """MatMulNBits' B input: codes [out, blocks, block] as uint8 [out, blocks, block * bits / 8]."""
+    values = codes.to(torch.uint8).numpy()
+    if fmt.bits == 8:
+        return np.ascontiguousarray(values)
+    return np.ascontiguousarray(values[..., 0::2] | (values[..., 1::2] << 4))
