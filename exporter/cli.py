@@ -76,10 +76,18 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"vs {cache['full_bytes_per_token']} full")
     if args.max_new_tokens > 0:
         from kvexport.runtime import ExportedModel
+        from kvexport.runtime.memory import shortfall
 
-        if not ExportedModel.load(result.directory).has_tokenizer:
+        model = ExportedModel.load(result.directory)
+        provider = resolved_provider(args)
+        if not model.has_tokenizer:
             print(f"skipped the sample generation: {args.model} has no tokenizer files (the export is complete; "
                   "generate from token ids through the Python API, or add tokenizer files to the model directory)")
+            return 0
+        too_large = shortfall(model, provider)
+        if too_large:
+            print(f"skipped the sample generation on {provider}: {too_large} (the export is complete; generate "
+                  "where it fits, e.g. on a GPU with --provider cuda)")
             return 0
         args.directory = result.directory
         return cmd_generate(args)

@@ -95,3 +95,17 @@ def test_long_texts_print_no_tokenizer_warning(tiny_neox, export_cache):
     run = subprocess.run([sys.executable, "-m", "kvexport", "generate", directory, "--prompt", "word " * 600],
                          capture_output=True, text=True, check=False)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "shorten the prompt" in run.stderr
+
+
+def test_a_model_too_large_for_the_provider_skips_the_sample_in_one_line(tiny_neox, export_cache, tmp_path, capsys,
+                                                                         monkeypatch):
+    from kvexport.runtime import ExportedModel, memory
+
+    model = ExportedModel.load(export_cache(tiny_neox, "none"))
+    assert memory.shortfall(model, "cpu") is None
+    model.manifest["weight_bytes"] = 1 << 50
+    assert "this machine has" in memory.shortfall(model, "cpu")
+    monkeypatch.setattr(memory, "shortfall", lambda model, provider: "it needs about 26.0 GiB")
+    assert main(["--model", str(tiny_neox), "--share", "none", "--output", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped the sample generation on cpu: it needs about 26.0 GiB" in printed
