@@ -142,14 +142,14 @@ class ReferenceDecoder:
         for i, layer in enumerate(d.layers):
             context = self.attention(i, layer, x, inputs, present, past or {}, layer_kv)
             x = self.residual(layer, x, self.output(layer, context))
-        final = self._norm(x, d.final_norm)
-        logits = self._linear(final, d.lm_head)
+        final, logits = self.finish(x)
         d.release()
         return ReferenceOutput(logits, present, final, layer_kv or {})
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of the residual stream after the last layer."""
-        return self._linear(self._norm(x, self.d.final_norm), self.d.lm_head)
+    def finish(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final norm's output and the logits, from the residual stream after the last layer."""
+        final = self._norm(x, self.d.final_norm)
+        return final, self._linear(final, self.d.lm_head)
 
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> LayerInputs:

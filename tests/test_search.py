@@ -71,6 +71,30 @@ def test_threshold_one_accepts_nothing(calibration):
         assert len(strategy.provenance["steps"]) == 6  # every pair of 4 layers was tried and rejected
 
 
+def test_scores_resumed_from_the_first_changed_layer_equal_whole_passes(calibration):
+    """A candidate runs from its first layer whose source differs from the last run's; its scores must be those of
+    a pass through every layer, in any order of candidates."""
+    import torch.nn.functional as F
+
+    from kvexport.exporter.calibration import next_token_stats
+    from kvexport.exporter.reference import ReferenceDecoder
+
+    loaded, calib = calibration
+    ones = torch.ones_like(calib.windows)
+    positions = torch.arange(calib.windows.shape[1]).expand_as(ones)
+    full = ReferenceDecoder(loaded.description, Strategy((0, 1, 2, 3)), torch.float32).forward(
+        calib.windows, ones, positions)
+    for kv_source in [(0, 1, 2, 2), (0, 0, 2, 2), (0, 1, 1, 3), (0, 1, 2, 2), (0, 0, 0, 0), (0, 1, 2, 3)]:
+        whole = ReferenceDecoder(loaded.description, Strategy(kv_source), torch.float32).forward(
+            calib.windows, ones, positions)
+        cosine = F.cosine_similarity(whole.final_hidden.flatten(1).double(), full.final_hidden.flatten(1).double(),
+                                     dim=-1).mean().item()
+        retention = math.exp(next_token_stats(full.logits, calib.windows)[0]
+                             - next_token_stats(whole.logits, calib.windows)[0])
+        assert calib.cosine(Strategy(kv_source)) == pytest.approx(cosine, abs=1e-6)
+        assert calib.perplexity_retention(Strategy(kv_source)) == pytest.approx(retention, rel=1e-6)
+
+
 def test_full_model_scores_one(calibration):
     _, calib = calibration
     assert calib.cosine(Strategy((0, 1, 2, 3))) == pytest.approx(1.0, abs=1e-9)

@@ -166,7 +166,7 @@ class TrainableDecoder(LayerTensors):
             x, own = block(reference, x, inputs, None if source == block.index else present[source])
             if own is not None:
                 present[block.index] = own
-        return reference.head(x)
+        return reference.finish(x)[1]
 
     def named_checkpoint_tensors(self) -> dict[str, str]:
         """State-dict key -> checkpoint name, for the tensors training changes (all of them, or none under LoRA)."""
