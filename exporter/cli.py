@@ -326,12 +326,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             "and --backends ort-static")
     output = Path(args.output)
     loaded = load_model(args.model)
-    exports = {}
+    exports, sharing = {}, {}
+    quantized = weight_format(args)
     for spec in args.share:
-        name = strategy_label(spec).replace(":", "")  # also a directory name
-        exports[name] = export(loaded, make_strategy(spec, loaded.config.num_hidden_layers, loaded.reference),
-                               output / "exports" / name, dtype=args.dtype, static="ort-static" in backends,
-                               log=lambda line: print(line, file=sys.stderr)).directory
+        name = strategy_label(spec).replace(":", "") + (f"-{quantized.label}" if quantized else "")  # a directory
+        strategy = make_strategy(spec, loaded.config.num_hidden_layers, loaded.reference)
+        sharing[name] = bool(strategy.shared)
+        exports[name] = export(loaded, strategy, output / "exports" / name, dtype=args.dtype,
+                               static="ort-static" in backends, log=lambda line: print(line, file=sys.stderr),
+                               weight_format=quantized).directory
     if "tensorrt" in backends:
         from .tensorrt_build import BuildOptions, build_engine
 
@@ -343,7 +346,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              provider=args.provider, steps=args.steps, warmup=args.warmup,
                              cuda_graph=args.cuda_graph, memory_budget_gib=args.memory_budget_gib,
                              optimum_level=args.optimum_level, allocate=args.allocate)
-    runs = sum(1 for strategy in exports for backend in backends if backend not in BASELINES or strategy == "none")
+    runs = sum(1 for name in exports for backend in backends if backend not in BASELINES or not sharing[name])
     total = runs * len(args.batch) * len(args.context)
     with tqdm(total=total, desc="bench", unit="point") as bar:
         def progress(label: str) -> None:
@@ -557,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cache length at the end of each point's decode steps")
     bench.add_argument("--provider", choices=["cpu", "cuda"], default="cuda")
     bench.add_argument("--dtype", choices=["float32", "float16"], default="float16")
+    add_weights_args(bench)
     bench.add_argument("--steps", type=int, default=16, help="timed decode steps per point")
     bench.add_argument("--warmup", type=int, default=4)
     bench.add_argument("--cuda-graph", action="store_true", help="ort-static: replay decode steps as CUDA graphs")

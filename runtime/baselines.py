@@ -103,7 +103,10 @@ class GenAIDecoder:
     A step is timed on the host clock around generate_next_token() + get_next_tokens(), which includes GenAI's
     sampling and the token's copy to the host (more work than kvexport's own points)."""
 
-    def __init__(self, model_dir: Path, workdir: Path, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model_dir: Path, workdir: Path, device: torch.device, dtype: torch.dtype,
+                 weights: dict | None = None):
+        """weights: the kvexport export's quantized weight format ({"bits", "block"}), which GenAI's int4 build
+        matches."""
         from transformers import AutoConfig
 
         architecture = AutoConfig.from_pretrained(model_dir).model_type
@@ -111,9 +114,13 @@ class GenAIDecoder:
             raise PointRefused(f"GenAI's model builder has no {architecture} model in kvexport's set "
                                f"({', '.join(GENAI_ARCHITECTURES)})")
         self.cuda = device.type == "cuda"
-        precision = "fp16" if dtype == torch.float16 else "fp32"
+        precision, extra = "fp16" if dtype == torch.float16 else "fp32", []
+        if weights is not None:
+            if weights["bits"] != 4:
+                raise PointRefused(f"GenAI's model builder quantizes to int4, not int{weights['bits']}")
+            precision, extra = "int4", ["--extra_options", f"int4_block_size={weights['block']}"]
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(workdir),
-                   "-p", precision, "-e", "cuda" if self.cuda else "cpu"]
+                   "-p", precision, "-e", "cuda" if self.cuda else "cpu", *extra]
         built = subprocess.run(command, capture_output=True, text=True, check=False)
         if built.returncode != 0:
             last = (built.stderr.strip().splitlines() or ["no message"])[-1]
@@ -171,9 +178,12 @@ def export_optimum(model_dir: Path, workdir: Path, device: torch.device, dtype: 
 
 @contextmanager
 def baseline_model(backend: str, model_dir: Path, device: torch.device, dtype: torch.dtype,
-                   optimum_level: str = "O2") -> Iterator[object]:
+                   optimum_level: str = "O2", weights: dict | None = None) -> Iterator[object]:
     """The baseline model: a Hugging Face-style model (hf, optimum), a CompiledStaticDecoder (hf-compile) or a
-    GenAIDecoder (ort-genai)."""
+    GenAIDecoder (ort-genai). weights: the export's quantized format, which only GenAI's int4 build matches."""
+    if weights is not None and backend != "ort-genai":
+        raise PointRefused(f"{backend} runs float weights and the export's projections are int{weights['bits']}: "
+                           "compare with ort-genai's int4 build")
     if backend == "hf":
         yield load_hf(model_dir, device, dtype)
         return
@@ -182,7 +192,7 @@ def baseline_model(backend: str, model_dir: Path, device: torch.device, dtype: t
         return
     if backend == "ort-genai":
         with tempfile.TemporaryDirectory(prefix="kvexport-genai-") as workdir:
-            yield GenAIDecoder(model_dir, Path(workdir), device, dtype)
+            yield GenAIDecoder(model_dir, Path(workdir), device, dtype, weights)
         return
     from optimum.onnxruntime import ORTModelForCausalLM
 

@@ -265,8 +265,8 @@ def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchS
             allocated[strategy] = {ctx: allocated_mib(model, batch, ctx, settings, device)
                                    for ctx, batch in capacity[strategy].items()}
         for backend in settings.backends:
-            if backend in BASELINES and (strategy != "none" or model_dir is None):
-                continue  # the baselines cannot share a cache: they run for `none` only
+            if backend in BASELINES and (model.strategy.shared or model_dir is None):
+                continue  # the baselines cannot share a cache: they run without sharing only
             points += bench_backend(backend, strategy, model, model_dir, settings, device, bandwidth, progress)
             release(device)
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -310,7 +310,8 @@ def bench_backend(backend: str, strategy: str, model: ExportedModel, model_dir: 
     """Every batch x context point of one backend on one strategy."""
     before = device_in_use_mib(device, peak=False)
     try:
-        with (baseline_model(backend, model_dir, device, TORCH_DTYPES[model.dtype], settings.optimum_level)
+        quantized = model.manifest["weights"] if "bits" in model.manifest.get("weights", {}) else None
+        with (baseline_model(backend, model_dir, device, TORCH_DTYPES[model.dtype], settings.optimum_level, quantized)
               if backend in BASELINES else nullcontext()) as reference_model:
             return bench_points(backend, strategy, model, reference_model, settings, device, bandwidth, progress,
                                 before)

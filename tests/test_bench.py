@@ -169,3 +169,18 @@ def test_allocate_needs_cuda_and_the_static_backend(tiny_neox, tmp_path, capsys)
     assert main(["bench", "--model", str(tiny_neox), "--share", "none", "--backends", "ort", "--allocate",
                  "--provider", "cpu", "--output", str(tmp_path / "b")]) == 2
     assert "--allocate measures device memory" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_bench_of_quantized_exports_refuses_float_baselines(tiny_llama, tmp_path):
+    """--weights int4: kvexport's points run the int4 graphs; a float baseline is recorded as refused, not timed
+    against them (GenAI's int4 build is the peer)."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(tiny_llama), "--share", "none", "every:2", "--weights", "int4",
+                 "--backends", "hf", "ort-static", "--batch", "1", "--context", "16", "--provider", "cpu",
+                 "--dtype", "float32", "--steps", "2", "--warmup", "1", "--output", str(out)]) == 0
+    points = {(p["backend"], p["strategy"]): p for p in json.loads((out / "bench.json").read_text())["points"]}
+    assert set(points) == {("hf", "none-int4"), ("ort-static", "none-int4"), ("ort-static", "every2-int4")}
+    assert "runs float weights" in points[("hf", "none-int4")]["note"]
+    assert points[("ort-static", "every2-int4")]["decode_ms_median"] > 0
+    manifest = json.loads((out / "exports" / "every2-int4" / "kvexport.json").read_text())
+    assert manifest["weights"]["format"] == "int4"
