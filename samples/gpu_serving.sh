@@ -16,23 +16,26 @@
 # to the engine (default 2), PREFILL_BATCH=N caps the engine part's batches of first prompts at N (engine_bench.py
 # --prefill-batch; the engine also waits for fewer new prompts before running a batch), PY_SPY=1 (py-spy carried in
 # .whl too) samples the stacks of each thread of the server's processes, native and idle frames included, for 8 s from
-# 8 s into each load: where the engine's host time goes. Results in $OUT.
+# 8 s into each load: where the engine's host time goes. SHAPE=NAME serves another random-weight shape (default
+# pythia-160m; llama-7b for the 7B figures), ROWS=N gives `none` N rows and `every:2` 2N (default 32), LENGTH=N tokens
+# per row (default 1024) and RATE=N the load's requests per second (default 400). Results in $OUT.
 source samples/gpu_setup.sh
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PATH=/tmp/site/bin:$PATH  # py-spy's binary, when carried
 fi
 # the model and its exports are kept from an earlier invocation on the same machine
-[ -d /tmp/p160 ] || python3 samples/make_random_model.py pythia-160m /tmp/p160 >/dev/null
+model=/tmp/${SHAPE:-pythia-160m} rows=${ROWS:-32} length=${LENGTH:-1024} rate=${RATE:-400}
+[ -d "$model" ] || python3 samples/make_random_model.py "${SHAPE:-pythia-160m}" "$model" >/dev/null
 for s in none every:2; do
-  [ -d /tmp/p160-${s/:/} ] || python3 -m kvexport export --model /tmp/p160 --share $s --dtype float16 --static \
-    --max-new-tokens 0 --output /tmp/p160-${s/:/} 2>&1 | grep -v Memcpy | tail -1
+  [ -d "$model-${s/:/}" ] || python3 -m kvexport export --model "$model" --share $s --dtype float16 \
+    --max-new-tokens 0 --output "$model-${s/:/}" 2>&1 | grep -v Memcpy | tail -1
 done
 declare -A NEW_TOKENS=([short]="8 64" [long]="64 512" [tail]="16 896")
 declare -A SPREAD=([short]=uniform [long]=uniform [tail]=log-uniform)
 declare -A REQUESTS=([short]=1024 [long]=512 [tail]=512)
 run_engine() {  # name export slots batching load
-  python3 samples/engine_bench.py "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 \
+  python3 samples/engine_bench.py "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length "$length" \
     --requests "${REQUESTS[$5]}" --new-tokens ${NEW_TOKENS[$5]} --spread ${SPREAD[$5]} --batching "$4" --process \
     ${STEPS_IN_FLIGHT:+--steps-in-flight $STEPS_IN_FLIGHT} \
     ${PREFILL_BATCH:+--prefill-batch $PREFILL_BATCH} --output "/tmp/engine-$1-$5.json" 2>&1 | grep -v Memcpy \
@@ -42,9 +45,9 @@ parts=${*:-engine server}  # bash samples/gpu_serving.sh [engine] [server]
 if [[ $parts == *engine* ]]; then
   runs=${ENGINE_RUNS:-none-continuous every2-continuous every2-static}
   for load in ${ENGINE_LOADS:-short long}; do
-    [[ $runs == *none-continuous* ]] && run_engine none-continuous /tmp/p160-none 32 continuous $load
-    [[ $runs == *every2-continuous* ]] && run_engine every2-continuous /tmp/p160-every2 64 continuous $load
-    [[ $runs == *every2-static* ]] && run_engine every2-static /tmp/p160-every2 64 static $load
+    [[ $runs == *none-continuous* ]] && run_engine none-continuous "$model-none" "$rows" continuous $load
+    [[ $runs == *every2-continuous* ]] && run_engine every2-continuous "$model-every2" $((2 * rows)) continuous $load
+    [[ $runs == *every2-static* ]] && run_engine every2-static "$model-every2" $((2 * rows)) static $load
   done
   cp /tmp/engine-*.json "$OUT/"
 fi
@@ -56,7 +59,7 @@ requests=${HTTP_REQUESTS:-2000}
 load=${SERVER_LOAD:-long}
 tag=i$interval-a$api-c${CONCURRENCY:-96}-r$requests${STEPS_IN_FLIGHT:+-f$STEPS_IN_FLIGHT}-$load
 run_server() {  # name export slots batching rate
-  python3 -m kvexport serve "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length 1024 --batching "$4" \
+  python3 -m kvexport serve "$2" --provider cuda --cuda-graph --max-slots "$3" --max-length "$length" --batching "$4" \
     --max-queue 4096 --model-name m --port 8000 --stream-interval "$interval" --api-servers "$api" \
     ${STEPS_IN_FLIGHT:+--steps-in-flight $STEPS_IN_FLIGHT} >/tmp/serve-$1.log 2>&1 &
   pid=$!
@@ -85,8 +88,8 @@ print('$1 cpu s', sorted(round(sum(map(int, Path(f'/proc/{k}/stat').read_text().
   python3 -c "import json; r=json.load(open('/tmp/load-$1-$tag.json')); print('$1 $tag http', round(r['served_tokens_per_s']), 'tok/s, tpot p50/p99 ms', round(1e3*r['tpot_p50_s'],2), round(1e3*r['tpot_p99_s'],2), 'ttft p50/p99 s', round(r['ttft_p50_s'],3), round(r['ttft_p99_s'],3), 'errors', r['errors'], 'moved', r['server_metrics'].get('kvexport_rows_moved'), 'overhead', r['server_metrics'].get('kvexport_scheduler_overhead'), 'tokens/step', round(r['server_metrics']['kvexport_generated_tokens'] / max(1, r['server_metrics']['kvexport_decode_steps']), 1), 'loop/prefill/queue/device wait/delivery s', *(round(r['server_metrics'].get(f'kvexport_{k}_seconds', 0), 2) for k in ('loop', 'prefill', 'queue', 'device_wait', 'delivery')), 'device decode/prefill s', *(round(r['server_metrics'].get(f'kvexport_{k}_device_seconds', 0), 2) for k in ('decode', 'prefill')))"
 }
 runs=${SERVER_RUNS:-none-continuous every2-continuous every2-static}
-[[ $runs == *none-continuous* ]] && run_server none-continuous /tmp/p160-none 32 continuous 400
-[[ $runs == *every2-continuous* ]] && run_server every2-continuous /tmp/p160-every2 64 continuous 400
-[[ $runs == *every2-static* ]] && run_server every2-static /tmp/p160-every2 64 static 400
+[[ $runs == *none-continuous* ]] && run_server none-continuous "$model-none" "$rows" continuous "$rate"
+[[ $runs == *every2-continuous* ]] && run_server every2-continuous "$model-every2" $((2 * rows)) continuous "$rate"
+[[ $runs == *every2-static* ]] && run_server every2-static "$model-every2" $((2 * rows)) static "$rate"
 cp /tmp/load-*-$tag.json "$OUT/"
 if ls /tmp/spy-*-$tag-*.txt >/dev/null 2>&1; then tar -czf "$OUT/spy-$tag.tar.gz" -C /tmp $(cd /tmp && ls spy-*-$tag-*.txt); fi
