@@ -14,6 +14,7 @@ ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install
 def test_two_replicas_behind_the_ray_proxy(tmp_path):
     from ray import serve
 
+    from kvexport.serving.guard import Limits
     from kvexport.serving.openai_api import ApiSettings
     from kvexport.serving.ray_app import serve_on_ray
 
@@ -22,10 +23,11 @@ def test_two_replicas_behind_the_ray_proxy(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     try:
-        serve_on_ray(directory, "127.0.0.1", port, ApiSettings(), replicas=2, block=False, max_slots=2)
+        serve_on_ray(directory, "127.0.0.1", port, ApiSettings(limits=Limits(api_key="k")), replicas=2, block=False,
+                     max_slots=2)
         body = {"model": "tiny-neox", "prompt": "In Python, a list", "max_tokens": 8, "temperature": 0}
         replicas, texts = set(), set()
-        with httpx.Client(timeout=60) as client:
+        with httpx.Client(timeout=60, headers={"Authorization": "Bearer k"}) as client:
             for _ in range(40):
                 response = client.post(f"http://127.0.0.1:{port}/v1/completions", json=body)
                 assert response.status_code == 200, response.text
@@ -36,10 +38,12 @@ def test_two_replicas_behind_the_ray_proxy(tmp_path):
             bad = client.post(f"http://127.0.0.1:{port}/v1/completions", json={**body, "max_tokens": 0})
             chat = client.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={
                 "model": "tiny-neox", "messages": [{"role": "user", "content": "a list"}], "max_tokens": 4})
+        unauthenticated = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
         assert len(replicas) == 2, "the proxy sent every request to one replica"
         assert len(texts) == 1  # the same greedy answer from both
         assert bad.status_code == 400
         assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 4
+        assert unauthenticated.status_code == 401
     finally:
         serve.shutdown()
         ray.shutdown()
