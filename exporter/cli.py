@@ -40,11 +40,14 @@ def add_provider_arg(parser: argparse.ArgumentParser) -> None:
                         help="where ONNX Runtime runs (default auto: cuda when onnxruntime-gpu sees a GPU, else cpu)")
 
 
-def add_weights_args(parser: argparse.ArgumentParser) -> None:
+def add_quantization_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", choices=["float", "int4", "int8"], default="float",
                         help="how the layers' projections are stored: in --dtype (default), or as 4- or 8-bit integers "
                              "with a scale per block of inputs (ONNX Runtime's MatMulNBits; Llama family)")
     parser.add_argument("--weight-block", type=int, default=32, metavar="N", help="inputs per scale (default 32)")
+    parser.add_argument("--kv-cache", choices=["int8"],
+                        help="hold the cache as int8 codes with a scale per KV head and channel, set on calibration "
+                             "text (default: the cache in --dtype)")
 
 
 def weight_format(args: argparse.Namespace):
@@ -68,7 +71,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     output = Path(args.output) if args.output else default_output(args.model, args.share)
     result = export(args.model, args.share, output, dtype=args.dtype, validate=not args.no_validate,
-                    static=args.static, weight_format=weight_format(args))
+                    static=args.static, weight_format=weight_format(args), kv_cache=args.kv_cache)
     cache = result.manifest["cache"]
     print(f"wrote {result.directory} in {result.seconds:.1f} s (peak host memory "
           f"{result.peak_host_bytes / 2**30:.2f} GiB): {len(cache['owners'])} of "
@@ -287,7 +290,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     baseline = load_baseline(loaded, args.baseline)
     windows = token_windows(loaded.tokenizer(), read_text(args.text), args.windows, args.length, from_end=True)
     rows = evaluate(loaded, strategies, windows, with_torch=args.torch, baseline=baseline,
-                    device=None if device.type == "cpu" else device, weight_format=weight_format(args))
+                    device=None if device.type == "cpu" else device, weight_format=weight_format(args),
+                    kv_cache=args.kv_cache)
     print(table(rows))
     paths = write_report(rows, Path(args.output), {"model": loaded.reference, "windows": args.windows,
                                                     "length": args.length, "text": str(args.text or "default"),
@@ -329,12 +333,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     exports, sharing = {}, {}
     quantized = weight_format(args)
     for spec in args.share:
-        name = strategy_label(spec).replace(":", "") + (f"-{quantized.label}" if quantized else "")  # a directory
+        name = "-".join([strategy_label(spec).replace(":", ""), *([quantized.label] if quantized else []),
+                         *([f"{args.kv_cache}kv"] if args.kv_cache else [])])  # also a directory name
         strategy = make_strategy(spec, loaded.config.num_hidden_layers, loaded.reference)
         sharing[name] = bool(strategy.shared)
         exports[name] = export(loaded, strategy, output / "exports" / name, dtype=args.dtype,
                                static="ort-static" in backends, log=lambda line: print(line, file=sys.stderr),
-                               weight_format=quantized).directory
+                               weight_format=quantized, kv_cache=args.kv_cache).directory
     if "tensorrt" in backends:
         from .tensorrt_build import BuildOptions, build_engine
 
@@ -399,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write the decode graph over preallocated cache buffers, which serve, bench's "
                              "ort-static and --backend ort-static run (default; --no-static writes the dynamic "
                              "graph only)")
-    add_weights_args(export)
+    add_quantization_args(export)
     add_sampling_args(export)
     export.set_defaults(func=cmd_export)
 
@@ -542,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--baseline", help="the model whose full accuracy the ratios are against (default: the "
                             "model a compress-heads or uptrain output was made from; else --model itself)")
     evaluation.add_argument("--torch", action="store_true", help="also evaluate the PyTorch reference")
-    add_weights_args(evaluation)
+    add_quantization_args(evaluation)
     add_device_arg(evaluation, "the models run (cpu: the exported ONNX graphs on ONNX Runtime; cuda: the float32 "
                                "reference on the GPU, the weights held once)")
     evaluation.add_argument("--output", default="eval-results")
@@ -560,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cache length at the end of each point's decode steps")
     bench.add_argument("--provider", choices=["cpu", "cuda"], default="cuda")
     bench.add_argument("--dtype", choices=["float32", "float16"], default="float16")
-    add_weights_args(bench)
+    add_quantization_args(bench)
     bench.add_argument("--steps", type=int, default=16, help="timed decode steps per point")
     bench.add_argument("--warmup", type=int, default=4)
     bench.add_argument("--cuda-graph", action="store_true", help="ort-static: replay decode steps as CUDA graphs")

@@ -28,7 +28,7 @@ from .calibration import next_token_stats
 from .loading import LoadedModel, fitted_strategy, load_model, original_model
 from .models import BlockQuantized
 from .onnx_graph import cache_layout
-from .pipeline import export
+from .pipeline import export, int8_kv_scales
 from .reference import ReferenceDecoder
 
 BATCH = 4  # windows per forward pass: bounds the logits held in memory
@@ -59,8 +59,9 @@ def onnx_logits(directory: Path, windows: torch.Tensor) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-def reference_logits(description, strategy: Strategy, windows: torch.Tensor, device: torch.device) -> torch.Tensor:
-    reference = ReferenceDecoder(description, strategy, torch.float32, device)
+def reference_logits(description, strategy: Strategy, windows: torch.Tensor, device: torch.device,
+                     kv_scales: dict | None = None) -> torch.Tensor:
+    reference = ReferenceDecoder(description, strategy, torch.float32, device, kv_scales)
     chunks = []
     with torch.no_grad():
         for chunk in windows.split(BATCH):
@@ -71,33 +72,36 @@ def reference_logits(description, strategy: Strategy, windows: torch.Tensor, dev
 
 def evaluate(loaded: LoadedModel, strategies: dict[str, Strategy], windows: torch.Tensor,
              with_torch: bool = False, log=print, baseline: LoadedModel | None = None,
-             device: torch.device | None = None, weight_format: BlockQuantized | None = None) -> list[EvalRow]:
+             device: torch.device | None = None, weight_format: BlockQuantized | None = None,
+             kv_cache: str | None = None) -> list[EvalRow]:
     """Rows for the baseline's full model (named 'BASELINE: none'; given, the ratios are against it), the full
     model ('none') and each named strategy; a model uptrained or fitted for one strategy gets no 'none' row (it
     is not meant to run without its sharing). device: where the float32 reference computes the logits instead of
-    the exported graphs on ONNX Runtime (None). weight_format: every row but the first with its projections
-    quantized so (the first, the model as it is, is what the ratios are against)."""
+    the exported graphs on ONNX Runtime (None). weight_format, kv_cache: every row but the first with its
+    projections or its cache quantized so (the first, the model as it is, is what the ratios are against)."""
     bound = fitted_strategy(loaded.directory) is not None
     named = {**({} if bound else {"none": no_sharing(loaded.description.num_layers)}), **strategies}
-    suffix = f", {weight_format.label}" if weight_format else ""
-    runs = [(loaded, name + suffix, strategy, weight_format) for name, strategy in named.items()]
-    if baseline is not None or (weight_format and not bound):
+    quantized = weight_format is not None or kv_cache is not None
+    suffix = "".join([f", {weight_format.label}" if weight_format else "", f", {kv_cache} KV" if kv_cache else ""])
+    runs = [(loaded, name + suffix, strategy, weight_format, kv_cache) for name, strategy in named.items()]
+    if baseline is not None or (quantized and not bound):
         reference = baseline or loaded
         runs.insert(0, (reference, f"{Path(reference.reference).name}: none",
-                        no_sharing(reference.description.num_layers), None))
+                        no_sharing(reference.description.num_layers), None, None))
     rows: list[EvalRow] = []
     on_device: dict[int, object] = {}  # a model's description on the GPU, made once for all its strategies
     with tempfile.TemporaryDirectory(prefix="kvexport-eval-") as tmp:
-        for index, (model, name, strategy, fmt) in enumerate(runs):
+        for index, (model, name, strategy, fmt, kv) in enumerate(runs):
             description = replace(model.description, weight_format=fmt)
             if device is None:
                 directory = export(model, strategy, Path(tmp) / f"s{index}", log=lambda _: None,
-                                   weight_format=fmt).directory
+                                   weight_format=fmt, kv_cache=kv).directory
                 nll, accuracy = next_token_stats(onnx_logits(directory, windows), windows)
             else:
                 on_device = on_device if id(model) in on_device else {id(model): model.description_on(device)}
-                logits = reference_logits(replace(on_device[id(model)], weight_format=fmt), strategy, windows,
-                                          device)
+                quantized_model = replace(on_device[id(model)], weight_format=fmt)
+                scales = None if kv is None else int8_kv_scales(model, quantized_model, strategy, kv)
+                logits = reference_logits(quantized_model, strategy, windows, device, scales)
                 nll, accuracy = next_token_stats(logits, windows.to(device))
             torch_ppl = torch_accuracy = None
             if with_torch:
@@ -106,7 +110,7 @@ def evaluate(loaded: LoadedModel, strategies: dict[str, Strategy], windows: torc
                 torch_nll, torch_accuracy = next_token_stats(
                     reference.forward(windows, ones, positions_from_mask(ones)).logits, windows)
                 torch_ppl = math.exp(torch_nll)
-            layout = cache_layout(description, strategy, "float32")
+            layout = cache_layout(description, strategy, "int8" if kv else "float32")
             full = rows[0] if rows else None
             ppl = math.exp(nll)
             rows.append(EvalRow(

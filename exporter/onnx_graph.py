@@ -27,7 +27,8 @@ from .reference import MASKED
 OPSET = 17
 IR_VERSION = 9
 ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
-NUMPY_TYPES = {"float32": np.float32, "float16": np.float16}
+NUMPY_TYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
+KVScales = dict[int, tuple[torch.Tensor, torch.Tensor]]  # owner -> its K and V scales [kv_heads, 1, head_dim]
 
 
 class GraphBuilder:
@@ -90,8 +91,9 @@ class DecoderGraph:
     """
 
     def __init__(self, description: DecoderDescription, strategy: Strategy, dtype: str, weights: WeightFile,
-                 static: bool = False):
+                 static: bool = False, kv_scales: KVScales | None = None):
         self.d, self.strategy, self.dtype, self.static = description, strategy, dtype, static
+        self.kv_scales = kv_scales  # owner -> (K scales, V scales) [kv_heads, 1, head_dim]: an int8 cache
         self.g = GraphBuilder(dtype, weights)
         self.positions: str | None = None  # static graph: [batch, seq] int64 from seqlens_k, made when first used
         self._seqlens: str | None = None  # static graph: seqlens_k as int64, made when first used
@@ -273,12 +275,36 @@ class DecoderGraph:
             if k is not None:
                 owner_kv[i] = (k, v)
             query, (key, value) = q, owner_kv[owner]
+        rotary = (cos, sin) if inside else ("", "") if self.kv_scales else ()
+        # an int8 cache: the op quantizes the new K/V with these scales and dequantizes what it reads (inputs 12, 13)
+        quantized = ("", "", "", *self.kv_scale_names(owner)) if self.kv_scales else ()
+        attributes = ({"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
+                      if self.kv_scales else {})
         context, _, _ = g.op(
             "GroupQueryAttention", query, key, value, c.past_name(owner, "key"), c.past_name(owner, "value"),
-            c.SEQLENS_K, c.TOTAL_SEQUENCE_LENGTH, *((cos, sin) if inside else ()),
+            c.SEQLENS_K, c.TOTAL_SEQUENCE_LENGTH, *rotary, *quantized,
             outputs=[None, *(c.present_name(i, kind) for kind in c.KV_KINDS)], domain="com.microsoft",
-            num_heads=d.num_heads, kv_num_heads=d.num_kv_heads, scale=1.0, do_rotary=int(inside))
+            num_heads=d.num_heads, kv_num_heads=d.num_kv_heads, scale=1.0, do_rotary=int(inside), **attributes)
         return context, extra
+
+    def kv_scale_names(self, owner: int) -> tuple[str, str]:
+        """The initializers of an owner's K and V scales [kv_heads, 1, head_dim] (both graphs share them)."""
+        return tuple(self.g.weight(f"layers.{owner}.attn.{kind}_scale", scale)
+                     for kind, scale in zip(c.KV_KINDS, self.kv_scales[owner], strict=True))
+
+    def cached(self, i: int, kind: str, new: str) -> str:
+        """Dynamic graph: an owner's present K or V, past then new. With an int8 cache the past is dequantized,
+        the whole quantized again as present (the past's values are on the grid: unchanged), and the attention
+        reads the present dequantized, as GroupQueryAttention does in the static graph."""
+        g, past, present = self.g, c.past_name(i, kind), c.present_name(i, kind)
+        if not self.kv_scales:
+            return g.op("Concat", past, new, axis=2, outputs=[present])
+        scale = self.kv_scale_names(i)[c.KV_KINDS.index(kind)]
+        dtype = NUMPY_TYPES[self.dtype]
+        whole = g.op("Concat", g.op("Mul", g.op("Cast", past, to=ONNX_TYPES[self.dtype]), scale), new, axis=2)
+        codes = g.op("Clip", g.op("Round", g.op("Div", whole, scale)), g.const(-128, dtype), g.const(127, dtype))
+        g.op("Cast", codes, to=TensorProto.INT8, outputs=[present])
+        return g.op("Mul", g.op("Cast", present, to=ONNX_TYPES[self.dtype]), scale)
 
     def has_sharers(self, owner: int) -> bool:
         return any(source == owner for j, source in enumerate(self.strategy.kv_source) if j != owner)
@@ -345,8 +371,7 @@ class DecoderGraph:
                 if k is not None:
                     k = self.rotary(self.split_heads(k, d.num_kv_heads), cos, sin, d.num_kv_heads)
                     v = self.split_heads(v, d.num_kv_heads)
-                    present[i] = tuple(g.op("Concat", c.past_name(i, kind), new, axis=2,
-                                            outputs=[c.present_name(i, kind)]) for kind, new in zip(c.KV_KINDS, (k, v)))
+                    present[i] = tuple(self.cached(i, kind, new) for kind, new in zip(c.KV_KINDS, (k, v)))
                 context = self.attend(q, *present[self.strategy.kv_source[i]], bias)
             last = i + 1 == len(d.layers)
             following, following_name = ((d.final_norm, "final_norm") if last else
@@ -412,7 +437,8 @@ class DecoderGraph:
         return g.op("Unsqueeze", g.op("Gather", flat, c.LOGITS_INDEX, axis=0), g.const([1]))  # [batch, 1, hidden]
 
     def _model(self) -> onnx.ModelProto:
-        d, kv_type, static = self.d, ONNX_TYPES[self.dtype], self.static
+        d, static = self.d, self.static
+        kv_type = TensorProto.INT8 if self.kv_scales else ONNX_TYPES[self.dtype]
         value_info = helper.make_tensor_value_info
         past_dims = [c.BATCH, d.num_kv_heads, c.CACHE if static else c.PAST, d.head_dim]
         present_dims = [c.BATCH, d.num_kv_heads, c.CACHE if static else c.TOTAL, d.head_dim]
@@ -491,19 +517,22 @@ def fold_parallel_norms(layer: Layer, owner: bool) -> Layer:
     return replace(layer, q=fold(layer.q, attention), up=fold(layer.up, mlp), **key_value)
 
 
-def cache_layout(description: DecoderDescription, strategy: Strategy, dtype: str) -> c.CacheLayout:
+def cache_layout(description: DecoderDescription, strategy: Strategy, dtype: str,
+                 kv_scales: KVScales | None = None) -> c.CacheLayout:
+    """The cache of an export in `dtype`: its elements in that dtype, or int8 where the export has K/V scales."""
     return c.CacheLayout(owners=strategy.owners, num_layers=description.num_layers,
-                         num_kv_heads=description.num_kv_heads, head_dim=description.head_dim, dtype=dtype)
+                         num_kv_heads=description.num_kv_heads, head_dim=description.head_dim,
+                         dtype="int8" if kv_scales else dtype)
 
 
 def build_decoder(description: DecoderDescription, strategy: Strategy, dtype: str, weights: WeightFile,
-                  static: bool = False) -> onnx.ModelProto:
+                  static: bool = False, kv_scales: KVScales | None = None) -> onnx.ModelProto:
     """The dynamic graph, or with static=True the decode-only graph over preallocated cache buffers; their weights
-    are appended to `weights` (shared by both graphs of an export)."""
+    are appended to `weights` (shared by both graphs of an export). kv_scales: an int8 cache with these scales."""
     if dtype not in ONNX_TYPES:
         raise ValueError(f"dtype must be one of {sorted(ONNX_TYPES)}")
     if static and description.head_dim % 8:
         raise UnsupportedModelError(f"the static decode graph needs a head dim that is a multiple of 8 (ONNX "
                                     f"Runtime's GroupQueryAttention); this model's is {description.head_dim}: "
                                     "export without --static")
-    return DecoderGraph(description, strategy, dtype, weights, static).build()
+    return DecoderGraph(description, strategy, dtype, weights, static, kv_scales).build()

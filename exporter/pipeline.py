@@ -98,11 +98,14 @@ def export(
     static: bool = True,
     log=print,
     weight_format: BlockQuantized | None = None,
+    kv_cache: str | None = None,
 ) -> ExportResult:
     """Export, validate and publish. static (the default) also writes the decode graph over preallocated cache
     buffers, which the server and the ort-static backend run; static=False writes the dynamic graph only.
     weight_format: the layers' projections stored quantized (MatMulNBits); validated against the reference computing
-    with the same quantized weights, and the quantization's own effect on the logits reported beside."""
+    with the same quantized weights, and the quantization's own effect on the logits reported beside.
+    kv_cache="int8": the cache holds int8 codes with per-channel scales set on calibration text (quantize.kv_scales),
+    which both graphs hold; validated likewise against the reference caching the same codes."""
     started = time.perf_counter()
     target = Path(output)
     if target.exists() and not (target / c.MANIFEST_FILE).is_file():
@@ -116,7 +119,8 @@ def export(
     loaded = load_model(model) if isinstance(model, str) else model
     check_trained_strategy(loaded.directory, strategy)
     description = replace(loaded.description, weight_format=check_weight_format(loaded.description, weight_format))
-    layout = cache_layout(description, strategy, dtype)
+    kv = None if kv_cache is None else int8_kv_scales(loaded, description, strategy, kv_cache)
+    layout = cache_layout(description, strategy, dtype, kv)
     log(f"exporting {loaded.reference} ({description.architecture}, {description.num_layers} layers) with "
         f"{len(strategy.owners)} cache owners, {dtype}")
 
@@ -128,7 +132,7 @@ def export(
         graphs = {}
         with WeightFile(staging / c.WEIGHTS_FILE) as weights:
             for name, is_static in ((c.MODEL_FILE, False), (c.STATIC_MODEL_FILE, True))[:2 if static else 1]:
-                graph = build_decoder(description, strategy, dtype, weights, static=is_static)
+                graph = build_decoder(description, strategy, dtype, weights, static=is_static, kv_scales=kv)
                 (staging / name).write_bytes(graph.SerializeToString())  # references only: no weight bytes
                 graphs[name] = graph_io(graph)
         weight_bytes = description.parameter_bytes(layout.bytes_per_element)
@@ -139,19 +143,19 @@ def export(
         report = None
         if validate:
             validation_started = time.perf_counter()
-            case = reference_case(description, strategy)
-            hf_check = (not strategy.shared and weight_format is None
+            case = reference_case(description, strategy, kv_scales=kv)
+            hf_check = (not strategy.shared and weight_format is None and kv is None
                         and description.parameter_bytes(4) <= HF_CHECK_BYTES)
             report = validate_export(staging / c.MODEL_FILE, case, description, strategy, dtype,
-                                     hf_model=loaded.hf_model if hf_check else None)
+                                     hf_model=loaded.hf_model if hf_check else None, kv_scales=kv)
             if not strategy.shared and not hf_check:
-                report.hf_skipped = ("quantized weights" if weight_format else
+                report.hf_skipped = ("quantized weights or cache" if weight_format or kv else
                                      f"float32 weights above {HF_CHECK_BYTES >> 30} GiB")
-            if weight_format is not None:  # what the quantization itself changes, beside the graph's own error
+            if weight_format is not None or kv is not None:  # what quantizing changes, beside the graph's own error
                 report.quantization_relative = quantization_error(case, loaded.description, strategy)
             if static:
                 report.steps += validate_static(staging / c.STATIC_MODEL_FILE, case, description, strategy,
-                                                dtype).steps
+                                                dtype, kv_scales=kv).steps
             report.seconds = round(time.perf_counter() - validation_started, 2)
             log(report.summary())
             if not report.passed:
@@ -164,7 +168,7 @@ def export(
             "weights": ({"format": weight_format.label, "bits": weight_format.bits, "block": weight_format.block}
                         if weight_format else {"format": dtype}),
             "model": model_facts(loaded, description).to_dict(), "strategy": strategy.to_dict(),
-            "cache": {"owners": list(layout.owners), "num_kv_heads": layout.num_kv_heads,
+            "cache": {"owners": list(layout.owners), "num_kv_heads": layout.num_kv_heads, "dtype": layout.dtype,
                       "head_dim": layout.head_dim, "bytes_per_token": layout.bytes_per_token(),
                       "full_bytes_per_token": layout.full_bytes_per_token},
             "files": {"onnx": c.MODEL_FILE, "external_data": c.WEIGHTS_FILE,
@@ -181,6 +185,22 @@ def export(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ExportResult(target, manifest, report, time.perf_counter() - started, peak_host_bytes())
+
+
+def int8_kv_scales(loaded: LoadedModel, description: DecoderDescription, strategy: Strategy, kv_cache: str):
+    """The scales of an int8 cache, from the model as exported run on the default calibration text."""
+    if kv_cache != "int8":
+        raise KvexportError(f"--kv-cache {kv_cache}: the cache is the export's dtype or int8")
+    if not (loaded.directory / "tokenizer.json").is_file() and not (loaded.directory / "tokenizer.model").is_file():
+        raise KvexportError(f"an int8 cache's scales are set on calibration text, and {loaded.reference} has no "
+                            "tokenizer files: add them to the model directory")
+    import torch
+
+    from .calibration import read_text, token_windows
+    from .quantize import KV_CALIBRATION, kv_scales
+
+    windows = token_windows(loaded.tokenizer(), read_text(None), *KV_CALIBRATION)
+    return kv_scales(description, strategy, windows, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def check_weight_format(description: DecoderDescription, fmt: BlockQuantized | None) -> BlockQuantized | None:

@@ -1,4 +1,4 @@
-"""Block-wise weight quantization, as ONNX Runtime's MatMulNBits stores it.
+"""Block-wise weight quantization, as ONNX Runtime's MatMulNBits stores it; and the scales of an int8 KV cache.
 
 A weight [in, out] is cut, for each output, into blocks of `block` consecutive inputs; each block keeps one scale
 (its largest magnitude over 2^(bits-1) - 1: symmetric round-to-nearest) and `bits`-bit codes q, stored with the
@@ -11,7 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .models import BlockQuantized
+from kvexport.strategies import Strategy
+
+from .models import BlockQuantized, DecoderDescription
+from .reference import ReferenceDecoder
 
 
 def quantize(weight: torch.Tensor, fmt: BlockQuantized) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,3 +45,26 @@ def packed(codes: torch.Tensor, fmt: BlockQuantized) -> np.ndarray:
     if fmt.bits == 8:
         return np.ascontiguousarray(values)
     return np.ascontiguousarray(values[..., 0::2] | (values[..., 1::2] << 4))
+
+
+KV_CALIBRATION = (8, 128)  # windows x tokens of calibration text that set an int8 cache's scales
+
+
+def kv_scales(description: DecoderDescription, strategy: Strategy, windows: torch.Tensor,
+              device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Each owner's K and V scales [kv_heads, 1, head_dim] for an int8 cache: the largest magnitude that each
+    channel reaches on the calibration windows, over 127. A rotated key channel takes its rotary pair's largest
+    joint magnitude, which no position's rotation can exceed."""
+    ones = torch.ones_like(windows)
+    reference = ReferenceDecoder(description, strategy, torch.float32, device)
+    with torch.no_grad():
+        layer_kv = reference.forward(windows, ones, torch.arange(windows.shape[1]).expand_as(windows),
+                                     collect_layer_kv=True).layer_kv
+    half = description.rotary_dim // 2
+    scales = {}
+    for owner in strategy.owners:
+        keys, values = (t.float().abs() for t in layer_kv[owner])  # [windows, kv_heads, tokens, head_dim]
+        pairs = torch.sqrt(keys[..., :half] ** 2 + keys[..., half:2 * half] ** 2)
+        keys = torch.cat([pairs, pairs, keys[..., 2 * half:]], dim=-1)
+        scales[owner] = tuple((t.amax(dim=(0, 2)).unsqueeze(1) / 127).clamp_min(1e-8).cpu() for t in (keys, values))
+    return scales

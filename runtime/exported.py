@@ -59,7 +59,8 @@ class ExportedModel:
             if dtype not in DTYPES or not isinstance(records, dict) or onnx_name not in records:
                 raise TypeError("dtype, files or integrity")
             layout = CacheLayout(owners=strategy.owners, num_layers=facts.num_layers,
-                                 num_kv_heads=facts.num_kv_heads, head_dim=facts.head_dim, dtype=dtype)
+                                 num_kv_heads=facts.num_kv_heads, head_dim=facts.head_dim,
+                                 dtype=manifest["cache"].get("dtype", dtype))
         except (KeyError, TypeError, KvexportError) as error:
             raise ExportDirectoryError(f"{path} is damaged ({type(error).__name__}: {error}): re-export the "
                                        "model") from None

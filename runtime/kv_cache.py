@@ -8,7 +8,7 @@ import torch
 
 from kvexport.strategies import CacheLayout
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # export dtype -> cache tensor dtype
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}  # cache element dtypes
 
 
 class KVCache:

@@ -46,7 +46,8 @@ def bind(binding: ort.IOBinding, name: str, tensor: torch.Tensor, output: bool =
 
 
 def _numpy_dtype(dtype: torch.dtype):
-    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}[dtype]
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
+            torch.int8: np.int8}[dtype]
 
 
 class StaticKVCache(KVCache):
@@ -88,7 +89,7 @@ class StaticCacheDecoder(Decoder):
         with self._on_stream():  # the session is made on the decoder's stream, which it keeps
             self.session = open_graph(model, static, provider, device_id)
         layout, owners_kv = model.layout, len(model.layout.names())
-        self.kv_dtype = TORCH_DTYPES[model.dtype]
+        self.kv_dtype = TORCH_DTYPES[layout.dtype]
         self.storage = torch.zeros((owners_kv, max_batch, layout.num_kv_heads, self.max_length, layout.head_dim),
                                    dtype=self.kv_dtype, device=self.device)
         # First prompts are prefilled here, prefill_batch at a time, then copied into their rows.

@@ -99,22 +99,27 @@ def graph_io_names(kv_source: tuple[int, ...], static: bool) -> tuple[list[str],
     return [INPUT_IDS, *step_inputs, *pasts], [LOGITS, *presents]
 
 
+CACHE_ELEMENT_BYTES = {"float32": 4, "float16": 2, "int8": 1}
+
+
 @dataclass(frozen=True)
 class CacheLayout:
     """Shape and size of the cache that one export needs: one K and one V buffer per owner layer.
 
-    Each buffer is [batch, num_kv_heads, sequence, head_dim] in the export's dtype, as in Optimum.
+    Each buffer is [batch, num_kv_heads, sequence, head_dim] in the export's dtype, as in Optimum, or in int8 (an
+    export made with --kv-cache int8: each element k / scale rounded, with one scale per owner, K or V, KV head and
+    channel, which the graphs hold; see docs/design.md).
     """
 
     owners: tuple[int, ...]
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    dtype: str  # "float32" | "float16"
+    dtype: str  # "float32" | "float16" | "int8"
 
     @property
     def bytes_per_element(self) -> int:
-        return 2 if self.dtype == "float16" else 4
+        return CACHE_ELEMENT_BYTES[self.dtype]
 
     def bytes_per_token(self, layers: int | None = None) -> int:
         """Cache bytes one token occupies across `layers` cached layers (default: the owners)."""

@@ -89,3 +89,34 @@ def test_eval_reports_what_quantizing_costs(tiny_llama, tmp_path):
     on_device = evaluate(loaded, {"every:2": make_strategy("every:2", 4)}, windows, log=lambda _: None,
                          device=torch.device("cpu"), weight_format=BlockQuantized(8, 32))
     assert [r.perplexity for r in on_device] == pytest.approx([r["perplexity"] for r in rows], rel=1e-4)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_neox"])
+def test_an_int8_cache_validates_and_every_runtime_path_runs_it(model, request, tmp_path):
+    """--kv-cache int8: both graphs hold int8 codes (a quarter of float32's bytes), validated against the reference
+    caching the same codes; the dynamic graph, the static graph and the serving engine give the same tokens."""
+    from kvexport.runtime.engine import Engine
+
+    result = export(str(request.getfixturevalue(model)), "every:2", tmp_path / "kv8", kv_cache="int8",
+                    log=lambda _: None)
+    validation, cache = result.manifest["validation"], result.manifest["cache"]
+    assert validation["passed"] and 0 < validation["quantization_relative"] < 0.1
+    assert cache["dtype"] == "int8"  # one byte an element, where float32's are four
+    assert cache["bytes_per_token"] == 2 * len(cache["owners"]) * cache["num_kv_heads"] * cache["head_dim"]
+    config = SamplingConfig(max_new_tokens=6, stop_token_ids=[])
+    prompts = ["In Python, a list", "def f(x):"]
+    dynamic = Generator(result.directory).generate(prompts, config).token_ids
+    assert Generator(result.directory, backend="ort-static", max_batch=2).generate(prompts, config).token_ids == dynamic
+    engine = Engine(result.directory, max_slots=2)
+    handles = [engine.submit(prompt, config) for prompt in prompts]
+    assert [[event.token_id for event in handle] for handle in handles] == dynamic
+    engine.close()
+
+
+def test_an_int8_cache_needs_calibration_text(tiny_llama, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_llama, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    assert main(["--model", str(bare), "--share", "none", "--kv-cache", "int8", "--output", str(tmp_path / "o")]) == 2
+    assert "has no tokenizer files" in capsys.readouterr().err and not (tmp_path / "o").exists()
