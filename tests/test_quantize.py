@@ -120,3 +120,10 @@ def test_an_int8_cache_needs_calibration_text(tiny_llama, tmp_path, capsys):
     shutil.copytree(tiny_llama, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
     assert main(["--model", str(bare), "--share", "none", "--kv-cache", "int8", "--output", str(tmp_path / "o")]) == 2
     assert "has no tokenizer files" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_tensorrt_refuses_quantized_exports_in_one_line(tiny_llama, tmp_path, capsys):
+    directory = export(str(tiny_llama), "none", tmp_path / "q", weight_format=BlockQuantized(4, 32),
+                       log=lambda _: None).directory
+    assert main(["build-engine", str(directory)]) == 2
+    assert "quantized weights or an int8 cache" in capsys.readouterr().err
