@@ -60,10 +60,12 @@ def add_device_arg(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], help=f"where {what} (default: cuda when there is one)")
 
 
-def resolved_provider(args: argparse.Namespace) -> str:
+def resolved_provider(args: argparse.Namespace, directory: Path, static: bool) -> str:
+    """--provider for the export in `directory`, run through its static graph or not."""
+    from kvexport.runtime.exported import read_manifest
     from kvexport.runtime.ort_session import resolve_provider
 
-    return resolve_provider(args.provider)
+    return resolve_provider(args.provider, read_manifest(Path(directory))["dtype"], static)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -82,7 +84,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from kvexport.runtime.memory import shortfall
 
         model = ExportedModel.load(result.directory)
-        provider = resolved_provider(args)
+        provider = resolved_provider(args, result.directory, static=False)
         if not model.has_tokenizer:
             print(f"skipped the sample generation: {args.model} has no tokenizer files (the export is complete; "
                   "generate from token ids through the Python API, or add tokenizer files to the model directory)")
@@ -101,7 +103,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from kvexport.runtime import Generator, SamplingConfig
 
     # `generate` checks every file's hash by default; right after an export there is nothing to check.
-    generator = Generator(args.directory, provider=resolved_provider(args), backend=getattr(args, "backend", "ort"),
+    backend = getattr(args, "backend", "ort")
+    provider = resolved_provider(args, args.directory, static=backend == "ort-static")
+    generator = Generator(args.directory, provider=provider, backend=backend,
                           max_batch=len(args.prompt or [DEFAULT_PROMPT]), cuda_graph=getattr(args, "cuda_graph", False),
                           verify=not getattr(args, "no_verify", True))
     prompts = args.prompt or [DEFAULT_PROMPT]
@@ -251,7 +255,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api = ApiSettings(model_name=args.model_name or "", stream_interval=args.stream_interval,
                       chat_template=read_chat_template(args.chat_template),
                       limits=Limits(api_key=api_key, max_request_bytes=args.max_request_bytes))
-    options = {"provider": resolved_provider(args), "max_slots": args.max_slots, "max_queue": args.max_queue,
+    options = {"provider": resolved_provider(args, args.directory, static=True), "max_slots": args.max_slots,
+               "max_queue": args.max_queue,
                "max_length": args.max_length, "cuda_graph": args.cuda_graph, "batching": args.batching,
                "steps_in_flight": args.steps_in_flight}
     if args.prefill_chunk is not None:  # else the Engine's default

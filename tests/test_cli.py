@@ -109,3 +109,21 @@ def test_a_model_too_large_for_the_provider_skips_the_sample_in_one_line(tiny_ne
     assert main(["--model", str(tiny_neox), "--share", "none", "--output", str(tmp_path / "o")]) == 0
     printed = capsys.readouterr().out
     assert "skipped the sample generation on cpu: it needs about 26.0 GiB" in printed
+
+
+def test_provider_auto_takes_the_gpu_where_the_export_runs_there(monkeypatch):
+    """With a GPU and onnxruntime-gpu: cuda, except for a float32 export's static graph, whose attention has no
+    float32 CUDA kernel (it stays on the CPU); an explicit provider is kept."""
+    import onnxruntime
+    import torch
+
+    from kvexport.runtime.ort_session import resolve_provider
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_provider("auto", "float16", static=True) == "cuda"
+    assert resolve_provider("auto", "float32", static=False) == "cuda"
+    assert resolve_provider("auto", "float32", static=True) == "cpu"
+    assert resolve_provider("cpu", "float16", static=True) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_provider("auto", "float16", static=True) == "cpu"
