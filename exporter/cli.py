@@ -43,7 +43,7 @@ def add_provider_arg(parser: argparse.ArgumentParser) -> None:
 def add_quantization_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", choices=["float", "int4", "int8"], default="float",
                         help="how the layers' projections are stored: in --dtype (default), or as 4- or 8-bit integers "
-                             "with a scale per block of inputs (ONNX Runtime's MatMulNBits; Llama family)")
+                             "with a scale per block of inputs (ONNX Runtime's MatMulNBits)")
     parser.add_argument("--weight-block", type=int, default=32, metavar="N", help="inputs per scale (default 32)")
     parser.add_argument("--kv-cache", choices=["int8"],
                         help="hold the cache as int8 codes with a scale per KV head and channel, set on calibration "

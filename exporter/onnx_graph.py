@@ -355,14 +355,17 @@ class DecoderGraph:
         cos, sin = self.rotary_tables()
         bias = None if self.static else self.attention_bias()
         x = g.op("Gather", g.weight("embed_tokens.weight", d.embed), c.INPUT_IDS, axis=0)
+        # A parallel-residual layer's two norms fold into its projections (fold_parallel_norms), except where the
+        # projections are quantized: a quantized weight cannot absorb a norm's scale exactly.
+        folded = d.parallel_residual and d.weight_format is None
         unit = unit_norm(d)
-        h = self.norm(x, unit if d.parallel_residual else d.layers[0].input_norm, "layers.0.input_norm")
+        h = self.norm(x, unit if folded else d.layers[0].input_norm, "layers.0.input_norm")
         fold = self.static  # the output biases go into the fused residual-norm kernel (residual_norm)
         new_kv: dict[int, tuple[str, str]] = {}  # owner -> this step's (k, v), static graph
         present: dict[int, tuple[str, str]] = {}  # owner -> past + new, dynamic graph
         for i, layer in enumerate(d.layers):
-            block = fold_parallel_norms(layer, self.strategy.is_owner(i)) if d.parallel_residual else layer
-            appended = block.up if d.parallel_residual else None
+            block = fold_parallel_norms(layer, self.strategy.is_owner(i)) if folded else layer
+            appended = block.up if folded else None
             if self.static:
                 context, up = self.attend_fused(h, block, i, cos, sin, new_kv, appended)
             else:
@@ -373,9 +376,12 @@ class DecoderGraph:
                     v = self.split_heads(v, d.num_kv_heads)
                     present[i] = tuple(self.cached(i, kind, new) for kind, new in zip(c.KV_KINDS, (k, v)))
                 context = self.attend(q, *present[self.strategy.kv_source[i]], bias)
+            if d.parallel_residual and not folded:  # the MLP's own norm of the same input
+                up = self.linear(self.norm(x, layer.post_attention_norm, f"layers.{i}.post_attention_norm"),
+                                 layer.up, f"layers.{i}.mlp.up_proj")
             last = i + 1 == len(d.layers)
             following, following_name = ((d.final_norm, "final_norm") if last else
-                                         (unit if d.parallel_residual else d.layers[i + 1].input_norm,
+                                         (unit if folded else d.layers[i + 1].input_norm,
                                           f"layers.{i + 1}.input_norm"))
             if d.parallel_residual:
                 # The attention's output projection and the MLP's down projection as one MatMul over their

@@ -24,7 +24,7 @@ from kvexport.strategies import contract as c
 from kvexport.strategies.integrity import record_files, seal
 
 from .loading import SIDE_FILES, LoadedModel, check_trained_strategy, load_config, load_model
-from .models import BlockQuantized, DecoderDescription, UnsupportedModelError
+from .models import BlockQuantized, DecoderDescription
 from .onnx_graph import build_decoder, cache_layout
 from .onnx_weights import WeightFile
 from .validate import (
@@ -210,9 +210,6 @@ def check_weight_format(description: DecoderDescription, fmt: BlockQuantized | N
     if fmt.bits not in (4, 8) or fmt.block < 16 or fmt.block & (fmt.block - 1):
         raise KvexportError(f"int{fmt.bits} weights in blocks of {fmt.block}: use int4 or int8 with a block "
                             "that is a power of two, at least 16")
-    if description.parallel_residual:
-        raise UnsupportedModelError(f"quantized weights are not supported for {description.architecture} yet (its "
-                                    "parallel-residual norms fold into the projections): export it without --weights")
     layer = description.layers[0]
     inputs = {lin.weight.shape[0] for lin in (layer.q, layer.o, layer.down)}
     if any(size % fmt.block for size in inputs):
