@@ -217,3 +217,26 @@ def test_search_and_eval_work_on_a_compressed_model(tiny_mha_llama, tmp_path, ca
     assert rows[1]["perplexity_ratio"] == pytest.approx(rows[1]["perplexity"] / rows[0]["perplexity"])
     assert main(["inspect", str(export(str(out), str(strategy), tmp_path / "e", log=lambda _: None).directory)]) == 0
     assert "4 heads / 2 KV heads" in capsys.readouterr().out
+
+
+def test_sharing_fewer_heads_quantized_weights_and_an_int8_cache_compose(mha_model, tmp_path):
+    """every:2 fitted with half the KV heads, exported with int4 projections and an int8 cache: validated, and the
+    serving engine gives the static graph's tokens."""
+    from kvexport.exporter.models import BlockQuantized
+    from kvexport.runtime import Generator, SamplingConfig
+    from kvexport.runtime.engine import Engine
+
+    heads = tmp_path / "heads"
+    assert main(["compress-heads", "--model", str(mha_model), "--kv-heads", "2", "--share", "every:2", "--samples",
+                 "4", "--length", "64", "--fit-steps", "10", "-o", str(heads)]) == 0
+    result = export(str(heads), str(heads / "strategy.json"), tmp_path / "all", weight_format=BlockQuantized(4, 32),
+                    kv_cache="int8", log=lambda _: None)
+    manifest = result.manifest
+    assert manifest["validation"]["passed"] and manifest["weights"]["format"] == "int4"
+    assert manifest["cache"]["dtype"] == "int8" and manifest["cache"]["num_kv_heads"] == 2
+    assert manifest["cache"]["owners"] == [0, 2]
+    config = SamplingConfig(max_new_tokens=5, stop_token_ids=[])
+    expected = Generator(result.directory, backend="ort-static", max_batch=1).generate(["In Python"], config)
+    engine = Engine(result.directory, max_slots=1)
+    assert [event.token_id for event in engine.submit("In Python", config)] == expected.token_ids[0]
+    engine.close()
