@@ -135,7 +135,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     facts, layout = model.facts, model.layout
     print(f"model      {facts.source} ({facts.architecture}, {facts.num_layers} layers, "
           f"{facts.num_heads} heads / {facts.num_kv_heads} KV heads, head dim {facts.head_dim})")
-    print(f"dtype      {model.dtype}, projections {model.manifest.get('weights', {}).get('format', model.dtype)}")
+    print(f"dtype      {model.dtype}, projections {model.manifest.get('weights', {}).get('format', model.dtype)}, "
+          f"cache {layout.dtype}")
     print(f"strategy   {model.strategy.method}: {len(layout.owners)} owners, {len(model.strategy.shared)} shared")
     print(model.strategy.describe())
     print(f"KV bytes per token  {layout.bytes_per_token()} vs {layout.full_bytes_per_token} full "
