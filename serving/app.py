@@ -41,7 +41,8 @@ from kvexport.strategies import KvexportError
 from .guard import Guard
 from .openai_api import ApiSettings, ChatCompletions, Completions, error, prometheus
 
-ENGINE_EXIT_GRACE_S = 5.0  # after the engine died: for the front ends to answer their requests before they stop
+# After the engine died: how long the front ends get to shut down (their requests end with 503).
+ENGINE_EXIT_GRACE_S = 5.0
 
 
 def models_payload(model_name: str, created: int) -> dict:

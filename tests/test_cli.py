@@ -119,7 +119,8 @@ def test_provider_auto_takes_the_gpu_where_the_export_runs_there(monkeypatch):
 
     from kvexport.runtime.ort_session import resolve_provider
 
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: providers)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_provider("auto", "float16", static=True) == "cuda"
     assert resolve_provider("auto", "float32", static=False) == "cuda"

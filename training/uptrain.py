@@ -168,7 +168,8 @@ def train_and_write(loaded, strategy: Strategy, data: list[str], output: Path, s
               f"{settings.held_out_fraction:.0%} of --data", "train_tokens": len(train_ids),
               "device": str(ranks.device.type), "processes": ranks.size, "seconds": round(progress["seconds"], 1),
               "tokens_per_second": round(progress.get("tokens", 0) / max(progress["seconds"], 1e-9)),
-              "peak_device_bytes": torch.cuda.max_memory_allocated(ranks.device) if ranks.device.type == "cuda" else None,
+              "peak_device_bytes": (torch.cuda.max_memory_allocated(ranks.device) if ranks.device.type == "cuda"
+                                    else None),
               "steps_run": progress["step"], "before": progress["history"][0],
               "best": min((h for h in progress["history"] if "heldout_ppl" in h), key=lambda h: h["heldout_ppl"]),
               "history": progress["history"]}
