@@ -38,8 +38,8 @@ llama-7b)
   measure llama-7b-4-gpus-resumed uptrain 4 /tmp/llama-7b /tmp/l7-full --steps 30 --eval-every 10 \
     --gradient-checkpointing --resume
   record /tmp/l7-full llama-7b-4-gpus-resumed
-  python3 -c "import json; a, b = (json.load(open('$OUT/' + n + '.json'))['history'] for n in \
-('llama-7b-4-gpus', 'llama-7b-4-gpus-resumed')); print('resumed history equal:', a == b)"
+  python3 -c "import json; a, b = (json.load(open(d + '/kvexport_uptrain.json'))['history'] for d in \
+('/tmp/l7-ref', '/tmp/l7-full')); print('resumed history (every step) equal:', a == b)"
   rm -rf /tmp/l7-ref
   python3 -m kvexport --model /tmp/l7-full --share /tmp/l7-full/strategy.json --dtype float16 --max-new-tokens 0 \
     --output /tmp/l7-export 2>&1 | tail -2
