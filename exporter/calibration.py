@@ -13,7 +13,7 @@ from kvexport.models import DEFAULT_MODEL, HELDOUT_FILE, shipped_directory
 from kvexport.strategies import KvexportError, Strategy, no_sharing
 
 from .loading import LoadedModel
-from .reference import CPU, LayerInputs, ReferenceDecoder
+from .reference import CPU, LayerInputs, ReferenceDecoder, tensor_float32_on
 
 
 def read_text(path: str | Path | None) -> str:
@@ -82,17 +82,13 @@ class Calibration:
         x, present = self._layer_inputs[sources[:start]]
         present = dict(present)
         layer_kv = {} if collect_layer_kv else None
-        precision = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high" if self.device.type == "cuda" else precision)
-        try:
+        with tensor_float32_on(self.device):
             for i in range(start, layers):
                 layer = self.description.layers[i]
                 context = reference.attention(i, layer, x, self._inputs, present, None, layer_kv)
                 x = reference.residual(layer, x, reference.output(layer, context))
                 self._layer_inputs[sources[:i + 1]] = (x, dict(present))
             out = reference.finish(x)
-        finally:
-            torch.set_float32_matmul_precision(precision)
         self.description.release()
         while len(self._layer_inputs) > 2 * (layers + 1):  # about two strategies' worth of layer inputs
             self._layer_inputs.popitem(last=False)

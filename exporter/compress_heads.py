@@ -56,7 +56,7 @@ from kvexport.strategies import KvexportError, Strategy, make_strategy, no_shari
 from kvexport.strategies.atomic import write_text_atomic
 
 from .models import DecoderDescription, Layer, Linear, state_dict
-from .reference import LayerInputs, ReferenceDecoder, compute_device
+from .reference import LayerInputs, ReferenceDecoder, compute_device, tensor_float32_on
 
 METHODS = ("rope-svd-fit", "rope-svd-refit", "rope-svd", "rope-svd-plain", "mean")
 REFITS = ("rope-svd-fit", "rope-svd-refit")  # the methods that refit layers to the original's attention output
@@ -339,21 +339,15 @@ def fit_attention(reference: ReferenceDecoder, i: int, layer: Layer, x: torch.Te
         return dataclasses.replace(layer, **{name: Linear(tensor, getattr(layer, name).bias)
                                              for name, tensor in tensors.items()})
 
-    # TensorFloat-32 products on a GPU: float32 ones run 4-5x slower there, and the steps are nearly all of the
-    # method's time (a 7B layer: 200 passes of 6.6 TFLOP); the fit is a descent, not a reference.
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if device.type == "cuda" else precision)
-    try:
-        with torch.enable_grad():
-            for _ in range(steps):
-                fitted = with_weights(weights)
-                attention = reference.attention(i, fitted, x, inputs, dict(present))  # an owner adds its own K/V
-                error = reference.output(fitted, attention) - target
-                optimizer.zero_grad()
-                (error.pow(2).mean() / energy).backward()
-                optimizer.step()
-    finally:
-        torch.set_float32_matmul_precision(precision)
+    # the steps are nearly all of the method's time (a 7B layer: 200 passes of 6.6 TFLOP): TF32 products on a GPU
+    with torch.enable_grad(), tensor_float32_on(device):
+        for _ in range(steps):
+            fitted = with_weights(weights)
+            attention = reference.attention(i, fitted, x, inputs, dict(present))  # an owner adds its own K/V
+            error = reference.output(fitted, attention) - target
+            optimizer.zero_grad()
+            (error.pow(2).mean() / energy).backward()
+            optimizer.step()
     stored = {name: getattr(layer, name).weight for name in ATTENTION_WEIGHTS}
     return with_weights({name: w.detach().to(stored[name].device, stored[name].dtype).contiguous()
                          for name, w in weights.items()})

@@ -9,6 +9,8 @@ dtype at a time.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -75,6 +77,18 @@ def int8_round_trip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     as the graphs compute it."""
     scale = scale.to(x.device, torch.float32)
     return (torch.clamp(torch.round(x.float() / scale), -128, 127) * scale).to(x.dtype)
+
+
+@contextmanager
+def tensor_float32_on(device: torch.device) -> Iterator[None]:
+    """TensorFloat-32 matrix products within, on a GPU (float32 ones run several times slower there): for passes
+    that compare runs made alike or descend, not for a reference."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if device.type == "cuda" else precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
