@@ -40,6 +40,7 @@ class GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._constants: dict[tuple, str] = {}
+        self._weight_names: set[str] = set()
         self._count = 0
 
     def _unique(self, hint: str) -> str:
@@ -47,7 +48,10 @@ class GraphBuilder:
         return f"{hint}_{self._count}"
 
     def weight(self, name: str, tensor: torch.Tensor | np.ndarray) -> str:
-        self.initializers.append(self.weights.initializer(name, tensor, self.dtype))
+        """An initializer of the graph, once however often it is used (names identify values)."""
+        if name not in self._weight_names:
+            self._weight_names.add(name)
+            self.initializers.append(self.weights.initializer(name, tensor, self.dtype))
         return name
 
     def quantized(self, name: str, weight: torch.Tensor, fmt: BlockQuantized,

@@ -4,6 +4,7 @@ against the reference computing with the same quantized weights, generation on b
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -102,6 +103,9 @@ def test_an_int8_cache_validates_and_every_runtime_path_runs_it(model, request, 
     validation, cache = result.manifest["validation"], result.manifest["cache"]
     assert validation["passed"] and 0 < validation["quantization_relative"] < 0.1
     assert cache["dtype"] == "int8"  # one byte an element, where float32's are four
+    for graph in ("model.onnx", "model_static.onnx"):  # every layer reads its owner's scales: each held once
+        names = [i.name for i in onnx.load(result.directory / graph, load_external_data=False).graph.initializer]
+        assert len(names) == len(set(names)), graph
     assert cache["bytes_per_token"] == 2 * len(cache["owners"]) * cache["num_kv_heads"] * cache["head_dim"]
     config = SamplingConfig(max_new_tokens=6, stop_token_ids=[])
     prompts = ["In Python, a list", "def f(x):"]
