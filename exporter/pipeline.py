@@ -19,6 +19,7 @@ from pathlib import Path
 
 import onnx
 
+from kvexport.runtime.exported import TOKENIZER_FILES
 from kvexport.strategies import KvexportError, ModelFacts, Strategy, make_strategy
 from kvexport.strategies import contract as c
 from kvexport.strategies.integrity import record_files, seal
@@ -191,16 +192,15 @@ def int8_kv_scales(loaded: LoadedModel, description: DecoderDescription, strateg
     """The scales of an int8 cache, from the model as exported run on the default calibration text."""
     if kv_cache != "int8":
         raise KvexportError(f"--kv-cache {kv_cache}: the cache is the export's dtype or int8")
-    if not (loaded.directory / "tokenizer.json").is_file() and not (loaded.directory / "tokenizer.model").is_file():
+    if not any((loaded.directory / name).is_file() for name in TOKENIZER_FILES):
         raise KvexportError(f"an int8 cache's scales are set on calibration text, and {loaded.reference} has no "
                             "tokenizer files: add them to the model directory")
-    import torch
-
     from .calibration import read_text, token_windows
     from .quantize import KV_CALIBRATION, kv_scales
+    from .reference import compute_device
 
     windows = token_windows(loaded.tokenizer(), read_text(None), *KV_CALIBRATION)
-    return kv_scales(description, strategy, windows, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return kv_scales(description, strategy, windows, compute_device(None))
 
 
 def check_weight_format(description: DecoderDescription, fmt: BlockQuantized | None) -> BlockQuantized | None:

@@ -51,7 +51,7 @@ class ValidationReport:
     steps: list[dict] = field(default_factory=list)  # per step: kind, max_abs_diff, relative
     hf_relative: float | None = None
     hf_skipped: str | None = None  # why the Hugging Face check did not run, where it could have
-    quantization_relative: float | None = None  # quantized weights: the reference's logits with them vs without
+    quantization_relative: float | None = None  # quantized weights or cache: the reference with them vs without
     seconds: float | None = None  # wall time of the whole validation
     device: str = "cpu"  # where the reference ran
     reference_seconds: float | None = None  # of which the reference's
@@ -73,7 +73,7 @@ class ValidationReport:
         if self.hf_skipped:
             text += f"; reference vs Hugging Face skipped ({self.hf_skipped})"
         if self.quantization_relative is not None:
-            text += f"; the quantized weights move the logits by {self.quantization_relative:.2e} (relative)"
+            text += f"; quantizing moves the logits by {self.quantization_relative:.2e} (relative)"
         if self.seconds is not None:
             text += f"; {self.seconds:.1f} s (reference {self.reference_seconds or 0:.1f} s on {self.device})"
         return text
