@@ -21,9 +21,9 @@ def resolve_provider(provider: str, dtype: str = "float16", static: bool = False
     """'auto': CUDA where ONNX Runtime has its CUDA provider, torch sees a GPU and the export runs there (the static
     graph's attention has a float16 CUDA kernel only: a float32 export's static graph stays on the CPU), else the
     CPU."""
-    if provider != "auto" or (static and dtype != "float16"):
-        return provider if provider != "auto" else "cpu"
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    if provider != "auto":
+        return provider
+    if static and dtype != "float16" or "CUDAExecutionProvider" not in ort.get_available_providers():
         return "cpu"
     import torch
 
