@@ -77,8 +77,9 @@ class Calibration:
             self._inputs = reference.prepare(self.windows, ones, torch.arange(self.windows.shape[1]).expand_as(ones))
             self._layer_inputs[()] = (self._inputs.x, {})
         start = next(i for i in range(layers, -1, -1) if sources[:i] in self._layer_inputs)
-        for i in range(start + 1):  # the run reused these; its shallower inputs serve the next candidates
-            self._layer_inputs.move_to_end(sources[:i])
+        for i in range(start + 1):  # the run reused these; its shallower inputs (those kept) serve the next ones
+            if sources[:i] in self._layer_inputs:
+                self._layer_inputs.move_to_end(sources[:i])
         x, present = self._layer_inputs[sources[:start]]
         present = dict(present)
         layer_kv = {} if collect_layer_kv else None
