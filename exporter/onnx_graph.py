@@ -47,11 +47,12 @@ class GraphBuilder:
         self._count += 1
         return f"{hint}_{self._count}"
 
-    def weight(self, name: str, tensor: torch.Tensor | np.ndarray) -> str:
-        """An initializer of the graph, once however often it is used (names identify values)."""
+    def weight(self, name: str, tensor: torch.Tensor | np.ndarray, dtype: str | None = None) -> str:
+        """An initializer of the graph (in the graph's dtype unless `dtype` is given), once however often it is
+        used (names identify values)."""
         if name not in self._weight_names:
             self._weight_names.add(name)
-            self.initializers.append(self.weights.initializer(name, tensor, self.dtype))
+            self.initializers.append(self.weights.initializer(name, tensor, dtype or self.dtype))
         return name
 
     def quantized(self, name: str, weight: torch.Tensor, fmt: BlockQuantized,
@@ -292,8 +293,9 @@ class DecoderGraph:
         return context, extra
 
     def kv_scale_names(self, owner: int) -> tuple[str, str]:
-        """The initializers of an owner's K and V scales [kv_heads, 1, head_dim] (both graphs share them)."""
-        return tuple(self.g.weight(f"layers.{owner}.attn.{kind}_scale", scale)
+        """The initializers of an owner's K and V scales [kv_heads, 1, head_dim] (both graphs share them), in
+        float32 whatever the graph's dtype: GroupQueryAttention takes its scales so."""
+        return tuple(self.g.weight(f"layers.{owner}.attn.{kind}_scale", scale, "float32")
                      for kind, scale in zip(c.KV_KINDS, self.kv_scales[owner], strict=True))
 
     def cached(self, i: int, kind: str, new: str) -> str:
@@ -304,6 +306,8 @@ class DecoderGraph:
         if not self.kv_scales:
             return g.op("Concat", past, new, axis=2, outputs=[present])
         scale = self.kv_scale_names(i)[c.KV_KINDS.index(kind)]
+        if self.dtype != "float32":
+            scale = g.op("Cast", scale, to=ONNX_TYPES[self.dtype])
         dtype = NUMPY_TYPES[self.dtype]
         whole = g.op("Concat", g.op("Mul", g.op("Cast", past, to=ONNX_TYPES[self.dtype]), scale), new, axis=2)
         codes = g.op("Clip", g.op("Round", g.op("Div", whole, scale)), g.const(-128, dtype), g.const(127, dtype))
