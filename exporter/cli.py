@@ -404,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, alias or directory (default {DEFAULT_MODEL})")
     export.add_argument("--share", default="none", help=SPEC_HELP)
     export.add_argument("--output", help="export directory (default exports/MODEL.STRATEGY)")
-    export.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    export.add_argument("--dtype", choices=["auto", "float32", "float16"], default="auto",
+                        help="auto (default): float16 for a checkpoint stored in 16 bits when the export will run on a "
+                             "GPU, else float32")
     export.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     export.add_argument("--static", action=argparse.BooleanOptionalAction, default=True,
                         help="also write the decode graph over preallocated cache buffers, which serve, bench's "

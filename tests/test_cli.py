@@ -128,3 +128,23 @@ def test_provider_auto_takes_the_gpu_where_the_export_runs_there(monkeypatch):
     assert resolve_provider("cpu", "float16", static=True) == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_provider("auto", "float16", static=True) == "cpu"
+
+
+def test_dtype_auto_keeps_a_16_bit_checkpoint_in_float16_on_a_gpu(tiny_llama, monkeypatch):
+    """--dtype auto (the default): float16 for a checkpoint stored in 16 bits where the export will run on a GPU,
+    float32 on the CPU and for a float32 checkpoint; an explicit dtype is kept."""
+    from dataclasses import replace
+
+    import onnxruntime
+    import torch
+
+    from kvexport.exporter.loading import load_model
+    from kvexport.exporter.pipeline import export_dtype
+
+    stored32 = load_model(str(tiny_llama)).description
+    stored16 = replace(stored32, embed=stored32.embed.half())
+    assert [export_dtype("auto", d) for d in (stored16, stored32)] == ["float32", "float32"]  # no GPU here
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [export_dtype("auto", d) for d in (stored16, stored32)] == ["float16", "float32"]
+    assert export_dtype("float32", stored16) == "float32"
