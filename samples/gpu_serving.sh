@@ -18,7 +18,8 @@
 # .whl too) samples the stacks of each thread of the server's processes, native and idle frames included, for 8 s from
 # 8 s into each load: where the engine's host time goes. SHAPE=NAME serves another random-weight shape (default
 # pythia-160m; llama-7b for the 7B figures), ROWS=N gives `none` N rows and `every:2` 2N (default 32), LENGTH=N tokens
-# per row (default 1024) and RATE=N the load's requests per second (default 400). Results in $OUT.
+# per row (default 1024) and RATE=N the load's requests per second (default 400). KV_CACHE=int8 exports `every:2` with
+# an int8 cache and gives it 4N rows (the same KV bytes as `none`'s N rows in float16). Results in $OUT.
 source samples/gpu_setup.sh
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -27,10 +28,13 @@ fi
 # the model and its exports are kept from an earlier invocation on the same machine
 model=/tmp/${SHAPE:-pythia-160m} rows=${ROWS:-32} length=${LENGTH:-1024} rate=${RATE:-400}
 [ -d "$model" ] || python3 samples/make_random_model.py "${SHAPE:-pythia-160m}" "$model" >/dev/null
-for s in none every:2; do
-  [ -d "$model-${s/:/}" ] || python3 -m kvexport export --model "$model" --share $s --dtype float16 \
-    --max-new-tokens 0 --output "$model-${s/:/}" 2>&1 | grep -v Memcpy | tail -1
-done
+every2=$model-every2${KV_CACHE:+-$KV_CACHE} every2_rows=$((${KV_CACHE:+2 *} 2 * rows))
+export_once() {  # output share flags...
+  [ -d "$1" ] || python3 -m kvexport export --model "$model" --share "$2" --dtype float16 --max-new-tokens 0 \
+    --output "$1" "${@:3}" 2>&1 | grep -v Memcpy | tail -1
+}
+export_once "$model-none" none
+export_once "$every2" every:2 ${KV_CACHE:+--kv-cache $KV_CACHE}
 declare -A NEW_TOKENS=([short]="8 64" [long]="64 512" [tail]="16 896")
 declare -A SPREAD=([short]=uniform [long]=uniform [tail]=log-uniform)
 declare -A REQUESTS=([short]=1024 [long]=512 [tail]=512)
@@ -46,8 +50,8 @@ if [[ $parts == *engine* ]]; then
   runs=${ENGINE_RUNS:-none-continuous every2-continuous every2-static}
   for load in ${ENGINE_LOADS:-short long}; do
     [[ $runs == *none-continuous* ]] && run_engine none-continuous "$model-none" "$rows" continuous $load
-    [[ $runs == *every2-continuous* ]] && run_engine every2-continuous "$model-every2" $((2 * rows)) continuous $load
-    [[ $runs == *every2-static* ]] && run_engine every2-static "$model-every2" $((2 * rows)) static $load
+    [[ $runs == *every2-continuous* ]] && run_engine every2-continuous "$every2" "$every2_rows" continuous $load
+    [[ $runs == *every2-static* ]] && run_engine every2-static "$every2" "$every2_rows" static $load
   done
   cp /tmp/engine-*.json "$OUT/"
 fi
@@ -89,7 +93,7 @@ print('$1 cpu s', sorted(round(sum(map(int, Path(f'/proc/{k}/stat').read_text().
 }
 runs=${SERVER_RUNS:-none-continuous every2-continuous every2-static}
 [[ $runs == *none-continuous* ]] && run_server none-continuous "$model-none" "$rows" continuous "$rate"
-[[ $runs == *every2-continuous* ]] && run_server every2-continuous "$model-every2" $((2 * rows)) continuous "$rate"
-[[ $runs == *every2-static* ]] && run_server every2-static "$model-every2" $((2 * rows)) static "$rate"
+[[ $runs == *every2-continuous* ]] && run_server every2-continuous "$every2" "$every2_rows" continuous "$rate"
+[[ $runs == *every2-static* ]] && run_server every2-static "$every2" "$every2_rows" static "$rate"
 cp /tmp/load-*-$tag.json "$OUT/"
 if ls /tmp/spy-*-$tag-*.txt >/dev/null 2>&1; then tar -czf "$OUT/spy-$tag.tar.gz" -C /tmp $(cd /tmp && ls spy-*-$tag-*.txt); fi
