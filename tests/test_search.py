@@ -95,6 +95,18 @@ def test_scores_resumed_from_the_first_changed_layer_equal_whole_passes(calibrat
         assert calib.perplexity_retention(Strategy(kv_source)) == pytest.approx(retention, rel=1e-6)
 
 
+def test_a_candidate_resumes_where_shallower_layer_inputs_were_evicted(calibration):
+    """The kept layer inputs are bounded, oldest first, so a deep input can outlive a shallower one of the same
+    strategy: here (0, 1) is evicted while (0, 1, 1) is kept, and the last candidate resumes from the latter."""
+    loaded, _ = calibration
+    calib = Calibration(loaded, token_windows(loaded.tokenizer(), TEXT, 6, 32))
+    for kv_source in [(0, 1, 1, 3), (0, 0, 2, 3), (0, 0, 0, 3), (0, 0, 2, 2)]:
+        calib.cosine(Strategy(kv_source))
+    assert (0, 1, 1) in calib._layer_inputs and (0, 1) not in calib._layer_inputs
+    alone = Calibration(loaded, token_windows(loaded.tokenizer(), TEXT, 6, 32)).cosine(Strategy((0, 1, 1, 1)))
+    assert calib.cosine(Strategy((0, 1, 1, 1))) == pytest.approx(alone, abs=1e-6)
+
+
 def test_full_model_scores_one(calibration):
     _, calib = calibration
     assert calib.cosine(Strategy((0, 1, 2, 3))) == pytest.approx(1.0, abs=1e-9)
