@@ -301,18 +301,20 @@ class DecoderGraph:
     def cached(self, i: int, kind: str, new: str) -> str:
         """Dynamic graph: an owner's present K or V, past then new. With an int8 cache the past is dequantized,
         the whole quantized again as present (the past's values are on the grid: unchanged), and the attention
-        reads the present dequantized, as GroupQueryAttention does in the static graph."""
+        reads the present dequantized, as GroupQueryAttention does in the static graph: in float32, with the
+        float32 scales, whatever the graph's dtype."""
         g, past, present = self.g, c.past_name(i, kind), c.present_name(i, kind)
         if not self.kv_scales:
             return g.op("Concat", past, new, axis=2, outputs=[present])
         scale = self.kv_scale_names(i)[c.KV_KINDS.index(kind)]
-        if self.dtype != "float32":
-            scale = g.op("Cast", scale, to=ONNX_TYPES[self.dtype])
-        dtype = NUMPY_TYPES[self.dtype]
-        whole = g.op("Concat", g.op("Mul", g.op("Cast", past, to=ONNX_TYPES[self.dtype]), scale), new, axis=2)
-        codes = g.op("Clip", g.op("Round", g.op("Div", whole, scale)), g.const(-128, dtype), g.const(127, dtype))
+        fp32 = ONNX_TYPES["float32"]
+        new = new if self.dtype == "float32" else g.op("Cast", new, to=fp32)
+        whole = g.op("Concat", g.op("Mul", g.op("Cast", past, to=fp32), scale), new, axis=2)
+        codes = g.op("Clip", g.op("Round", g.op("Div", whole, scale)), g.const(-128, np.float32),
+                     g.const(127, np.float32))
         g.op("Cast", codes, to=TensorProto.INT8, outputs=[present])
-        return g.op("Mul", g.op("Cast", present, to=ONNX_TYPES[self.dtype]), scale)
+        values = g.op("Mul", g.op("Cast", present, to=fp32), scale)
+        return values if self.dtype == "float32" else g.op("Cast", values, to=ONNX_TYPES[self.dtype])
 
     def has_sharers(self, owner: int) -> bool:
         return any(source == owner for j, source in enumerate(self.strategy.kv_source) if j != owner)
