@@ -6,7 +6,7 @@
 #   WEIGHTS=int4 BATCHES=1 CONTEXTS=2048 bash samples/gpu_peers.sh llama-7b   # int4 projections against GenAI's int4
 source samples/gpu_setup.sh
 shape=$1
-python3 samples/make_random_model.py "$shape" "/tmp/$shape" >/dev/null 2>&1
+[ -d "/tmp/$shape" ] || python3 samples/make_random_model.py "$shape" "/tmp/$shape" >/dev/null 2>&1
 backends="ort-genai hf-compile ort-static"
 python3 -c "import onnxruntime_genai" 2>/dev/null \
   || { backends="hf-compile ort-static"; echo "ONNX Runtime GenAI is not staged (gpu-pack --genai): no GenAI column"; }
