@@ -33,11 +33,13 @@ TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 # (float32 products) and the reference (float64): a difference of the quantization, not of the graph.
 INT8_CACHE_TOLERANCE = 1e-3
 
-
-def tolerance(dtype: str, kv_scales: KVScales | None) -> float:
-    return TOLERANCE[dtype] if kv_scales is None else max(TOLERANCE[dtype], INT8_CACHE_TOLERANCE)
 HF_TOLERANCE = 1e-4  # the float64 reference against the float32 Hugging Face model
 HF_CHECK_BYTES = 1 << 30  # the check loads the Hugging Face model in float32: only up to this size
+
+
+def tolerance(dtype: str, kv_scales: KVScales | None) -> float:
+    """The relative logit error a graph in `dtype` may show, with or without an int8 cache."""
+    return TOLERANCE[dtype] if kv_scales is None else max(TOLERANCE[dtype], INT8_CACHE_TOLERANCE)
 
 
 class ValidationError(KvexportError):
