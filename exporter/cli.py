@@ -73,7 +73,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     output = Path(args.output) if args.output else default_output(args.model, args.share)
     result = export(args.model, args.share, output, dtype=args.dtype, validate=not args.no_validate,
-                    static=args.static, weight_format=weight_format(args), kv_cache=args.kv_cache)
+                    static=args.static, weight_format=weight_format(args), kv_cache=args.kv_cache,
+                    provider=args.provider)
     cache = result.manifest["cache"]
     print(f"wrote {result.directory} in {result.seconds:.1f} s (peak host memory "
           f"{result.peak_host_bytes / 2**30:.2f} GiB): {len(cache['owners'])} of "
@@ -406,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", help="export directory (default exports/MODEL.STRATEGY)")
     export.add_argument("--dtype", choices=["auto", "float32", "float16"], default="auto",
                         help="auto (default): float16 for a checkpoint stored in 16 bits when the export will run on a "
-                             "GPU, else float32")
+                             "GPU (--provider), else float32")
     export.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     export.add_argument("--static", action=argparse.BooleanOptionalAction, default=True,
                         help="also write the decode graph over preallocated cache buffers, which serve, bench's "

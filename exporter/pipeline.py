@@ -102,9 +102,11 @@ def export(
     log=print,
     weight_format: BlockQuantized | None = None,
     kv_cache: str | None = None,
+    provider: str = "auto",
 ) -> ExportResult:
-    """Export, validate and publish. dtype: float32, float16 or auto (export_dtype). static (the default) also writes the decode graph over preallocated cache
-    buffers, which the server and the ort-static backend run; static=False writes the dynamic graph only.
+    """Export, validate and publish. dtype: float32, float16 or auto, which export_dtype resolves for `provider`,
+    where the export is to run. static (the default) also writes the decode graph over preallocated cache buffers,
+    which the server and the ort-static backend run; static=False writes the dynamic graph only.
     weight_format: the layers' projections stored quantized (MatMulNBits); validated against the reference computing
     with the same quantized weights, and the quantization's own effect on the logits reported beside.
     kv_cache="int8": the cache holds int8 codes with per-channel scales set on calibration text (quantize.kv_scales),
@@ -122,7 +124,7 @@ def export(
     loaded = load_model(model) if isinstance(model, str) else model
     check_trained_strategy(loaded.directory, strategy)
     description = replace(loaded.description, weight_format=check_weight_format(loaded.description, weight_format))
-    dtype = export_dtype(dtype, description)
+    dtype = export_dtype(dtype, description, provider)
     kv = None if kv_cache is None else int8_kv_scales(loaded, description, strategy, kv_cache)
     layout = cache_layout(description, strategy, dtype, kv)
     log(f"exporting {loaded.reference} ({description.architecture}, {description.num_layers} layers) with "
@@ -206,13 +208,14 @@ def int8_kv_scales(loaded: LoadedModel, description: DecoderDescription, strateg
     return kv_scales(description, strategy, windows, compute_device(None))
 
 
-def export_dtype(dtype: str, description: DecoderDescription) -> str:
-    """--dtype auto: a checkpoint stored in 16 bits exports as float16 where it will run on a GPU, as serving
-    engines keep a checkpoint's dtype; float32 otherwise (ONNX Runtime's CPU kernels compute in float32)."""
+def export_dtype(dtype: str, description: DecoderDescription, provider: str = "auto") -> str:
+    """--dtype auto: a checkpoint stored in 16 bits exports as float16 where it will run on a GPU (`provider`, as
+    --provider resolves it), as serving engines keep a checkpoint's dtype; float32 otherwise (ONNX Runtime's CPU
+    kernels compute in float32)."""
     if dtype != "auto":
         return dtype
     sixteen_bits = description.embed.dtype in (torch.float16, torch.bfloat16)
-    return "float16" if sixteen_bits and resolve_provider("auto", "float16", static=True) == "cuda" else "float32"
+    return "float16" if sixteen_bits and resolve_provider(provider, "float16", static=True) == "cuda" else "float32"
 
 
 def check_weight_format(description: DecoderDescription, fmt: BlockQuantized | None) -> BlockQuantized | None:

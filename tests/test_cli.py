@@ -132,7 +132,8 @@ def test_provider_auto_takes_the_gpu_where_the_export_runs_there(monkeypatch):
 
 def test_dtype_auto_keeps_a_16_bit_checkpoint_in_float16_on_a_gpu(tiny_llama, monkeypatch):
     """--dtype auto (the default): float16 for a checkpoint stored in 16 bits where the export will run on a GPU,
-    float32 on the CPU and for a float32 checkpoint; an explicit dtype is kept."""
+    float32 on the CPU (also where --provider cpu is asked for) and for a float32 checkpoint; an explicit dtype
+    is kept."""
     from dataclasses import replace
 
     import onnxruntime
@@ -147,4 +148,5 @@ def test_dtype_auto_keeps_a_16_bit_checkpoint_in_float16_on_a_gpu(tiny_llama, mo
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert [export_dtype("auto", d) for d in (stored16, stored32)] == ["float16", "float32"]
+    assert export_dtype("auto", stored16, provider="cpu") == "float32"  # --provider cpu: it will run on the CPU
     assert export_dtype("float32", stored16) == "float32"
