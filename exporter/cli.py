@@ -214,6 +214,10 @@ def cmd_compress_heads(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}: {args.kv_heads} of {record['original_kv_heads']} KV heads per layer "
           f"({args.method}); the head fit's mean relative K/V reconstruction error on the calibration text "
           f"(before any refit): keys {mean['key']:.3f}, values {mean['value']:.3f}{bound}")
+    phases = {phase: sum(e["seconds"].get(phase, 0.0) for e in errors) / len(errors) for phase in errors[0]["seconds"]}
+    peak = f", peak device memory {record['peak_device_gib']} GiB" if "peak_device_gib" in record else ""
+    print(f"{record['seconds']} s on {record['device']}{peak}; a layer, on average: "
+          + ", ".join(f"{phase.replace('_', ' ')} {seconds:.2f} s" for phase, seconds in phases.items()))
     return 0
 
 

@@ -39,7 +39,7 @@ take as they are. Every fit is linear, so it applies to the projections' weights
 
 Everything runs in one pass over the layers (compress_heads), holding one layer's activations at a time; the model
 runs on `device` (a GPU for rope-svd-fit beyond small models: each Adam step is a forward and backward pass of one
-attention block over the calibration tokens), the head fits on the host in float64.
+attention block over the calibration tokens), the head fits beside it in float64.
 """
 
 from __future__ import annotations
@@ -94,9 +94,9 @@ class Activations:
 
 
     @classmethod
-    def on_host(cls, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> Activations:
-        """From a layer's [batch, heads, seq, head_dim] tensors (on any device): the head fits run on the host."""
-        return cls(*(t.permute(0, 2, 1, 3).flatten(0, 1).cpu() for t in (keys, values, queries)))
+    def of_layer(cls, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> Activations:
+        """From a layer's [batch, heads, seq, head_dim] tensors, on the device they are on: the fits run there."""
+        return cls(*(t.permute(0, 2, 1, 3).flatten(0, 1) for t in (keys, values, queries)))
 
 
 def complex_pairs(x: torch.Tensor, rotary: int) -> torch.Tensor:
@@ -107,6 +107,14 @@ def complex_pairs(x: torch.Tensor, rotary: int) -> torch.Tensor:
 
 def real_pairs(z: torch.Tensor) -> torch.Tensor:
     return torch.cat([z.real, z.imag], dim=-1)
+
+
+def top_right_singular(x: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` leading right singular vectors of x [..., tokens, n] as columns [..., n, count], from the
+    eigenvectors of its n x n Gram matrix: tokens >> n here, and in float64 the squared condition number costs
+    nothing that matters, where a full SVD of the tall matrix is most of a fit's time."""
+    _, vectors = torch.linalg.eigh(x.mH @ x)  # ascending eigenvalues
+    return vectors[..., -count:].flip(-1)
 
 
 @dataclasses.dataclass
@@ -122,12 +130,12 @@ class GroupFit:
         (invertible): the top right singular vectors of the group's [tokens, g * dim] activations in that metric."""
         g, dim = x.shape[-2:]
         weighted = torch.einsum("ngd,gde->nge", x, metric).flatten(-2)
-        basis = torch.linalg.svd(weighted, full_matrices=False).Vh[:dim].unflatten(-1, (g, dim)).transpose(0, 1)
+        basis = top_right_singular(weighted, dim).T.unflatten(-1, (g, dim)).transpose(0, 1)
         return cls(metric @ basis.transpose(-1, -2), basis @ torch.linalg.inv(metric))
 
     @classmethod
-    def mean(cls, g: int, dim: int) -> GroupFit:
-        eye = torch.eye(dim, dtype=torch.float64).expand(g, dim, dim)
+    def mean(cls, g: int, dim: int, device: torch.device) -> GroupFit:
+        eye = torch.eye(dim, dtype=torch.float64, device=device).expand(g, dim, dim)
         return cls(eye / g, eye)
 
     def merge(self, w: torch.Tensor) -> torch.Tensor:
@@ -149,12 +157,12 @@ class FrequencyFit:
     def fitted(cls, kz: torch.Tensor, weight: torch.Tensor) -> FrequencyFit:
         """Per frequency the rank-1 fit of kz [tokens, g, F] minimising sum_j weight_j |k_j - b_j new|^2."""
         root = weight.sqrt()  # [g, F]
-        top = torch.linalg.svd((kz * root).permute(2, 0, 1), full_matrices=False).Vh[:, 0].T  # [g, F], unit columns
+        top = top_right_singular((kz * root).permute(2, 0, 1), 1)[..., 0].T.conj()  # [g, F], unit columns
         return cls(top.conj() * root, top / root)
 
     @classmethod
-    def mean(cls, g: int, frequencies: int) -> FrequencyFit:
-        ones = torch.ones(g, frequencies, dtype=torch.complex128)
+    def mean(cls, g: int, frequencies: int, device: torch.device) -> FrequencyFit:
+        ones = torch.ones(g, frequencies, dtype=torch.complex128, device=device)
         return cls(ones / g, ones)
 
     def merge(self, kz: torch.Tensor) -> torch.Tensor:
@@ -168,7 +176,8 @@ def metric_factor(second_moment: torch.Tensor) -> torch.Tensor:
     """L with L L^T = M + a small ridge, for [..., dim, dim] positive semi-definite M."""
     dim = second_moment.shape[-1]
     scale = second_moment.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(1e-30)
-    return torch.linalg.cholesky(second_moment + RIDGE * scale * torch.eye(dim, dtype=second_moment.dtype))
+    eye = torch.eye(dim, dtype=second_moment.dtype, device=second_moment.device)
+    return torch.linalg.cholesky(second_moment + RIDGE * scale * eye)
 
 
 @dataclasses.dataclass
@@ -186,10 +195,12 @@ def fit_heads(act: Activations, wo: torch.Tensor, members: slice, rot: int, meth
     keys, values, queries = (t[:, members] for t in (act.keys, act.values, act.queries))  # [tokens, g, hd]
     g, hd = keys.shape[1:]
     rest = hd - rot
-    value_fit, rotary_fit, rest_fit = GroupFit.mean(g, hd), FrequencyFit.mean(g, rot // 2), GroupFit.mean(g, rest)
+    device = keys.device
+    value_fit, rotary_fit = GroupFit.mean(g, hd, device), FrequencyFit.mean(g, rot // 2, device)
+    rest_fit = GroupFit.mean(g, rest, device)
     kz = complex_pairs(keys, rot)
     if method != "mean":
-        plain, eye = method == "rope-svd-plain", torch.eye(hd, dtype=torch.float64).expand(g, hd, hd)
+        plain, eye = method == "rope-svd-plain", torch.eye(hd, dtype=torch.float64, device=device).expand(g, hd, hd)
         w = wo[members]
         value_fit = GroupFit.fitted(values, eye if plain else metric_factor(w @ w.transpose(1, 2)))
         energy = complex_pairs(queries, rot).abs().pow(2).mean(0)  # [g, F]
@@ -211,13 +222,13 @@ def relative(error: torch.Tensor, actual: torch.Tensor) -> float:
 def compress_layer(layer: Layer, act: Activations, d: DecoderDescription, kv_heads: int,
                    method: str) -> tuple[Layer, dict]:
     heads, hd, rot = d.num_heads, d.head_dim, d.rotary_dim
-    g = heads // kv_heads
-    wo = layer.o.weight.double().view(heads, hd, -1)  # [heads, head_dim, hidden]
+    g, device = heads // kv_heads, act.keys.device
+    wo = layer.o.weight.to(device, torch.float64).view(heads, hd, -1)  # [heads, head_dim, hidden]
 
     def heads_of(lin: Linear, bias: bool) -> torch.Tensor | None:
-        """Weights [in, heads, hd], or the bias as [1, heads, hd], in float64."""
+        """Weights [in, heads, hd], or the bias as [1, heads, hd], in float64 on the activations' device."""
         t = lin.bias if bias else lin.weight
-        return None if t is None else t.double().reshape(-1 if not bias else 1, heads, hd)
+        return None if t is None else t.to(device, torch.float64).reshape(-1 if not bias else 1, heads, hd)
 
     new_q = {bias: None if w is None else w.clone() for bias in (False, True) for w in [heads_of(layer.q, bias)]}
     old_k, old_v = ({bias: heads_of(lin, bias) for bias in (False, True)} for lin in (layer.k, layer.v))
@@ -242,8 +253,9 @@ def compress_layer(layer: Layer, act: Activations, d: DecoderDescription, kv_hea
             errors[kind] += fits.errors[kind] / kv_heads
 
     def linear(weight: torch.Tensor, bias: torch.Tensor | None, like: Linear) -> Linear:
-        return Linear(weight.reshape(weight.shape[0], -1).to(like.weight.dtype).contiguous(),
-                      None if bias is None else bias.reshape(-1).to(like.bias.dtype).contiguous())
+        """Stored where and as `like` is."""
+        return Linear(weight.reshape(weight.shape[0], -1).to(like.weight.device, like.weight.dtype).contiguous(),
+                      None if bias is None else bias.reshape(-1).to(like.bias.device, like.bias.dtype).contiguous())
 
     def stacked(parts: list[torch.Tensor]) -> torch.Tensor | None:
         return torch.stack(parts, dim=1) if parts else None
@@ -252,7 +264,8 @@ def compress_layer(layer: Layer, act: Activations, d: DecoderDescription, kv_hea
         layer, q=linear(new_q[False], new_q[True], layer.q),
         k=linear(stacked(new_k[False]), stacked(new_k[True]), layer.k),
         v=linear(stacked(new_v[False]), stacked(new_v[True]), layer.v),
-        o=Linear(new_o.reshape(heads * hd, -1).to(layer.o.weight.dtype).contiguous(), layer.o.bias))
+        o=Linear(new_o.reshape(heads * hd, -1).to(layer.o.weight.device, layer.o.weight.dtype).contiguous(),
+                 layer.o.bias))
     return compressed, {"relative_key_error": round(errors["key"], 6), "relative_value_error": round(errors["value"], 6)}
 
 
@@ -272,7 +285,7 @@ def compress_heads(description: DecoderDescription, windows: torch.Tensor, kv_he
     """The description with kv_heads KV heads per layer, and each layer's relative reconstruction errors
     (||fit - actual||^2 / ||actual||^2 of its keys and values on the windows). fit_steps: rope-svd-fit's;
     show_progress: a progress bar over the layers; strategy: the sharing the refits fit the layers for (default
-    none); device: where the model runs (the head fits themselves run on the host).
+    none); device: where the model and the head fits run.
 
     One pass, layer by layer: the original model (the teacher) gives each layer's activations, from which its
     heads are fitted, and its attention output, the refits' target; the compressed model (the student) runs
@@ -296,23 +309,44 @@ def compress_heads(description: DecoderDescription, windows: torch.Tensor, kv_he
     x_teacher, x_student, present, layers, report = teacher_in.x, student_in.x, {}, [], []
     bar = tqdm(description.layers, unit="layer", desc="compress-heads: fitting layers", disable=not show_progress)
     for i, old in enumerate(bar):
+        laps = Laps(fitter.device)
         kv, queries = {}, {}
         collect = (None, None) if exact else (kv, queries)  # the heads are kept: nothing to fit them to
         target = teacher.output(old, teacher.attention(i, old, x_teacher, teacher_in, {}, None, *collect))
         x_teacher = teacher.residual(old, x_teacher, target)
+        laps.lap("teacher")
         new, errors = (old, {"relative_key_error": 0.0, "relative_value_error": 0.0}) if exact else compress_layer(
-            old, Activations.on_host(*kv[i], queries[i]), description, kv_heads, fit_method)
-        report.append(errors)
+            old, Activations.of_layer(*kv[i], queries[i]), description, kv_heads, fit_method)
+        laps.lap("head_fits")
         if refit:
             context = student.attention(i, new, x_student, student_in, present)
             if not (exact and strategy.is_owner(i)):
                 new = dataclasses.replace(new, o=ridge_fit(context.flatten(0, 1), target.flatten(0, 1), new.o))
+                laps.lap("student")
                 if steps:
                     new = fit_attention(fitter, i, new, x_student, student_in, present, target, steps)
+                    laps.lap("fit_steps")
                 context = student.attention(i, new, x_student, student_in, present)
             x_student = student.residual(new, x_student, student.output(new, context))
+            laps.lap("student")
+        report.append({**errors, "seconds": laps.seconds})
         layers.append(new)
     return dataclasses.replace(compressed, layers=layers), report
+
+
+class Laps:
+    """Seconds per phase of one layer's pass, for the record; the device is synchronized at each lap, so a phase's
+    asynchronous GPU work counts where it ran."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self._since = device, {}, time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self._since, 3)
+        self._since = now
 
 
 ATTENTION_WEIGHTS = ("q", "k", "v", "o")
@@ -392,7 +426,10 @@ def run_compress_heads(model: str, kv_heads: int, method: str, calib: str | None
               "original_kv_heads": description.num_kv_heads,
               "calibration": {"text": str(calib or "the default model's held-out text"), "samples": samples,
                               "length": length, "from": "start"},
-              "device": str(device), "seconds": round(time.perf_counter() - started, 1), "layers": errors}
+              "device": str(device), "seconds": round(time.perf_counter() - started, 1),
+              **({"peak_device_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
+                 if device.type == "cuda" else {}),
+              "layers": errors}
     write_compressed(compressed, loaded.directory, loaded.config, output, record,
                      strategy if strategy.shared else None)
     return record

@@ -30,6 +30,7 @@ heads)
   seven
   measure compress-heads-7b python3 -m kvexport compress-heads --model /tmp/llama-7b --kv-heads 8 --device cuda \
     -o /tmp/heads-7b 2>&1 | grep -v "fitting layers:"
+  cp /tmp/heads-7b/kvexport_compression.json "$OUT/compress-heads-7b.json"  # per-layer errors and seconds by phase
   ;;
 small)
   python3 samples/make_random_model.py pythia-1.4b /tmp/pythia-1.4b

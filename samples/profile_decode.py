@@ -1,12 +1,12 @@
 """Where a decode step's time goes on the GPU (docs/results.md): kernels per step, their summed device time
 against the step's wall time, and the heaviest kernels, for the ort-static backend.
 
-    python samples/profile_decode.py EXPORT_DIR [EXPORT_DIR ...]
+    python samples/profile_decode.py EXPORT_DIR [EXPORT_DIR ...] [--points 1x128 64x2048]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 from collections import Counter
 
@@ -52,6 +52,11 @@ def profile_point(directory: str, batch: int, context: int) -> None:
 
 
 if __name__ == "__main__":
-    for export_dir in sys.argv[1:]:
-        for batch, context in ((1, 128), (64, 2048)):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("exports", nargs="+")
+    parser.add_argument("--points", nargs="+", default=["1x128", "64x2048"], help="batch x context (default: %(default)s)")
+    args = parser.parse_args()
+    for export_dir in args.exports:
+        for point in args.points:
+            batch, context = map(int, point.split("x"))
             profile_point(export_dir, batch, context)

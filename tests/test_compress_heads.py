@@ -58,6 +58,7 @@ def test_compressed_checkpoint_loads_in_transformers_and_exports(mha_model, tmp_
     assert loaded.config.num_key_value_heads == 2 and loaded.description.num_kv_heads == 2
     record = json.loads((out / "kvexport_compression.json").read_text())
     assert record["kv_heads"] == 2 and record["original_kv_heads"] == 4 and len(record["layers"]) == 4
+    assert set(record["layers"][0]["seconds"]) == {"teacher", "head_fits", "student", "fit_steps"}
     # `none` validates the export against transformers itself; every:2 combines both methods.
     for strategy in ("none", "every:2"):
         result = export(str(out), strategy, tmp_path / f"e-{strategy.replace(':', '')}", log=lambda _: None)
@@ -240,3 +241,14 @@ def test_sharing_fewer_heads_quantized_weights_and_an_int8_cache_compose(mha_mod
     engine = Engine(result.directory, max_slots=1)
     assert [event.token_id for event in engine.submit("In Python", config)] == expected.token_ids[0]
     engine.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_leading_singular_vectors_from_the_gram_matrix_span_the_svds(dtype):
+    from kvexport.exporter.compress_heads import top_right_singular
+
+    x = torch.randn(3, 500, 12, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    x = x * torch.linspace(0.1, 10, 12, dtype=torch.float64)  # distinct singular values
+    ours, svd = top_right_singular(x, 4), torch.linalg.svd(x, full_matrices=False).Vh[:, :4].mH
+    torch.testing.assert_close(ours @ ours.mH, svd @ svd.mH, rtol=0, atol=1e-10)  # the same projector
+
