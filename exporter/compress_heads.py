@@ -331,6 +331,8 @@ def compress_heads(description: DecoderDescription, windows: torch.Tensor, kv_he
             laps.lap("student")
         report.append({**errors, "seconds": laps.seconds})
         layers.append(new)
+        still_read = {strategy.kv_source[j] for j in range(i + 1, description.num_layers)}
+        present = {owner: kv for owner, kv in present.items() if owner in still_read}  # else all layers' K/V pile up
     return dataclasses.replace(compressed, layers=layers), report
 
 
@@ -367,7 +369,8 @@ def fit_attention(reference: ReferenceDecoder, i: int, layer: Layer, x: torch.Te
     optimizer = torch.optim.Adam([{"params": [w], "lr": FIT_STEP * float(w.detach().pow(2).mean().sqrt())}
                                   for w in weights.values()])
     energy = target.pow(2).mean()
-    present = {owner: (k.to(dtype), v.to(dtype)) for owner, (k, v) in present.items()}
+    source = reference.strategy.kv_source[i]  # an owner computes its own K/V; a shared layer reads its owner's
+    present = {} if source == i else {source: tuple(t.to(dtype) for t in present[source])}
 
     def with_weights(tensors: dict[str, torch.Tensor]) -> Layer:
         return dataclasses.replace(layer, **{name: Linear(tensor, getattr(layer, name).bias)

@@ -67,10 +67,13 @@ if __name__ == "__main__":
     parser.add_argument("shape", choices=sorted(CONFIGS))
     parser.add_argument("output")
     parser.add_argument("--kv-heads", type=int, help="KV heads per layer (default: the model's)")
+    parser.add_argument("--layers", type=int, help="layers (default: the model's; fewer for a quick per-layer check)")
     args = parser.parse_args()
     config_class, model_class, fields = CONFIGS[args.shape]
     if args.kv_heads:
         fields = {**fields, "num_key_value_heads": args.kv_heads}
+    if args.layers:
+        fields = {**fields, "num_hidden_layers": args.layers}
     config = config_class(**fields, dtype="float16")
     output = Path(args.output)
     size = write_random_checkpoint(model_class, config, output)

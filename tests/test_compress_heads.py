@@ -252,3 +252,24 @@ def test_leading_singular_vectors_from_the_gram_matrix_span_the_svds(dtype):
     ours, svd = top_right_singular(x, 4), torch.linalg.svd(x, full_matrices=False).Vh[:, :4].mH
     torch.testing.assert_close(ours @ ours.mH, svd @ svd.mH, rtol=0, atol=1e-10)  # the same projector
 
+
+
+@pytest.mark.parametrize("share", ["none", "every:2"])
+def test_only_the_cache_that_later_layers_read_is_held(tiny_mha_llama, monkeypatch, share):
+    """At a 7B's width each layer's calibration K/V is 256 MiB in float64: holding every layer's would grow the
+    device memory with the depth. A pass holds the K/V of at most the owner a layer reads and its own."""
+    from kvexport.exporter.compress_heads import compress_heads
+    from kvexport.exporter.reference import ReferenceDecoder
+    from kvexport.strategies import make_strategy
+
+    description = load_model(str(tiny_mha_llama)).description
+    held, attention = [], ReferenceDecoder.attention
+
+    def recording(self, i, layer, x, inputs, present, *args, **kwargs):
+        held.append(len(present))
+        return attention(self, i, layer, x, inputs, present, *args, **kwargs)
+
+    monkeypatch.setattr(ReferenceDecoder, "attention", recording)
+    strategy = make_strategy(share, description.num_layers, "tiny")
+    compress_heads(description, IDS, 2, "rope-svd-fit", fit_steps=2, strategy=strategy)
+    assert max(held) <= 2 and len(held) > description.num_layers
