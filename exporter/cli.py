@@ -65,7 +65,8 @@ def resolved_provider(args: argparse.Namespace, directory: Path, static: bool) -
     from kvexport.runtime.exported import read_manifest
     from kvexport.runtime.ort_session import resolve_provider
 
-    return resolve_provider(args.provider, read_manifest(Path(directory))["dtype"], static)
+    manifest = read_manifest(Path(directory))
+    return resolve_provider(args.provider, manifest["dtype"], static, manifest["cache"]["dtype"])
 
 
 def cmd_export(args: argparse.Namespace) -> int:

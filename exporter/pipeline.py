@@ -124,7 +124,7 @@ def export(
     loaded = load_model(model) if isinstance(model, str) else model
     check_trained_strategy(loaded.directory, strategy)
     description = replace(loaded.description, weight_format=check_weight_format(loaded.description, weight_format))
-    dtype = export_dtype(dtype, description, provider)
+    dtype = export_dtype(dtype, description, provider, kv_cache)
     kv = None if kv_cache is None else int8_kv_scales(loaded, description, strategy, kv_cache)
     layout = cache_layout(description, strategy, dtype, kv)
     log(f"exporting {loaded.reference} ({description.architecture}, {description.num_layers} layers) with "
@@ -208,14 +208,16 @@ def int8_kv_scales(loaded: LoadedModel, description: DecoderDescription, strateg
     return kv_scales(description, strategy, windows, compute_device(None))
 
 
-def export_dtype(dtype: str, description: DecoderDescription, provider: str = "auto") -> str:
+def export_dtype(dtype: str, description: DecoderDescription, provider: str = "auto",
+                 kv_cache: str | None = None) -> str:
     """--dtype auto: a checkpoint stored in 16 bits exports as float16 where it will run on a GPU (`provider`, as
-    --provider resolves it), as serving engines keep a checkpoint's dtype; float32 otherwise (ONNX Runtime's CPU
-    kernels compute in float32)."""
+    --provider resolves it for the cache), as serving engines keep a checkpoint's dtype; float32 otherwise (ONNX
+    Runtime's CPU kernels compute in float32)."""
     if dtype != "auto":
         return dtype
     sixteen_bits = description.embed.dtype in (torch.float16, torch.bfloat16)
-    return "float16" if sixteen_bits and resolve_provider(provider, "float16", static=True) == "cuda" else "float32"
+    on_gpu = resolve_provider(provider, "float16", static=True, cache=kv_cache) == "cuda"
+    return "float16" if sixteen_bits and on_gpu else "float32"
 
 
 def check_weight_format(description: DecoderDescription, fmt: BlockQuantized | None) -> BlockQuantized | None:

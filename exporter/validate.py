@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from kvexport.runtime.ort_session import quiet_options, run_named
+from kvexport.runtime.ort_session import quiet_options, resolve_provider, run_named
 from kvexport.strategies import KvexportError, Strategy
 from kvexport.strategies import contract as c
 
@@ -132,16 +132,16 @@ def quantization_error(case: ValidationCase, unquantized: DecoderDescription, st
     return _relative(case.logits, logits, case.mask == 1)[1]
 
 
-def session_for(path: Path, dtype: str, static: bool) -> ort.InferenceSession:
-    """ONNX Runtime on CUDA where it can run the graph (the weights then leave host memory), else on the CPU.
+def session_for(path: Path, dtype: str, static: bool, cache: str) -> ort.InferenceSession:
+    """ONNX Runtime on CUDA where it can run the graph and its cache (the weights then leave host memory), else on
+    the CPU.
 
     On the CPU a float16 graph runs its MatMuls through Cast nodes, which full optimization would fold into a
     float32 copy of every weight (twice the model in host memory), and which the default order runs ahead of
     their MatMuls; basic optimization, priority order and no memory arena cast one weight at a time, just before
     it is used. The kernels are the same: the graph's contrib ops are explicit."""
-    cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
     options = quiet_options()
-    if cuda and not (static and dtype == "float32"):  # TF32 would round float32 MatMuls past the tolerance
+    if resolve_provider("auto", dtype, static, cache) == "cuda":
         return ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", {"use_tf32": "0"}),
                                                                    "CPUExecutionProvider"])
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -153,8 +153,8 @@ def session_for(path: Path, dtype: str, static: bool) -> ort.InferenceSession:
 def validate_export(onnx_path: Path, case: ValidationCase, description: DecoderDescription, strategy: Strategy,
                     dtype: str, hf_model: torch.nn.Module | None = None,
                     kv_scales: KVScales | None = None) -> ValidationReport:
-    session = session_for(onnx_path, dtype, static=False)
     layout = cache_layout(description, strategy, dtype, kv_scales)
+    session = session_for(onnx_path, dtype, static=False, cache=layout.dtype)
     batch, prompt = case.ids.shape[0], case.prompt
     past = {name: np.zeros(layout.buffer_shape(batch, 0), dtype=NUMPY_TYPES[layout.dtype])
             for name, _ in layout.names()}
@@ -191,7 +191,7 @@ def validate_static(static_path: Path, case: ValidationCase, description: Decode
     shape = layout.buffer_shape(batch, max_length)
     noise = (lambda: rng.integers(-128, 128, size=shape)) if kv_scales else (lambda: rng.normal(size=shape))
     buffers = {name: noise().astype(NUMPY_TYPES[layout.dtype]) for name, _ in layout.names()}
-    session = session_for(static_path, dtype, static=True)
+    session = session_for(static_path, dtype, static=True, cache=layout.dtype)
     report = ValidationReport(dtype, tolerance(dtype, kv_scales), device=case.device)
 
     def step(rows: slice, ids: np.ndarray, seqlens: np.ndarray, expected: np.ndarray, label: str) -> None:

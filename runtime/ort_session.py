@@ -17,17 +17,32 @@ from .exported import ExportedModel
 from .kv_cache import KVCache
 
 
-def resolve_provider(provider: str, dtype: str = "float16", static: bool = False) -> str:
+def resolve_provider(provider: str, dtype: str = "float16", static: bool = False, cache: str | None = None) -> str:
     """'auto': CUDA where ONNX Runtime has its CUDA provider, torch sees a GPU and the export runs there (the static
-    graph's attention has a float16 CUDA kernel only: a float32 export's static graph stays on the CPU), else the
-    CPU."""
+    graph's attention has a float16 CUDA kernel only: a float32 export's static graph stays on the CPU; an int8
+    cache, see CPU_ONLY_CACHES, stays on the CPU), else the CPU. cache: the cache's element type, if not dtype."""
     if provider != "auto":
         return provider
-    if static and dtype != "float16" or "CUDAExecutionProvider" not in ort.get_available_providers():
+    if (static and dtype != "float16" or cache in CPU_ONLY_CACHES
+            or "CUDAExecutionProvider" not in ort.get_available_providers()):
         return "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# Cache element types that ONNX Runtime's CUDA provider does not run correctly: an int8-cache export validated on
+# 1.31.1's CUDA provider (H200) gave logits 1.54 (relative) away from the reference, and its static graph's shared
+# layers wrote other codes than their owners, where the CPU provider agrees within 1e-3 (docs/results.md).
+CPU_ONLY_CACHES = ("int8",)
+
+
+def check_cache_provider(cache: str, provider: str) -> None:
+    """A one-line error for a cache element type that `provider` does not run correctly."""
+    if provider == "cuda" and cache in CPU_ONLY_CACHES:
+        raise KvexportError(f"an {cache} KV cache runs on the CPU provider only (ONNX Runtime {ort.__version__}'s "
+                            "CUDA provider disagrees with the reference): use --provider cpu, or export without "
+                            "--kv-cache for a GPU")
 
 
 def check_provider(provider: str) -> None:
@@ -111,6 +126,7 @@ def default_environment(defaults: dict[str, str]) -> Iterator[None]:
 def open_graph(model: ExportedModel, name: str, provider: str = "cpu", device_id: int = 0) -> ort.InferenceSession:
     """A session on one of the export's graphs, whose inputs and outputs must be those of the export's strategy
     (a graph copied in from another export is refused before it runs)."""
+    check_cache_provider(model.manifest["cache"]["dtype"], provider)
     check_provider(provider)
     path = model.directory / name
     try:

@@ -113,7 +113,7 @@ def test_a_model_too_large_for_the_provider_skips_the_sample_in_one_line(tiny_ne
 
 def test_provider_auto_takes_the_gpu_where_the_export_runs_there(monkeypatch):
     """With a GPU and onnxruntime-gpu: cuda, except for a float32 export's static graph, whose attention has no
-    float32 CUDA kernel (it stays on the CPU); an explicit provider is kept."""
+    float32 CUDA kernel (it stays on the CPU), and for an int8 cache; an explicit provider is kept."""
     import onnxruntime
     import torch
 
@@ -126,6 +126,7 @@ def test_provider_auto_takes_the_gpu_where_the_export_runs_there(monkeypatch):
     assert resolve_provider("auto", "float32", static=False) == "cuda"
     assert resolve_provider("auto", "float32", static=True) == "cpu"
     assert resolve_provider("cpu", "float16", static=True) == "cpu"
+    assert resolve_provider("auto", "float16", static=True, cache="int8") == "cpu"  # see CPU_ONLY_CACHES
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_provider("auto", "float16", static=True) == "cpu"
 
@@ -149,4 +150,5 @@ def test_dtype_auto_keeps_a_16_bit_checkpoint_in_float16_on_a_gpu(tiny_llama, mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert [export_dtype("auto", d) for d in (stored16, stored32)] == ["float16", "float32"]
     assert export_dtype("auto", stored16, provider="cpu") == "float32"  # --provider cpu: it will run on the CPU
+    assert export_dtype("auto", stored16, kv_cache="int8") == "float32"  # an int8 cache runs on the CPU
     assert export_dtype("float32", stored16) == "float32"

@@ -15,6 +15,7 @@ from kvexport.exporter.cli import main
 from kvexport.exporter.models import BlockQuantized
 from kvexport.exporter.quantize import dequantize, packed, quantize, round_trip
 from kvexport.runtime import Generator, SamplingConfig
+from kvexport.strategies import KvexportError
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -116,6 +117,8 @@ def test_an_int8_cache_validates_and_every_runtime_path_runs_it(model, dtype, re
     handles = [engine.submit(prompt, config) for prompt in prompts]
     assert [[event.token_id for event in handle] for handle in handles] == dynamic
     engine.close()
+    with pytest.raises(KvexportError, match="runs on the CPU provider only"):  # ONNX Runtime's CUDA kernel is wrong
+        Generator(result.directory, provider="cuda")
 
 
 def test_an_int8_cache_needs_calibration_text(tiny_llama, tmp_path, capsys):
