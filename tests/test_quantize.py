@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from kvexport.exporter import export
+from kvexport.exporter import export, load_model
 from kvexport.exporter.cli import main
 from kvexport.exporter.models import BlockQuantized
 from kvexport.exporter.quantize import dequantize, packed, quantize, round_trip
@@ -135,3 +135,21 @@ def test_tensorrt_refuses_quantized_exports_in_one_line(tiny_llama, tmp_path, ca
                        log=lambda _: None).directory
     assert main(["build-engine", str(directory)]) == 2
     assert "quantized weights or an int8 cache" in capsys.readouterr().err
+
+
+def test_a_float16_export_and_its_reference_dequantize_to_the_same_weights(tiny_llama, tmp_path):
+    """MatMulNBits takes its scales in the graph's dtype: the codes are fitted to the scales as stored, and the
+    validation's reference dequantizes with exactly those."""
+    result = export(str(tiny_llama), "none", tmp_path / "h", dtype="float16", weight_format=BlockQuantized(4, 32),
+                    log=lambda _: None)
+    assert result.manifest["validation"]["passed"]
+    stored = {i.name: numpy_helper.to_array(i, base_dir=str(result.directory))
+              for i in onnx.load(result.directory / "model.onnx").graph.initializer}
+    packed_codes, scales = (stored[f"layers.0.mlp.down_proj.weight.{part}"] for part in ("q4", "scales"))
+    codes = np.stack([packed_codes & 15, packed_codes >> 4], axis=-1).reshape(*packed_codes.shape[:2], -1)
+    fmt = BlockQuantized(4, 32, scales="float16")
+    graph_weight = dequantize(torch.from_numpy(codes.astype(np.int16)),
+                              torch.from_numpy(scales.astype(np.float32)).view(codes.shape[0], -1), fmt)
+    weight = load_model(str(tiny_llama)).description.layers[0].down.weight
+    assert torch.equal(graph_weight, round_trip(weight, fmt))
+    assert not torch.equal(graph_weight, round_trip(weight, BlockQuantized(4, 32)))  # float32 scales: 2^-11 off
