@@ -282,8 +282,9 @@ def compress_heads(description: DecoderDescription, windows: torch.Tensor, kv_he
                    method: str = "rope-svd", fit_steps: int = FIT_STEPS, show_progress: bool = False,
                    strategy: Strategy | None = None,
                    device: torch.device | str = "cpu") -> tuple[DecoderDescription, list[dict]]:
-    """The description with kv_heads KV heads per layer, and each layer's relative reconstruction errors
-    (||fit - actual||^2 / ||actual||^2 of its keys and values on the windows). fit_steps: rope-svd-fit's;
+    """The description with kv_heads KV heads per layer, and each layer's record: the relative reconstruction
+    errors (||fit - actual||^2 / ||actual||^2 of its keys and values on the windows) and the seconds of each phase
+    (Laps). fit_steps: rope-svd-fit's;
     show_progress: a progress bar over the layers; strategy: the sharing the refits fit the layers for (default
     none); device: where the model and the head fits run.
 

@@ -125,7 +125,7 @@ def export(
     check_trained_strategy(loaded.directory, strategy)
     fmt = check_weight_format(loaded.description, weight_format)
     dtype = export_dtype(dtype, loaded.description, provider, kv_cache)
-    description = replace(loaded.description, weight_format=None if fmt is None else replace(fmt, scales=dtype))
+    description = replace(loaded.description, weight_format=None if fmt is None else replace(fmt, scale_dtype=dtype))
     kv = None if kv_cache is None else int8_kv_scales(loaded, description, strategy, kv_cache)
     layout = cache_layout(description, strategy, dtype, kv)
     log(f"exporting {loaded.reference} ({description.architecture}, {description.num_layers} layers) with "

@@ -19,14 +19,14 @@ from .reference import ReferenceDecoder
 
 def quantize(weight: torch.Tensor, fmt: BlockQuantized) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes [out, blocks, block] int16 in [0, 2^bits), scales [out, blocks] float32) of a weight [in, out]. The
-    scales are rounded to fmt.scales' dtype first, as the export stores them, so that the codes are fitted to the
+    scales are rounded to fmt.scale_dtype first, as the export stores them, so that the codes are fitted to the
     scales the graph multiplies by and the reference dequantizes with exactly those (in a float16 export a
     float32 scale rounds by up to 2^-11, the same for its whole block, which a 7B's 32 layers of random weights
     amplified past the validation's tolerance)."""
     columns, rows = weight.shape[1], weight.shape[0]
     blocks = weight.detach().to(torch.float32).t().reshape(columns, rows // fmt.block, fmt.block)
     middle = 1 << (fmt.bits - 1)
-    scales = stored_up(blocks.abs().amax(-1) / (middle - 1), getattr(torch, fmt.scales))
+    scales = stored_up(blocks.abs().amax(-1) / (middle - 1), getattr(torch, fmt.scale_dtype))
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero block: codes 0, scale 0
     codes = torch.clamp(torch.round(blocks / safe[..., None]), -middle, middle - 1) + middle
     return codes.to(torch.int16), scales

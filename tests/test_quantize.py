@@ -147,7 +147,7 @@ def test_a_float16_export_and_its_reference_dequantize_to_the_same_weights(tiny_
               for i in onnx.load(result.directory / "model.onnx").graph.initializer}
     packed_codes, scales = (stored[f"layers.0.mlp.down_proj.weight.{part}"] for part in ("q4", "scales"))
     codes = np.stack([packed_codes & 15, packed_codes >> 4], axis=-1).reshape(*packed_codes.shape[:2], -1)
-    fmt = BlockQuantized(4, 32, scales="float16")
+    fmt = BlockQuantized(4, 32, scale_dtype="float16")
     graph_weight = dequantize(torch.from_numpy(codes.astype(np.int16)),
                               torch.from_numpy(scales.astype(np.float32)).view(codes.shape[0], -1), fmt)
     weight = load_model(str(tiny_llama)).description.layers[0].down.weight

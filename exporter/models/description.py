@@ -28,7 +28,7 @@ class BlockQuantized:
     keep the export's dtype."""
     bits: int = 4  # 4 or 8
     block: int = 32  # a power of two, at least 16
-    scales: str = "float32"  # the dtype the scales are stored in: the export's, as MatMulNBits takes them
+    scale_dtype: str = "float32"  # what the scales are stored in: the export's dtype, as MatMulNBits takes them
 
     @property
     def label(self) -> str:
