@@ -68,8 +68,9 @@ class ValidationReport:
         return self.worst <= self.tolerance and hf_ok
 
     def summary(self) -> str:
-        text = (f"validation ({self.dtype}): max relative logit error {self.worst:.2e} over {len(self.steps)} steps "
-                f"(tolerance {self.tolerance:.0e})")
+        worst = max(self.steps, key=lambda step: step["relative"])["kind"]  # which graph and step: where to look
+        text = (f"validation ({self.dtype}): max relative logit error {self.worst:.2e} (a {worst} step) over "
+                f"{len(self.steps)} steps (tolerance {self.tolerance:.0e})")
         if self.hf_relative is not None:
             text += f"; reference vs Hugging Face {self.hf_relative:.2e} (tolerance {HF_TOLERANCE:.0e})"
         if self.hf_skipped:
@@ -167,7 +168,7 @@ def validate_export(onnx_path: Path, case: ValidationCase, description: DecoderD
                  **past}
         outputs = run_named(session, feeds)
         diff, relative = _relative(outputs[c.LOGITS], case.logits[:, begin:end], case.mask[:, begin:end] == 1)
-        report.steps.append({"kind": "prefill" if begin == 0 else "decode", "max_abs_diff": diff,
+        report.steps.append({"kind": "dynamic prefill" if begin == 0 else "dynamic decode", "max_abs_diff": diff,
                              "relative": relative})
         past = {past_name: outputs[present] for past_name, present in layout.names()}
     if hf_model is not None:

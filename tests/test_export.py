@@ -21,8 +21,8 @@ def test_exported_logits_match_the_reference(tiny_neox, export_cache, strategy, 
     validation = manifest["validation"]
     assert validation["passed"]
     kinds = [s["kind"] for s in validation["steps"]]
-    assert kinds[:4] == ["prefill", "decode", "decode", "decode"]  # the dynamic graph, then the static one
-    assert kinds[4:] and all(kind.startswith("static") for kind in kinds[4:])
+    assert kinds[:4] == ["dynamic prefill", "dynamic decode", "dynamic decode", "dynamic decode"]
+    assert kinds[4:] and all(kind.startswith("static") for kind in kinds[4:])  # then the static graph's
     assert validation["worst"] <= (1e-5 if dtype == "float32" else 5e-3)
     if strategy == "none":  # the reference itself reproduces Hugging Face
         assert validation["hf_relative"] <= 1e-5
@@ -130,3 +130,13 @@ def test_re_export_replaces_an_existing_export(tiny_neox, tmp_path):
     export(str(tiny_neox), "every:2", target, log=lambda _: None)
     assert json.loads((target / c.MANIFEST_FILE).read_text())["cache"]["owners"] == [0, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_failed_validation_names_the_graph_and_step_it_failed_at():
+    from kvexport.exporter.validate import ValidationReport
+
+    steps = [{"kind": kind, "max_abs_diff": 0.0, "relative": relative}
+             for kind, relative in (("dynamic decode", 1e-3), ("static decode", 1.5), ("static prefill", 1e-2))]
+    report = ValidationReport("float16", 2e-2, steps)
+    assert not report.passed and "1.50e+00 (a static decode step) over 3 steps" in report.summary()
+
