@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 from kvexport.models import DEFAULT_MODEL
@@ -60,13 +61,11 @@ def add_device_arg(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], help=f"where {what} (default: cuda when there is one)")
 
 
-def resolved_provider(args: argparse.Namespace, directory: Path, static: bool) -> str:
-    """--provider for the export in `directory`, run through its static graph or not."""
-    from kvexport.runtime.exported import read_manifest
+def resolved_provider(args: argparse.Namespace, model, static: bool) -> str:
+    """--provider for an ExportedModel, run through its static graph or not."""
     from kvexport.runtime.ort_session import resolve_provider
 
-    manifest = read_manifest(Path(directory))
-    return resolve_provider(args.provider, manifest["dtype"], static, manifest["cache"]["dtype"])
+    return resolve_provider(args.provider, model.dtype, static, model.layout.dtype)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -86,7 +85,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from kvexport.runtime.memory import shortfall
 
         model = ExportedModel.load(result.directory)
-        provider = resolved_provider(args, result.directory, static=False)
+        provider = resolved_provider(args, model, static=False)
         if not model.has_tokenizer:
             print(f"skipped the sample generation: {args.model} has no tokenizer files (the export is complete; "
                   "generate from token ids through the Python API, or add tokenizer files to the model directory)")
@@ -102,11 +101,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from kvexport.runtime import Generator, SamplingConfig
+    from kvexport.runtime import ExportedModel, Generator, SamplingConfig
 
     # `generate` checks every file's hash by default; right after an export there is nothing to check.
     backend = getattr(args, "backend", "ort")
-    provider = resolved_provider(args, args.directory, static=backend == "ort-static")
+    provider = resolved_provider(args, ExportedModel.load(args.directory), static=backend == "ort-static")
     generator = Generator(args.directory, provider=provider, backend=backend,
                           max_batch=len(args.prompt or [DEFAULT_PROMPT]), cuda_graph=getattr(args, "cuda_graph", False),
                           verify=not getattr(args, "no_verify", True))
@@ -215,10 +214,12 @@ def cmd_compress_heads(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}: {args.kv_heads} of {record['original_kv_heads']} KV heads per layer "
           f"({args.method}); the head fit's mean relative K/V reconstruction error on the calibration text "
           f"(before any refit): keys {mean['key']:.3f}, values {mean['value']:.3f}{bound}")
-    phases = {phase: sum(e["seconds"].get(phase, 0.0) for e in errors) / len(errors) for phase in errors[0]["seconds"]}
+    phases = Counter()  # not every layer runs every phase (an owner kept as it is has no fit steps)
+    for layer in errors:
+        phases.update(layer["seconds"])
     peak = f", peak device memory {record['peak_device_gib']} GiB" if "peak_device_gib" in record else ""
     print(f"{record['seconds']} s on {record['device']}{peak}; a layer, on average: "
-          + ", ".join(f"{phase.replace('_', ' ')} {seconds:.2f} s" for phase, seconds in phases.items()))
+          + ", ".join(f"{phase.replace('_', ' ')} {seconds / len(errors):.2f} s" for phase, seconds in phases.items()))
     return 0
 
 
@@ -250,6 +251,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as missing:
         raise KvexportError(f"serving needs the serve extra ({missing.name} is missing): pip install "
                             "'kvexport[serve]'") from None
+    from kvexport.runtime import ExportedModel
+
     for option, value, least, what in (
             ("--stream-interval", args.stream_interval, 1, "a streamed event carries at least 1 token"),
             ("--api-servers", args.api_servers, 1, "a server needs at least 1 API server process"),
@@ -262,7 +265,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api = ApiSettings(model_name=args.model_name or "", stream_interval=args.stream_interval,
                       chat_template=read_chat_template(args.chat_template),
                       limits=Limits(api_key=api_key, max_request_bytes=args.max_request_bytes))
-    options = {"provider": resolved_provider(args, args.directory, static=True), "max_slots": args.max_slots,
+    options = {"provider": resolved_provider(args, ExportedModel.load(args.directory), static=True),
+               "max_slots": args.max_slots,
                "max_queue": args.max_queue,
                "max_length": args.max_length, "cuda_graph": args.cuda_graph, "batching": args.batching,
                "steps_in_flight": args.steps_in_flight}

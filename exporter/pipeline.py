@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from kvexport.runtime.exported import TOKENIZER_FILES
+from kvexport.runtime.exported import has_tokenizer_files
 from kvexport.runtime.ort_session import resolve_provider
 from kvexport.strategies import KvexportError, ModelFacts, Strategy, make_strategy
 from kvexport.strategies import contract as c
@@ -198,7 +198,7 @@ def int8_kv_scales(loaded: LoadedModel, description: DecoderDescription, strateg
     """The scales of an int8 cache, from the model as exported run on the default calibration text."""
     if kv_cache != "int8":
         raise KvexportError(f"--kv-cache {kv_cache}: the cache is the export's dtype or int8")
-    if not any((loaded.directory / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer_files(loaded.directory):
         raise KvexportError(f"an int8 cache's scales are set on calibration text, and {loaded.reference} has no "
                             "tokenizer files: add them to the model directory")
     from .calibration import read_text, token_windows

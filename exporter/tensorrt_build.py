@@ -35,7 +35,7 @@ class BuildOptions:
     workspace_gib: float = 4.0
 
     def check(self, model: ExportedModel) -> None:
-        if model.layout.dtype == "int8" or "bits" in model.manifest.get("weights", {}):
+        if model.layout.dtype == "int8" or model.quantized_weights:
             raise KvexportError(f"{model.directory} holds quantized weights or an int8 cache, which the TensorRT path "
                                 "does not build: export it without --weights and --kv-cache for build-engine")
         if self.precision not in PRECISION_DTYPES:

@@ -310,8 +310,8 @@ def bench_backend(backend: str, strategy: str, model: ExportedModel, model_dir: 
     """Every batch x context point of one backend on one strategy."""
     before = device_in_use_mib(device, peak=False)
     try:
-        quantized = model.manifest["weights"] if "bits" in model.manifest.get("weights", {}) else None
-        with (baseline_model(backend, model_dir, device, TORCH_DTYPES[model.dtype], settings.optimum_level, quantized)
+        with (baseline_model(backend, model_dir, device, TORCH_DTYPES[model.dtype], settings.optimum_level,
+                             model.quantized_weights)
               if backend in BASELINES else nullcontext()) as reference_model:
             return bench_points(backend, strategy, model, reference_model, settings, device, bandwidth, progress,
                                 before)

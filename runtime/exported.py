@@ -24,6 +24,10 @@ from kvexport.strategies import contract as c
 from kvexport.strategies.integrity import check_files, check_seal
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one of them makes a tokenizer
+
+
+def has_tokenizer_files(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
 DTYPES = ("float32", "float16")
 
 
@@ -77,7 +81,13 @@ class ExportedModel:
 
     @property
     def has_tokenizer(self) -> bool:
-        return any((self.directory / name).is_file() for name in TOKENIZER_FILES)
+        return has_tokenizer_files(self.directory)
+
+    @property
+    def quantized_weights(self) -> dict | None:
+        """The projections' quantized format ({"format", "bits", "block"}), or None where they are in the dtype."""
+        weights = self.manifest.get("weights", {})
+        return weights if "bits" in weights else None
 
     def tokenizer(self):
         from transformers import AutoTokenizer

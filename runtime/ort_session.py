@@ -126,7 +126,7 @@ def default_environment(defaults: dict[str, str]) -> Iterator[None]:
 def open_graph(model: ExportedModel, name: str, provider: str = "cpu", device_id: int = 0) -> ort.InferenceSession:
     """A session on one of the export's graphs, whose inputs and outputs must be those of the export's strategy
     (a graph copied in from another export is refused before it runs)."""
-    check_cache_provider(model.manifest["cache"]["dtype"], provider)
+    check_cache_provider(model.layout.dtype, provider)
     check_provider(provider)
     path = model.directory / name
     try:
