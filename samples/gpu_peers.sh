@@ -4,6 +4,8 @@
 # static graph. Results land in $OUT.
 #   bash samples/gpu_peers.sh llama-160m     # or pythia-160m, llama-7b, llama-13b
 #   WEIGHTS=int4 BATCHES=1 CONTEXTS=2048 bash samples/gpu_peers.sh llama-7b   # int4 projections against GenAI's int4
+# PROFILE_POINTS sets the profile's batch x context points (default "1x128 64x2048"; 64 x 2048 of a 7B's cache is
+# 64 GiB: give such shapes "1x2048").
 source samples/gpu_setup.sh
 shape=$1
 [ -d "/tmp/$shape" ] || python3 samples/make_random_model.py "$shape" "/tmp/$shape" >/dev/null 2>&1
@@ -16,5 +18,6 @@ python3 -m kvexport bench --model "/tmp/$shape" --share none every:2 --backends 
   | grep -v "bench:"
 mkdir -p "$OUT/$shape" && cp /tmp/bench-"$shape"/bench.* /tmp/bench-"$shape"/*.png "$OUT/$shape/"
 suffix=${WEIGHTS:+-$WEIGHTS}  # the bench names quantized exports so
+# shellcheck disable=SC2086
 python3 samples/profile_decode.py "/tmp/bench-$shape/exports/none$suffix" "/tmp/bench-$shape/exports/every2$suffix" \
-  | tee "$OUT/$shape/profile.txt"
+  --points ${PROFILE_POINTS:-1x128 64x2048} | tee "$OUT/$shape/profile.txt"
