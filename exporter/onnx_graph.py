@@ -55,15 +55,13 @@ class GraphBuilder:
             self.initializers.append(self.weights.initializer(name, tensor, dtype or self.dtype))
         return name
 
-    def quantized(self, name: str, weight: torch.Tensor, fmt: BlockQuantized,
-                  column_scale: torch.Tensor | None) -> tuple[str, str]:
+    def quantized(self, name: str, weight: torch.Tensor, fmt: BlockQuantized) -> tuple[str, str]:
         """MatMulNBits' packed codes and scales (in the graph's dtype) of a weight [in, out], quantized on the
         weight file's threads."""
         outputs, blocks = weight.shape[1], weight.shape[0] // fmt.block
 
         def compute() -> list[np.ndarray]:
             codes, scales = quantize(weight, fmt)
-            scales = scales if column_scale is None else scales * column_scale[:, None].to(scales.dtype)
             return [packed(codes, fmt), converted(scales.reshape(-1), self.dtype)]
 
         names = [f"{name}.q{fmt.bits}", f"{name}.scales"]
@@ -109,15 +107,16 @@ class DecoderGraph:
     def linear(self, x: str, lin: Linear, name: str, bias: bool = True, projection: bool = True,
                column_scale: torch.Tensor | None = None) -> str:
         """x W (+ b; bias=False leaves the bias to the caller, which folds it into a fused kernel). A layer's
-        projection (not the LM head) is stored in the description's weight format; column_scale multiplies W's
-        columns, after quantization (so a quantized W scaled is the scaled W quantized)."""
+        projection (not the LM head) is stored in the description's weight format; column_scale multiplies a float
+        W's columns (a quantized W cannot take it exactly: see attention_scale)."""
         fmt = self.d.weight_format if projection else None
         if fmt is None:
             weight = lin.weight if column_scale is None else lin.weight * column_scale
             y = self.g.op("MatMul", x, self.g.weight(f"{name}.weight", weight))
         else:
             inputs, outputs = lin.weight.shape
-            codes, scales = self.g.quantized(f"{name}.weight", lin.weight, fmt, column_scale)
+            assert column_scale is None, name
+            codes, scales = self.g.quantized(f"{name}.weight", lin.weight, fmt)
             y = self.g.op("MatMulNBits", x, codes, scales, domain="com.microsoft", K=inputs, N=outputs,
                           bits=fmt.bits, block_size=fmt.block)
         return y if lin.bias is None or not bias else self.g.op("Add", y, self.g.weight(f"{name}.bias", lin.bias))
@@ -233,7 +232,7 @@ class DecoderGraph:
         return g.op("Where", g.op("And", causal, not_padding), g.const(0.0, np.float32), g.const(MASKED, np.float32))
 
     def attend(self, q: str, keys: str, values: str, bias: str) -> str:
-        """softmax(q k^T + bias) v (q is pre-scaled) with the softmax in float32; K/V heads repeated for GQA."""
+        """softmax(q k^T * attention_scale + bias) v with the softmax in float32; K/V heads repeated for GQA."""
         g, d = self.g, self.d
         if d.kv_groups > 1:
             expand = g.const([1, 1, d.kv_groups, 1, 1])
@@ -246,11 +245,20 @@ class DecoderGraph:
         context = g.op("Transpose", g.op("MatMul", probs, values), perm=[0, 2, 1, 3])
         return g.op("Reshape", context, g.const([0, 0, d.num_heads * d.head_dim]))
 
+    @property
+    def attention_scale(self) -> float:
+        """The factor the attention applies to q k^T: 1 where 1/sqrt(head_dim) is folded into the Q weights, which
+        quantized weights cannot take exactly (their stored scales would round the product, which the reference
+        does not)."""
+        return 1.0 if self.d.weight_format is None else self.d.head_dim**-0.5
+
     def softmax(self, scores: str, bias: str) -> str:
-        """softmax(scores + bias) over the last axis, computed in float32."""
+        """softmax(scores * attention_scale + bias) over the last axis, computed in float32."""
         g = self.g
         if self.dtype != "float32":
             scores = g.op("Cast", scores, to=TensorProto.FLOAT)
+        if self.attention_scale != 1.0:
+            scores = g.op("Mul", scores, g.const(self.attention_scale, np.float32))
         probs = g.op("Softmax", g.op("Add", scores, bias), axis=-1)
         return probs if self.dtype == "float32" else g.op("Cast", probs, to=ONNX_TYPES[self.dtype])
 
@@ -289,7 +297,8 @@ class DecoderGraph:
             "GroupQueryAttention", query, key, value, c.past_name(owner, "key"), c.past_name(owner, "value"),
             c.SEQLENS_K, c.TOTAL_SEQUENCE_LENGTH, *rotary, *quantized,
             outputs=[None, *(c.present_name(i, kind) for kind in c.KV_KINDS)], domain="com.microsoft",
-            num_heads=d.num_heads, kv_num_heads=d.num_kv_heads, scale=1.0, do_rotary=int(inside), **attributes)
+            num_heads=d.num_heads, kv_num_heads=d.num_kv_heads, scale=self.attention_scale, do_rotary=int(inside),
+            **attributes)
         return context, extra
 
     def kv_scale_names(self, owner: int) -> tuple[str, str]:
@@ -325,16 +334,18 @@ class DecoderGraph:
         in the same MatMul (a parallel-residual layer's MLP up projection, see fold_parallel_norms); extra is its
         output, or None.
 
-        The attention scale 1/sqrt(head_dim) is folded into the Q weights (rotary is linear, so it commutes):
-        one multiplication less per layer and step.
+        The attention scale 1/sqrt(head_dim) is folded into float Q weights (rotary is linear, so it commutes):
+        one multiplication less per layer and step. Quantized Q weights keep it out (see attention_scale).
         """
-        scale = self.d.head_dim**-0.5
+        scale = self.d.head_dim**-0.5 if self.attention_scale == 1.0 else 1.0
         q = Linear(layer.q.weight, None if layer.q.bias is None else layer.q.bias * scale)
         owner = self.strategy.is_owner(i)
         parts = [q, layer.k, layer.v] if owner else [q]
-        column_scale = torch.ones(sum(lin.weight.shape[1] for lin in parts) + (
-            0 if appended is None else appended.weight.shape[1]))
-        column_scale[:q.weight.shape[1]] = scale
+        column_scale = None
+        if scale != 1.0:
+            column_scale = torch.ones(sum(lin.weight.shape[1] for lin in parts) + (
+                0 if appended is None else appended.weight.shape[1]))
+            column_scale[:q.weight.shape[1]] = scale
         widths = [lin.weight.shape[1] for lin in parts] if split else [sum(lin.weight.shape[1] for lin in parts)]
         if appended is not None:
             parts.append(appended)

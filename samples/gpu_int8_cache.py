@@ -1,6 +1,9 @@
-"""Where an int8-cache export parts from the CPU provider on CUDA (docs/results.md): its dynamic graph run on both
-providers from the same inputs, a prefill and then decode steps, each step fed the CPU's cache; per step the
-logits' largest relative difference and, per owner and K/V, how many codes of the present differ and by how much.
+"""Where an int8-cache export parts from the CPU provider on CUDA (docs/results.md). From the same tokens, each graph
+on both providers:
+- dynamic: a prefill, then decode steps, each step fed the CPU's cache;
+- static, separate buffers (as validation runs it: past and present are different tensors);
+- static, one buffer (as the runtime binds it: present written in place into past).
+Per step the logits' largest relative difference, and per owner and K/V how many written codes differ and by how much.
 
     python samples/gpu_int8_cache.py EXPORT_DIR [--steps 4]    # an export made with --kv-cache int8
 """
@@ -8,13 +11,92 @@ logits' largest relative difference and, per owner and K/V, how many codes of th
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import numpy as np
 import onnxruntime as ort
+import torch
 
-from kvexport.runtime import ExportedModel
-from kvexport.runtime.ort_session import quiet_options, run_named
+from kvexport.runtime import ExportedModel, ort_session
+from kvexport.runtime.static_cache import StaticCacheDecoder
 from kvexport.strategies import contract as c
+
+PROMPT, BATCH = 12, 2
+PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+             "cuda": [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]}
+
+
+def compare(label: str, logits: dict[str, np.ndarray], codes: dict[str, dict[str, np.ndarray]],
+            written: int) -> None:
+    """Print the CPU/CUDA logit difference and, per cache buffer, the share of the first `written` slots' codes
+    that differ."""
+    cpu, cuda = (logits[name].astype(np.float64) for name in PROVIDERS)
+    print(f"{label}: logits relative difference {np.abs(cpu - cuda).max() / np.abs(cpu).max():.2e}")
+    for name in codes["cpu"]:
+        a, b = (codes[p][name][:, :, :written].astype(np.int32) for p in PROVIDERS)
+        if (a != b).any():
+            print(f"    {name}: {(a != b).mean():.1%} of codes differ, by up to {np.abs(a - b).max()}")
+
+
+def dynamic(model: ExportedModel, ids: np.ndarray, steps: int) -> None:
+    sessions = {p: ort.InferenceSession(str(model.onnx_path), ort_session.quiet_options(), providers=providers)
+                for p, providers in PROVIDERS.items()}
+    layout = model.layout
+    past = {name: np.zeros(layout.buffer_shape(BATCH, 0), dtype=np.int8) for name, _ in layout.names()}
+    for begin, end in [(0, PROMPT)] + [(t, t + 1) for t in range(PROMPT, PROMPT + steps)]:
+        feeds = {c.INPUT_IDS: ids[:, begin:end], c.ATTENTION_MASK: np.ones((BATCH, end), dtype=np.int64),
+                 c.POSITION_IDS: np.arange(begin, end)[None].repeat(BATCH, 0), c.LOGITS_TO_KEEP: np.array([1]),
+                 **past}
+        outputs = {p: ort_session.run_named(session, feeds) for p, session in sessions.items()}
+        compare(f"dynamic, tokens {begin}-{end}", {p: o[c.LOGITS][:, -1] for p, o in outputs.items()},
+                {p: {present: o[present] for _, present in layout.names()} for p, o in outputs.items()}, end)
+        past = {past_name: outputs["cpu"][present] for past_name, present in layout.names()}
+
+
+def static_separate(model: ExportedModel, ids: np.ndarray, steps: int, length: int) -> None:
+    path = model.directory / model.manifest["files"]["static_decode"]
+    sessions = {p: ort.InferenceSession(str(path), ort_session.quiet_options(), providers=providers)
+                for p, providers in PROVIDERS.items()}
+    layout = model.layout
+    buffers = {name: np.zeros(layout.buffer_shape(BATCH, length), dtype=np.int8) for name, _ in layout.names()}
+    presents = [(f"present.{i}.{kind}", c.present_name(i, kind))
+                for i in range(len(model.strategy.kv_source)) for kind in c.KV_KINDS]
+
+    def step(rows: slice, begin: int, end: int) -> None:
+        seqlens = np.full(len(range(BATCH)[rows]), end - 1, dtype=np.int32)
+        feeds = {c.INPUT_IDS: ids[rows, begin:end], c.SEQLENS_K: seqlens,
+                 c.TOTAL_SEQUENCE_LENGTH: np.array([length], dtype=np.int32),
+                 c.LOGITS_INDEX: np.array(c.logits_index(seqlens, end - begin), dtype=np.int32),
+                 **{name: buffer[rows] for name, buffer in buffers.items()}}
+        outputs = {p: ort_session.run_named(session, feeds) for p, session in sessions.items()}
+        compare(f"static, separate buffers, rows {rows.start or 0}-{rows.stop or BATCH}, tokens {begin}-{end}",
+                {p: o[c.LOGITS][:, 0] for p, o in outputs.items()},
+                {p: {label: o[name] for label, name in presents} for p, o in outputs.items()}, end)
+        for past_name, present in layout.names():
+            buffers[past_name][rows] = outputs["cpu"][present]
+
+    for row in range(BATCH):  # a prompt with past slots runs one row at a time (the CPU kernel's rule)
+        step(slice(row, row + 1), 0, PROMPT)
+    for t in range(PROMPT, PROMPT + steps):
+        step(slice(None), t, t + 1)
+
+
+def static_in_place(model: ExportedModel, ids: np.ndarray, steps: int, length: int) -> None:
+    ort_session.CPU_ONLY_CACHES = ()  # this diagnostic runs what the runtime refuses
+    decoders = {p: StaticCacheDecoder(model, p, max_batch=BATCH, max_length=length, prefill_batch=BATCH)
+                for p in PROVIDERS}
+
+    def each(run: Callable[[StaticCacheDecoder], torch.Tensor], label: str, written: int) -> None:
+        logits = {p: run(d)[:BATCH, 0].float().cpu().numpy() for p, d in decoders.items()}
+        codes = {p: {f"buffer {j}": d.storage[j].cpu().numpy() for j in range(d.storage.shape[0])}
+                 for p, d in decoders.items()}
+        compare(label, logits, codes, written)
+
+    each(lambda d: d.prefill_rows(list(range(BATCH)), [torch.from_numpy(row[:PROMPT]) for row in ids]),
+         f"static, one buffer, tokens 0-{PROMPT}", PROMPT)
+    for t in range(PROMPT, PROMPT + steps):
+        each(lambda d, t=t: d.decode_rows(torch.from_numpy(ids[:, t]), torch.full((BATCH,), t, dtype=torch.int32)),
+             f"static, one buffer, tokens {t}-{t + 1}", t + 1)
 
 
 def main() -> None:
@@ -23,27 +105,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     model = ExportedModel.load(args.export)
-    layout = model.layout
-    # the CUDA session as validation opens it, bypassing the runtime's refusal of int8 caches on CUDA
-    sessions = {name: ort.InferenceSession(str(model.onnx_path), quiet_options(), providers=providers)
-                for name, providers in (("cpu", ["CPUExecutionProvider"]),
-                                        ("cuda", [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]))}
-    ids = np.random.default_rng(0).integers(0, model.facts.vocab_size, size=(2, 12 + args.steps))
-    prompt = 12
-    past = {name: np.zeros(layout.buffer_shape(2, 0), dtype=np.int8) for name, _ in layout.names()}
-    for begin, end in [(0, prompt)] + [(t, t + 1) for t in range(prompt, prompt + args.steps)]:
-        feeds = {c.INPUT_IDS: ids[:, begin:end], c.ATTENTION_MASK: np.ones((2, end), dtype=np.int64),
-                 c.POSITION_IDS: np.arange(begin, end)[None].repeat(2, 0), c.LOGITS_TO_KEEP: np.array([0]), **past}
-        outputs = {name: run_named(session, feeds) for name, session in sessions.items()}
-        logits = [outputs[name][c.LOGITS].astype(np.float64) for name in ("cpu", "cuda")]
-        relative = np.abs(logits[0] - logits[1]).max() / np.abs(logits[0]).max()
-        print(f"tokens {begin}-{end}: logits relative difference {relative:.2e}")
-        for _, present in layout.names():
-            cpu, cuda = (outputs[name][present].astype(np.int32) for name in ("cpu", "cuda"))
-            differ = cpu != cuda
-            if differ.any():
-                print(f"    {present}: {differ.mean():.1%} of codes differ, by up to {np.abs(cpu - cuda).max()}")
-        past = {past_name: outputs["cpu"][present] for past_name, present in layout.names()}
+    ids = np.random.default_rng(0).integers(0, model.facts.vocab_size, size=(BATCH, PROMPT + args.steps))
+    length = 64  # buffer slots: at least the CUDA decoder's 32-token prefill padding
+    for check in (dynamic, static_separate, static_in_place):
+        try:
+            check(model, ids, args.steps) if check is dynamic else check(model, ids, args.steps, length)
+        except Exception as error:  # noqa: BLE001 - report and go on to the next graph
+            print(f"{check.__name__}: {type(error).__name__}: {str(error)[:300]}")
 
 
 if __name__ == "__main__":

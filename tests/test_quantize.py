@@ -145,11 +145,14 @@ def test_a_float16_export_and_its_reference_dequantize_to_the_same_weights(tiny_
     assert result.manifest["validation"]["passed"]
     stored = {i.name: numpy_helper.to_array(i, base_dir=str(result.directory))
               for i in onnx.load(result.directory / "model.onnx").graph.initializer}
-    packed_codes, scales = (stored[f"layers.0.mlp.down_proj.weight.{part}"] for part in ("q4", "scales"))
-    codes = np.stack([packed_codes & 15, packed_codes >> 4], axis=-1).reshape(*packed_codes.shape[:2], -1)
+    layer = load_model(str(tiny_llama)).description.layers[0]
     fmt = BlockQuantized(4, 32, scale_dtype="float16")
-    graph_weight = dequantize(torch.from_numpy(codes.astype(np.int16)),
-                              torch.from_numpy(scales.astype(np.float32)).view(codes.shape[0], -1), fmt)
-    weight = load_model(str(tiny_llama)).description.layers[0].down.weight
-    assert torch.equal(graph_weight, round_trip(weight, fmt))
-    assert not torch.equal(graph_weight, round_trip(weight, BlockQuantized(4, 32)))  # float32 scales: 2^-11 off
+    # Q's columns too: the attention scale is not folded into their stored scales
+    for name, weight in (("mlp.down_proj", layer.down.weight),
+                         ("attn.qkv_proj", torch.cat([layer.q.weight, layer.k.weight, layer.v.weight], dim=1))):
+        packed_codes, scales = (stored[f"layers.0.{name}.weight.{part}"] for part in ("q4", "scales"))
+        codes = np.stack([packed_codes & 15, packed_codes >> 4], axis=-1).reshape(*packed_codes.shape[:2], -1)
+        graph_weight = dequantize(torch.from_numpy(codes.astype(np.int16)),
+                                  torch.from_numpy(scales.astype(np.float32)).view(codes.shape[0], -1), fmt)
+        assert torch.equal(graph_weight, round_trip(weight, fmt)), name
+        assert not torch.equal(graph_weight, round_trip(weight, BlockQuantized(4, 32)))  # float32 scales: 2^-11 off
