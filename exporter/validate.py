@@ -179,6 +179,27 @@ def validate_export(onnx_path: Path, case: ValidationCase, description: DecoderD
     return report
 
 
+def run_over_copies(session: ort.InferenceSession, feeds: dict[str, np.ndarray],
+                    presents: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One run of the static graph with each present output bound to its own copy of the past it updates (on the
+    session's device), which holds what the runtime's one in-place buffer holds before the step. GroupQueryAttention
+    with an int8 cache writes only the new slots into present on CUDA, as in place, and never copies the past there;
+    one copy per layer keeps a shared layer's writes apart from its owner's, to be compared. presents: each present
+    output's name and the past it updates."""
+    device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, np.ascontiguousarray(value))
+    bound = {name: ort.OrtValue.ortvalue_from_numpy(np.array(past), device, 0) for name, past in presents.items()}
+    for name, value in bound.items():
+        binding.bind_ortvalue_output(name, value)
+    binding.bind_output(c.LOGITS, device)
+    session.run_with_iobinding(binding)
+    # copies: on the CPU an OrtValue's numpy() is a view of memory that goes with the OrtValue
+    return {c.LOGITS: np.array(binding.get_outputs()[-1].numpy()),
+            **{name: np.array(value.numpy()) for name, value in bound.items()}}
+
+
 def validate_static(static_path: Path, case: ValidationCase, description: DecoderDescription, strategy: Strategy,
                     dtype: str, seed: int = 1, kv_scales: KVScales | None = None) -> ValidationReport:
     """The static graph over buffers longer than needed, with noise in the unwritten slots as reused buffers have
@@ -200,7 +221,9 @@ def validate_static(static_path: Path, case: ValidationCase, description: Decode
                  c.TOTAL_SEQUENCE_LENGTH: np.array([max_length], dtype=np.int32),
                  c.LOGITS_INDEX: np.array(c.logits_index(seqlens, ids.shape[1]), dtype=np.int32),
                  **{name: buffer[rows] for name, buffer in buffers.items()}}
-        outputs = run_named(session, feeds)
+        presents = {c.present_name(layer, kind): buffers[c.past_name(owner, kind)][rows]
+                    for layer, owner in enumerate(strategy.kv_source) for kind in c.KV_KINDS}
+        outputs = run_over_copies(session, feeds, presents)
         diff, relative = _relative(outputs[c.LOGITS][:, 0], expected, np.ones(expected.shape, dtype=bool))
         report.steps.append({"kind": label, "max_abs_diff": diff, "relative": relative})
         written = seqlens + 1  # each row's slots so far: a kernel need not carry the others into a new present

@@ -31,9 +31,11 @@ def resolve_provider(provider: str, dtype: str = "float16", static: bool = False
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# Cache element types that ONNX Runtime's CUDA provider does not run correctly: an int8-cache export validated on
-# 1.31.1's CUDA provider (H200) gave logits 1.54 (relative) away from the reference, and its static graph's shared
-# layers wrote other codes than their owners, where the CPU provider agrees within 1e-3 (docs/results.md).
+# Cache element types not yet shown correct on ONNX Runtime's CUDA provider: an int8-cache export validated on
+# 1.31.1's CUDA provider (H200) gave logits 1.54 (relative) away from the reference. The likely cause is the
+# validation's, not the runtime's (docs/results.md): ORT's CUDA kernel appends an int8 cache's new slots into present
+# without copying the past there, and validation then gave it fresh presents (now copies of the past); the runtime
+# binds present in place. Until a GPU run of samples/gpu_int8_cache.py shows the in-place path right, CPU only.
 CPU_ONLY_CACHES = ("int8",)
 
 

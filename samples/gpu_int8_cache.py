@@ -1,8 +1,12 @@
 """Where an int8-cache export parts from the CPU provider on CUDA (docs/results.md). From the same tokens, each graph
 on both providers:
 - dynamic: a prefill, then decode steps, each step fed the CPU's cache;
-- static, separate buffers (as validation runs it: past and present are different tensors);
+- static, fresh presents (past and present different tensors, present allocated by ONNX Runtime);
+- static, presents bound to copies of the past (as validation runs it);
 - static, one buffer (as the runtime binds it: present written in place into past).
+ONNX Runtime's CUDA kernel for an int8 cache appends the new slots into present without copying the past there,
+as if present were the past (its source on the main branch, late 2026): if 1.31 does the same, fresh presents
+differ from the CPU's after the prefill and the other two agree.
 Per step the logits' largest relative difference, and per owner and K/V how many written codes differ and by how much.
 
     python samples/gpu_int8_cache.py EXPORT_DIR [--steps 4]    # an export made with --kv-cache int8
@@ -17,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from kvexport.exporter.validate import run_over_copies
 from kvexport.runtime import ExportedModel, ort_session
 from kvexport.runtime.static_cache import StaticCacheDecoder
 from kvexport.strategies import contract as c
@@ -53,7 +58,12 @@ def dynamic(model: ExportedModel, ids: np.ndarray, steps: int) -> None:
         past = {past_name: outputs["cpu"][present] for past_name, present in layout.names()}
 
 
-def static_separate(model: ExportedModel, ids: np.ndarray, steps: int, length: int) -> None:
+def fresh_presents(session: ort.InferenceSession, feeds: dict, presents: dict) -> dict[str, np.ndarray]:
+    return ort_session.run_named(session, feeds)
+
+
+def static_separate(model: ExportedModel, ids: np.ndarray, steps: int, length: int,
+                    run: Callable[[ort.InferenceSession, dict, dict], dict[str, np.ndarray]]) -> None:
     path = model.directory / model.manifest["files"]["static_decode"]
     sessions = {p: ort.InferenceSession(str(path), ort_session.quiet_options(), providers=providers)
                 for p, providers in PROVIDERS.items()}
@@ -68,8 +78,10 @@ def static_separate(model: ExportedModel, ids: np.ndarray, steps: int, length: i
                  c.TOTAL_SEQUENCE_LENGTH: np.array([length], dtype=np.int32),
                  c.LOGITS_INDEX: np.array(c.logits_index(seqlens, end - begin), dtype=np.int32),
                  **{name: buffer[rows] for name, buffer in buffers.items()}}
-        outputs = {p: ort_session.run_named(session, feeds) for p, session in sessions.items()}
-        compare(f"static, separate buffers, rows {rows.start or 0}-{rows.stop or BATCH}, tokens {begin}-{end}",
+        pasts = {c.present_name(i, kind): buffers[c.past_name(owner, kind)][rows]
+                 for i, owner in enumerate(model.strategy.kv_source) for kind in c.KV_KINDS}
+        outputs = {p: run(session, feeds, pasts) for p, session in sessions.items()}
+        compare(f"static, {run.__name__.replace('_', ' ')}, rows {rows.start or 0}-{rows.stop or BATCH}, tokens {begin}-{end}",
                 {p: o[c.LOGITS][:, 0] for p, o in outputs.items()},
                 {p: {label: o[name] for label, name in presents} for p, o in outputs.items()}, end)
         for past_name, present in layout.names():
@@ -107,11 +119,15 @@ def main() -> None:
     model = ExportedModel.load(args.export)
     ids = np.random.default_rng(0).integers(0, model.facts.vocab_size, size=(BATCH, PROMPT + args.steps))
     length = 64  # buffer slots: at least the CUDA decoder's 32-token prefill padding
-    for check in (dynamic, static_separate, static_in_place):
+    checks = {"dynamic": lambda: dynamic(model, ids, args.steps),
+              "fresh presents": lambda: static_separate(model, ids, args.steps, length, fresh_presents),
+              "copies": lambda: static_separate(model, ids, args.steps, length, run_over_copies),
+              "one buffer": lambda: static_in_place(model, ids, args.steps, length)}
+    for name, check in checks.items():
         try:
-            check(model, ids, args.steps) if check is dynamic else check(model, ids, args.steps, length)
+            check()
         except Exception as error:  # noqa: BLE001 - report and go on to the next graph
-            print(f"{check.__name__}: {type(error).__name__}: {str(error)[:300]}")
+            print(f"{name}: {type(error).__name__}: {str(error)[:300]}")
 
 
 if __name__ == "__main__":
