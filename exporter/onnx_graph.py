@@ -337,7 +337,7 @@ class DecoderGraph:
         The attention scale 1/sqrt(head_dim) is folded into float Q weights (rotary is linear, so it commutes):
         one multiplication less per layer and step. Quantized Q weights keep it out (see attention_scale).
         """
-        scale = self.d.head_dim**-0.5 if self.attention_scale == 1.0 else 1.0
+        scale = self.d.head_dim**-0.5 / self.attention_scale  # the part of 1/sqrt(head_dim) the Q weights take
         q = Linear(layer.q.weight, None if layer.q.bias is None else layer.q.bias * scale)
         owner = self.strategy.is_owner(i)
         parts = [q, layer.k, layer.v] if owner else [q]
