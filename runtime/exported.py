@@ -24,11 +24,11 @@ from kvexport.strategies import contract as c
 from kvexport.strategies.integrity import check_files, check_seal
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one of them makes a tokenizer
+DTYPES = ("float32", "float16")
 
 
 def has_tokenizer_files(directory: Path) -> bool:
     return any((directory / name).is_file() for name in TOKENIZER_FILES)
-DTYPES = ("float32", "float16")
 
 
 @dataclass

@@ -253,7 +253,6 @@ def test_leading_singular_vectors_from_the_gram_matrix_span_the_svds(dtype):
     torch.testing.assert_close(ours @ ours.mH, svd @ svd.mH, rtol=0, atol=1e-10)  # the same projector
 
 
-
 @pytest.mark.parametrize("share", ["none", "every:2"])
 def test_only_the_cache_that_later_layers_read_is_held(tiny_mha_llama, monkeypatch, share):
     """At a 7B's width each layer's calibration K/V is 256 MiB in float64: holding every layer's would grow the

@@ -139,4 +139,3 @@ def test_a_failed_validation_names_the_graph_and_step_it_failed_at():
              for kind, relative in (("dynamic decode", 1e-3), ("static decode", 1.5), ("static prefill", 1e-2))]
     report = ValidationReport("float16", 2e-2, steps)
     assert not report.passed and "1.50e+00 (a static decode step) over 3 steps" in report.summary()
-
