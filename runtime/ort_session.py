@@ -40,10 +40,10 @@ CPU_ONLY_CACHES = ("int8",)
 
 
 def check_cache_provider(cache: str, provider: str) -> None:
-    """A one-line error for a cache element type that `provider` does not run correctly."""
+    """A one-line error for a cache element type not yet shown correct on `provider`."""
     if provider == "cuda" and cache in CPU_ONLY_CACHES:
-        raise KvexportError(f"an {cache} KV cache runs on the CPU provider only (ONNX Runtime {ort.__version__}'s "
-                            "CUDA provider disagrees with the reference): use --provider cpu, or export without "
+        raise KvexportError(f"an {cache} KV cache runs on the CPU provider only (not yet shown to agree with the "
+                            "reference on ONNX Runtime's CUDA provider): use --provider cpu, or export without "
                             "--kv-cache for a GPU")
 
 
