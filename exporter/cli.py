@@ -8,10 +8,14 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvexport.models import DEFAULT_MODEL
 from kvexport.strategies import SPEC_HELP, KvexportError, make_strategy
 from kvexport.strategies import contract as c
+
+if TYPE_CHECKING:  # the runtime is imported by the commands that use it, not at start-up
+    from kvexport.runtime import ExportedModel
 
 DEFAULT_PROMPT = "In Python, a list"
 API_KEY_VARIABLE = "KVEXPORT_API_KEY"  # the server's API key, when --api-key is not given (as vLLM's VLLM_API_KEY)
@@ -61,7 +65,7 @@ def add_device_arg(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], help=f"where {what} (default: cuda when there is one)")
 
 
-def resolved_provider(args: argparse.Namespace, model, static: bool) -> str:
+def resolved_provider(args: argparse.Namespace, model: ExportedModel, static: bool) -> str:
     """--provider for an ExportedModel, run through its static graph or not."""
     from kvexport.runtime.ort_session import resolve_provider
 
@@ -105,10 +109,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     # `generate` checks every file's hash by default; right after an export there is nothing to check.
     backend = getattr(args, "backend", "ort")
-    provider = resolved_provider(args, ExportedModel.load(args.directory), static=backend == "ort-static")
-    generator = Generator(args.directory, provider=provider, backend=backend,
-                          max_batch=len(args.prompt or [DEFAULT_PROMPT]), cuda_graph=getattr(args, "cuda_graph", False),
-                          verify=not getattr(args, "no_verify", True))
+    model = ExportedModel.load(args.directory, verify_hashes=not getattr(args, "no_verify", True))
+    generator = Generator(model, provider=resolved_provider(args, model, static=backend == "ort-static"),
+                          backend=backend, max_batch=len(args.prompt or [DEFAULT_PROMPT]),
+                          cuda_graph=getattr(args, "cuda_graph", False))
     prompts = args.prompt or [DEFAULT_PROMPT]
     config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop_token_ids=generator.model.facts.eos_token_ids)
