@@ -50,7 +50,7 @@ class ValidationError(KvexportError):
 class ValidationReport:
     dtype: str
     tolerance: float
-    steps: list[dict] = field(default_factory=list)  # per step: kind, max_abs_diff, relative
+    steps: list[dict] = field(default_factory=list)  # per step: kind, provider, max_abs_diff, relative
     hf_relative: float | None = None
     hf_skipped: str | None = None  # why the Hugging Face check did not run, where it could have
     quantization_relative: float | None = None  # quantized weights or cache: the reference with them vs without
@@ -68,8 +68,9 @@ class ValidationReport:
         return self.worst <= self.tolerance and hf_ok
 
     def summary(self) -> str:
-        worst = max(self.steps, key=lambda step: step["relative"])["kind"]  # which graph and step: where to look
-        text = (f"validation ({self.dtype}): max relative logit error {self.worst:.2e} (a {worst} step) over "
+        worst = max(self.steps, key=lambda step: step["relative"])  # which graph, step and provider: where to look
+        text = (f"validation ({self.dtype}): max relative logit error {self.worst:.2e} (a {worst['kind']} step on "
+                f"{worst['provider']}) over "
                 f"{len(self.steps)} steps (tolerance {self.tolerance:.0e})")
         if self.hf_relative is not None:
             text += f"; reference vs Hugging Face {self.hf_relative:.2e} (tolerance {HF_TOLERANCE:.0e})"
@@ -133,16 +134,23 @@ def quantization_error(case: ValidationCase, unquantized: DecoderDescription, st
     return _relative(case.logits, logits, case.mask == 1)[1]
 
 
-def session_for(path: Path, dtype: str, static: bool, cache: str) -> ort.InferenceSession:
-    """ONNX Runtime on CUDA where it can run the graph and its cache (the weights then leave host memory), else on
-    the CPU.
+def validation_provider(dtype: str, static: bool, cache: str, quantized_weights: bool) -> str:
+    """Where validation runs a graph: CUDA where it can run the graph and its cache (the weights then leave host
+    memory), else the CPU. Quantized weights stay on the CPU: CUDA's MatMulNBits computes a few rows at a time (every
+    decode step) in float16, products summed in float16 (a 7B's logits 7e-2 from the reference against 7e-3 on the
+    CPU, whose kernel sums in float32), which the tolerance could not tell from a wrong graph."""
+    return "cpu" if quantized_weights else resolve_provider("auto", dtype, static, cache)
+
+
+def session_for(path: Path, dtype: str, static: bool, cache: str, quantized_weights: bool) -> ort.InferenceSession:
+    """A session on validation_provider's choice.
 
     On the CPU a float16 graph runs its MatMuls through Cast nodes, which full optimization would fold into a
     float32 copy of every weight (twice the model in host memory), and which the default order runs ahead of
     their MatMuls; basic optimization, priority order and no memory arena cast one weight at a time, just before
     it is used. The kernels are the same: the graph's contrib ops are explicit."""
     options = quiet_options()
-    if resolve_provider("auto", dtype, static, cache) == "cuda":
+    if validation_provider(dtype, static, cache, quantized_weights) == "cuda":
         return ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", {"use_tf32": "0"}),
                                                                    "CPUExecutionProvider"])
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -155,7 +163,7 @@ def validate_export(onnx_path: Path, case: ValidationCase, description: DecoderD
                     dtype: str, hf_model: torch.nn.Module | None = None,
                     kv_scales: KVScales | None = None) -> ValidationReport:
     layout = cache_layout(description, strategy, dtype, kv_scales)
-    session = session_for(onnx_path, dtype, static=False, cache=layout.dtype)
+    session = session_for(onnx_path, dtype, False, layout.dtype, description.weight_format is not None)
     batch, prompt = case.ids.shape[0], case.prompt
     past = {name: np.zeros(layout.buffer_shape(batch, 0), dtype=NUMPY_TYPES[layout.dtype])
             for name, _ in layout.names()}
@@ -168,8 +176,8 @@ def validate_export(onnx_path: Path, case: ValidationCase, description: DecoderD
                  **past}
         outputs = run_named(session, feeds)
         diff, relative = _relative(outputs[c.LOGITS], case.logits[:, begin:end], case.mask[:, begin:end] == 1)
-        report.steps.append({"kind": "dynamic prefill" if begin == 0 else "dynamic decode", "max_abs_diff": diff,
-                             "relative": relative})
+        report.steps.append({"kind": "dynamic prefill" if begin == 0 else "dynamic decode",
+                             "provider": session_device(session), "max_abs_diff": diff, "relative": relative})
         past = {past_name: outputs[present] for past_name, present in layout.names()}
     if hf_model is not None:
         with torch.no_grad():
@@ -179,6 +187,11 @@ def validate_export(onnx_path: Path, case: ValidationCase, description: DecoderD
     return report
 
 
+def session_device(session: ort.InferenceSession) -> str:
+    """Where a validation session runs its graph: cuda or cpu."""
+    return "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+
 def run_over_copies(session: ort.InferenceSession, feeds: dict[str, np.ndarray],
                     presents: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """One run of the static graph with each present output bound to its own copy of the past it updates (on the
@@ -186,7 +199,7 @@ def run_over_copies(session: ort.InferenceSession, feeds: dict[str, np.ndarray],
     with an int8 cache writes only the new slots into present on CUDA, as in place, and never copies the past there;
     one copy per layer keeps a shared layer's writes apart from its owner's, to be compared. presents: each present
     output's name and the past it updates."""
-    device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+    device = session_device(session)
     binding = session.io_binding()
     for name, value in feeds.items():
         binding.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -213,7 +226,7 @@ def validate_static(static_path: Path, case: ValidationCase, description: Decode
     shape = layout.buffer_shape(batch, max_length)
     noise = (lambda: rng.integers(-128, 128, size=shape)) if kv_scales else (lambda: rng.normal(size=shape))
     buffers = {name: noise().astype(NUMPY_TYPES[layout.dtype]) for name, _ in layout.names()}
-    session = session_for(static_path, dtype, static=True, cache=layout.dtype)
+    session = session_for(static_path, dtype, True, layout.dtype, description.weight_format is not None)
     report = ValidationReport(dtype, tolerance(dtype, kv_scales), device=case.device)
 
     def step(rows: slice, ids: np.ndarray, seqlens: np.ndarray, expected: np.ndarray, label: str) -> None:
@@ -225,7 +238,8 @@ def validate_static(static_path: Path, case: ValidationCase, description: Decode
                     for layer, owner in enumerate(strategy.kv_source) for kind in c.KV_KINDS}
         outputs = run_over_copies(session, feeds, presents)
         diff, relative = _relative(outputs[c.LOGITS][:, 0], expected, np.ones(expected.shape, dtype=bool))
-        report.steps.append({"kind": label, "max_abs_diff": diff, "relative": relative})
+        report.steps.append({"kind": label, "provider": session_device(session), "max_abs_diff": diff,
+                             "relative": relative})
         written = seqlens + 1  # each row's slots so far: a kernel need not carry the others into a new present
         for layer, owner in enumerate(strategy.kv_source):
             for kind in c.KV_KINDS:

@@ -31,20 +31,19 @@ def resolve_provider(provider: str, dtype: str = "float16", static: bool = False
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# Cache element types not yet shown correct on ONNX Runtime's CUDA provider: an int8-cache export validated on
-# 1.31.1's CUDA provider (H200) gave logits 1.54 (relative) away from the reference. The likely cause is the
-# validation's, not the runtime's (docs/results.md): ORT's CUDA kernel appends an int8 cache's new slots into present
-# without copying the past there, and validation then gave it fresh presents (now copies of the past); the runtime
-# binds present in place. Until a GPU run of samples/gpu_int8_cache.py shows the in-place path right, CPU only.
+# Cache element types that ONNX Runtime's CUDA provider computes wrongly as the runtime runs them. An int8 cache on
+# 1.31.1: the static graph agrees with the reference where each present is a buffer of its own holding the past (as
+# validation binds it), not as the runtime runs it (past and present one buffer, to hold the cache once; prompts
+# padded to 32 tokens): from the second owner on, its codes part from the CPU's (samples/gpu_int8_cache.py).
 CPU_ONLY_CACHES = ("int8",)
 
 
 def check_cache_provider(cache: str, provider: str) -> None:
-    """A one-line error for a cache element type not yet shown correct on `provider`."""
+    """A one-line error for a cache element type that `provider` computes wrongly."""
     if provider == "cuda" and cache in CPU_ONLY_CACHES:
-        raise KvexportError(f"an {cache} KV cache runs on the CPU provider only (not yet shown to agree with the "
-                            "reference on ONNX Runtime's CUDA provider): use --provider cpu, or export without "
-                            "--kv-cache for a GPU")
+        raise KvexportError(f"an {cache} KV cache runs on the CPU provider only (ONNX Runtime's CUDA provider "
+                            "computes it wrongly as the runtime runs it): use --provider cpu, or export "
+                            "without --kv-cache for a GPU")
 
 
 def check_provider(provider: str) -> None:

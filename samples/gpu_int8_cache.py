@@ -3,10 +3,11 @@ on both providers:
 - dynamic: a prefill, then decode steps, each step fed the CPU's cache;
 - static, fresh presents (past and present different tensors, present allocated by ONNX Runtime);
 - static, presents bound to copies of the past (as validation runs it);
-- static, one buffer (as the runtime binds it: present written in place into past).
-ONNX Runtime's CUDA kernel for an int8 cache appends the new slots into present without copying the past there,
-as if present were the past (its source on the main branch, late 2026): if 1.31 does the same, fresh presents
-differ from the CPU's after the prefill and the other two agree.
+- static, one buffer per owner bound as its past and as every present that updates it, prompts as they are;
+- static, through the runtime (one buffer too, and prompts padded to its prefill chunk, rows prefilled together).
+On ONNX Runtime 1.31.1 (H100) the dynamic graph and the copies agree with the CPU, fresh presents do not (its CUDA
+kernel writes only the new slots into present), nor does the runtime's path: the one-buffer run tells whether the
+binding or the padded prefill is what ONNX Runtime mishandles.
 Per step the logits' largest relative difference, and per owner and K/V how many written codes differ and by how much.
 
     python samples/gpu_int8_cache.py EXPORT_DIR [--steps 4]    # an export made with --kv-cache int8
@@ -21,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from kvexport.exporter.validate import run_over_copies
+from kvexport.exporter.validate import run_over_copies, session_device
 from kvexport.runtime import ExportedModel, ort_session
 from kvexport.runtime.static_cache import StaticCacheDecoder
 from kvexport.strategies import contract as c
@@ -60,6 +61,30 @@ def dynamic(model: ExportedModel, ids: np.ndarray, steps: int) -> None:
 
 def fresh_presents(session: ort.InferenceSession, feeds: dict, presents: dict) -> dict[str, np.ndarray]:
     return ort_session.run_named(session, feeds)
+
+
+def one_buffer_binder(kv_source: list[int]) -> Callable[[ort.InferenceSession, dict, dict], dict[str, np.ndarray]]:
+    """A run of the static graph with each owner's past and every present that updates it bound to one buffer on the
+    session's device, as the runtime binds them."""
+    def one_buffer(session: ort.InferenceSession, feeds: dict, presents: dict) -> dict[str, np.ndarray]:
+        device = session_device(session)
+        owners = {c.past_name(owner, kind) for owner in kv_source for kind in c.KV_KINDS}
+        shared = {name: ort.OrtValue.ortvalue_from_numpy(np.array(feeds[name]), device, 0) for name in owners}
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            if name in shared:
+                binding.bind_ortvalue_input(name, shared[name])
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for layer, owner in enumerate(kv_source):
+            for kind in c.KV_KINDS:
+                binding.bind_ortvalue_output(c.present_name(layer, kind), shared[c.past_name(owner, kind)])
+        binding.bind_output(c.LOGITS, device)
+        session.run_with_iobinding(binding)
+        return {c.LOGITS: np.array(binding.get_outputs()[-1].numpy()),
+                **{c.present_name(layer, kind): np.array(shared[c.past_name(owner, kind)].numpy())
+                   for layer, owner in enumerate(kv_source) for kind in c.KV_KINDS}}
+    return one_buffer
 
 
 def static_separate(model: ExportedModel, ids: np.ndarray, steps: int, length: int,
@@ -105,10 +130,10 @@ def static_in_place(model: ExportedModel, ids: np.ndarray, steps: int, length: i
         compare(label, logits, codes, written)
 
     each(lambda d: d.prefill_rows(list(range(BATCH)), [torch.from_numpy(row[:PROMPT]) for row in ids]),
-         f"static, one buffer, tokens 0-{PROMPT}", PROMPT)
+         f"static, runtime, tokens 0-{PROMPT}", PROMPT)
     for t in range(PROMPT, PROMPT + steps):
         each(lambda d, t=t: d.decode_rows(torch.from_numpy(ids[:, t]), torch.full((BATCH,), t, dtype=torch.int32)),
-             f"static, one buffer, tokens {t}-{t + 1}", t + 1)
+             f"static, runtime, tokens {t}-{t + 1}", t + 1)
 
 
 def main() -> None:
@@ -122,7 +147,9 @@ def main() -> None:
     checks = {"dynamic": lambda: dynamic(model, ids, args.steps),
               "fresh presents": lambda: static_separate(model, ids, args.steps, length, fresh_presents),
               "copies": lambda: static_separate(model, ids, args.steps, length, run_over_copies),
-              "one buffer": lambda: static_in_place(model, ids, args.steps, length)}
+              "one buffer": lambda: static_separate(model, ids, args.steps, length,
+                                                    one_buffer_binder(model.strategy.kv_source)),
+              "runtime": lambda: static_in_place(model, ids, args.steps, length)}
     for name, check in checks.items():
         try:
             check()

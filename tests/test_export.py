@@ -135,7 +135,7 @@ def test_re_export_replaces_an_existing_export(tiny_neox, tmp_path):
 def test_a_failed_validation_names_the_graph_and_step_it_failed_at():
     from kvexport.exporter.validate import ValidationReport
 
-    steps = [{"kind": kind, "max_abs_diff": 0.0, "relative": relative}
+    steps = [{"kind": kind, "provider": "cuda", "max_abs_diff": 0.0, "relative": relative}
              for kind, relative in (("dynamic decode", 1e-3), ("static decode", 1.5), ("static prefill", 1e-2))]
     report = ValidationReport("float16", 2e-2, steps)
-    assert not report.passed and "1.50e+00 (a static decode step) over 3 steps" in report.summary()
+    assert not report.passed and "1.50e+00 (a static decode step on cuda) over 3 steps" in report.summary()

@@ -117,7 +117,7 @@ def test_an_int8_cache_validates_and_every_runtime_path_runs_it(model, dtype, re
     handles = [engine.submit(prompt, config) for prompt in prompts]
     assert [[event.token_id for event in handle] for handle in handles] == dynamic
     engine.close()
-    with pytest.raises(KvexportError, match="runs on the CPU provider only"):  # not yet shown right on CUDA
+    with pytest.raises(KvexportError, match="runs on the CPU provider only"):  # wrong in place on CUDA
         Generator(result.directory, provider="cuda")
 
 
@@ -156,3 +156,12 @@ def test_a_float16_export_and_its_reference_dequantize_to_the_same_weights(tiny_
                                   torch.from_numpy(scales.astype(np.float32)).view(codes.shape[0], -1), fmt)
         assert torch.equal(graph_weight, round_trip(weight, fmt)), name
         assert not torch.equal(graph_weight, round_trip(weight, BlockQuantized(4, 32)))  # float32 scales: 2^-11 off
+
+
+def test_validation_runs_quantized_weights_on_the_cpu_where_cuda_is_there(monkeypatch):
+    """CUDA's MatMulNBits sums a decode step's products in float16: the graphs are checked where they sum in float32."""
+    from kvexport.exporter import validate
+
+    monkeypatch.setattr(validate, "resolve_provider", lambda *args: "cuda")  # as on a machine with a GPU
+    assert validate.validation_provider("float16", False, "float16", quantized_weights=False) == "cuda"
+    assert validate.validation_provider("float16", False, "float16", quantized_weights=True) == "cpu"
