@@ -70,8 +70,7 @@ class ValidationReport:
     def summary(self) -> str:
         worst = max(self.steps, key=lambda step: step["relative"])  # which graph, step and provider: where to look
         text = (f"validation ({self.dtype}): max relative logit error {self.worst:.2e} (a {worst['kind']} step on "
-                f"{worst['provider']}) over "
-                f"{len(self.steps)} steps (tolerance {self.tolerance:.0e})")
+                f"{worst['provider']}) over {len(self.steps)} steps (tolerance {self.tolerance:.0e})")
         if self.hf_relative is not None:
             text += f"; reference vs Hugging Face {self.hf_relative:.2e} (tolerance {HF_TOLERANCE:.0e})"
         if self.hf_skipped:
