@@ -191,6 +191,25 @@ def session_device(session: ort.InferenceSession) -> str:
     return "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
 
+def run_into(session: ort.InferenceSession, feeds: dict[str, np.ndarray | ort.OrtValue],
+             outputs: dict[str, ort.OrtValue]) -> dict[str, np.ndarray]:
+    """One run of the static graph with the named outputs written into the given OrtValues (on the session's device;
+    an input given as an OrtValue is bound as it is, so an output can update it in place); the logits and those
+    outputs back as arrays (copies: on the CPU an OrtValue's numpy() is a view of memory that goes with it)."""
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        if isinstance(value, ort.OrtValue):
+            binding.bind_ortvalue_input(name, value)
+        else:
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+    for name, value in outputs.items():
+        binding.bind_ortvalue_output(name, value)
+    binding.bind_output(c.LOGITS, session_device(session))
+    session.run_with_iobinding(binding)
+    return {c.LOGITS: np.array(binding.get_outputs()[-1].numpy()),
+            **{name: np.array(value.numpy()) for name, value in outputs.items()}}
+
+
 def run_over_copies(session: ort.InferenceSession, feeds: dict[str, np.ndarray],
                     presents: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """One run of the static graph with each present output bound to its own copy of the past it updates (on the
@@ -199,17 +218,8 @@ def run_over_copies(session: ort.InferenceSession, feeds: dict[str, np.ndarray],
     one copy per layer keeps a shared layer's writes apart from its owner's, to be compared. presents: each present
     output's name and the past it updates."""
     device = session_device(session)
-    binding = session.io_binding()
-    for name, value in feeds.items():
-        binding.bind_cpu_input(name, np.ascontiguousarray(value))
-    bound = {name: ort.OrtValue.ortvalue_from_numpy(np.array(past), device, 0) for name, past in presents.items()}
-    for name, value in bound.items():
-        binding.bind_ortvalue_output(name, value)
-    binding.bind_output(c.LOGITS, device)
-    session.run_with_iobinding(binding)
-    # copies: on the CPU an OrtValue's numpy() is a view of memory that goes with the OrtValue
-    return {c.LOGITS: np.array(binding.get_outputs()[-1].numpy()),
-            **{name: np.array(value.numpy()) for name, value in bound.items()}}
+    return run_into(session, feeds, {name: ort.OrtValue.ortvalue_from_numpy(np.array(past), device, 0)
+                                     for name, past in presents.items()})
 
 
 def validate_static(static_path: Path, case: ValidationCase, description: DecoderDescription, strategy: Strategy,

@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from kvexport.exporter.validate import run_over_copies, session_device
+from kvexport.exporter.validate import run_into, run_over_copies, session_device
 from kvexport.runtime import ExportedModel, ort_session
 from kvexport.runtime.static_cache import StaticCacheDecoder
 from kvexport.strategies import contract as c
@@ -68,22 +68,10 @@ def one_buffer_binder(kv_source: list[int]) -> Callable[[ort.InferenceSession, d
     session's device, as the runtime binds them."""
     def one_buffer(session: ort.InferenceSession, feeds: dict, presents: dict) -> dict[str, np.ndarray]:
         device = session_device(session)
-        owners = {c.past_name(owner, kind) for owner in kv_source for kind in c.KV_KINDS}
-        shared = {name: ort.OrtValue.ortvalue_from_numpy(np.array(feeds[name]), device, 0) for name in owners}
-        binding = session.io_binding()
-        for name, value in feeds.items():
-            if name in shared:
-                binding.bind_ortvalue_input(name, shared[name])
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for layer, owner in enumerate(kv_source):
-            for kind in c.KV_KINDS:
-                binding.bind_ortvalue_output(c.present_name(layer, kind), shared[c.past_name(owner, kind)])
-        binding.bind_output(c.LOGITS, device)
-        session.run_with_iobinding(binding)
-        return {c.LOGITS: np.array(binding.get_outputs()[-1].numpy()),
-                **{c.present_name(layer, kind): np.array(shared[c.past_name(owner, kind)].numpy())
-                   for layer, owner in enumerate(kv_source) for kind in c.KV_KINDS}}
+        shared = {name: ort.OrtValue.ortvalue_from_numpy(np.array(feeds[name]), device, 0)
+                  for name in {c.past_name(owner, kind) for owner in kv_source for kind in c.KV_KINDS}}
+        return run_into(session, {**feeds, **shared}, {c.present_name(layer, kind): shared[c.past_name(owner, kind)]
+                                                      for layer, owner in enumerate(kv_source) for kind in c.KV_KINDS})
     return one_buffer
 
 
