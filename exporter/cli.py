@@ -69,7 +69,7 @@ def resolved_provider(args: argparse.Namespace, model: ExportedModel, static: bo
     """--provider for an ExportedModel, run through its static graph or not."""
     from kvexport.runtime.ort_session import resolve_provider
 
-    return resolve_provider(args.provider, model.dtype, static, model.layout.dtype)
+    return resolve_provider(args.provider, model.dtype, static)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

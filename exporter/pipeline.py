@@ -124,7 +124,7 @@ def export(
     loaded = load_model(model) if isinstance(model, str) else model
     check_trained_strategy(loaded.directory, strategy)
     fmt = check_weight_format(loaded.description, weight_format)
-    dtype = export_dtype(dtype, loaded.description, provider, kv_cache)
+    dtype = export_dtype(dtype, loaded.description, provider)
     description = replace(loaded.description, weight_format=None if fmt is None else replace(fmt, scale_dtype=dtype))
     kv = None if kv_cache is None else int8_kv_scales(loaded, description, strategy, kv_cache)
     layout = cache_layout(description, strategy, dtype, kv)
@@ -209,15 +209,14 @@ def int8_kv_scales(loaded: LoadedModel, description: DecoderDescription, strateg
     return kv_scales(description, strategy, windows, compute_device(None))
 
 
-def export_dtype(dtype: str, description: DecoderDescription, provider: str = "auto",
-                 kv_cache: str | None = None) -> str:
+def export_dtype(dtype: str, description: DecoderDescription, provider: str = "auto") -> str:
     """--dtype auto: a checkpoint stored in 16 bits exports as float16 where it will run on a GPU (`provider`, as
-    --provider resolves it for the cache), as serving engines keep a checkpoint's dtype; float32 otherwise (ONNX
-    Runtime's CPU kernels compute in float32)."""
+    --provider resolves it), as serving engines keep a checkpoint's dtype; float32 otherwise (ONNX Runtime's CPU
+    kernels compute in float32)."""
     if dtype != "auto":
         return dtype
     sixteen_bits = description.embed.dtype in (torch.float16, torch.bfloat16)
-    on_gpu = resolve_provider(provider, "float16", static=True, cache=kv_cache) == "cuda"
+    on_gpu = resolve_provider(provider, "float16", static=True) == "cuda"
     return "float16" if sixteen_bits and on_gpu else "float32"
 
 

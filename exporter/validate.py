@@ -133,15 +133,15 @@ def quantization_error(case: ValidationCase, unquantized: DecoderDescription, st
     return _relative(case.logits, logits, case.mask == 1)[1]
 
 
-def validation_provider(dtype: str, static: bool, cache: str, quantized_weights: bool) -> str:
+def validation_provider(dtype: str, static: bool, quantized_weights: bool) -> str:
     """Where validation runs a graph: CUDA where it can run the graph and its cache (the weights then leave host
     memory), else the CPU. Quantized weights stay on the CPU: CUDA's MatMulNBits computes a few rows at a time (every
     decode step) in float16, products summed in float16 (a 7B's logits 7e-2 from the reference against 7e-3 on the
     CPU, whose kernel sums in float32), which the tolerance could not tell from a wrong graph."""
-    return "cpu" if quantized_weights else resolve_provider("auto", dtype, static, cache)
+    return "cpu" if quantized_weights else resolve_provider("auto", dtype, static)
 
 
-def session_for(path: Path, dtype: str, static: bool, cache: str, quantized_weights: bool) -> ort.InferenceSession:
+def session_for(path: Path, dtype: str, static: bool, quantized_weights: bool) -> ort.InferenceSession:
     """A session on validation_provider's choice.
 
     On the CPU a float16 graph runs its MatMuls through Cast nodes, which full optimization would fold into a
@@ -149,7 +149,7 @@ def session_for(path: Path, dtype: str, static: bool, cache: str, quantized_weig
     their MatMuls; basic optimization, priority order and no memory arena cast one weight at a time, just before
     it is used. The kernels are the same: the graph's contrib ops are explicit."""
     options = quiet_options()
-    if validation_provider(dtype, static, cache, quantized_weights) == "cuda":
+    if validation_provider(dtype, static, quantized_weights) == "cuda":
         return ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", {"use_tf32": "0"}),
                                                                    "CPUExecutionProvider"])
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -162,7 +162,7 @@ def validate_export(onnx_path: Path, case: ValidationCase, description: DecoderD
                     dtype: str, hf_model: torch.nn.Module | None = None,
                     kv_scales: KVScales | None = None) -> ValidationReport:
     layout = cache_layout(description, strategy, dtype, kv_scales)
-    session = session_for(onnx_path, dtype, False, layout.dtype, description.weight_format is not None)
+    session = session_for(onnx_path, dtype, False, description.weight_format is not None)
     batch, prompt = case.ids.shape[0], case.prompt
     past = {name: np.zeros(layout.buffer_shape(batch, 0), dtype=NUMPY_TYPES[layout.dtype])
             for name, _ in layout.names()}
@@ -235,7 +235,7 @@ def validate_static(static_path: Path, case: ValidationCase, description: Decode
     shape = layout.buffer_shape(batch, max_length)
     noise = (lambda: rng.integers(-128, 128, size=shape)) if kv_scales else (lambda: rng.normal(size=shape))
     buffers = {name: noise().astype(NUMPY_TYPES[layout.dtype]) for name, _ in layout.names()}
-    session = session_for(static_path, dtype, True, layout.dtype, description.weight_format is not None)
+    session = session_for(static_path, dtype, True, description.weight_format is not None)
     report = ValidationReport(dtype, tolerance(dtype, kv_scales), device=case.device)
 
     def step(rows: slice, ids: np.ndarray, seqlens: np.ndarray, expected: np.ndarray, label: str) -> None:

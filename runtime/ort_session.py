@@ -17,33 +17,17 @@ from .exported import ExportedModel
 from .kv_cache import KVCache
 
 
-def resolve_provider(provider: str, dtype: str = "float16", static: bool = False, cache: str | None = None) -> str:
+def resolve_provider(provider: str, dtype: str = "float16", static: bool = False) -> str:
     """'auto': CUDA where ONNX Runtime has its CUDA provider, torch sees a GPU and the export runs there (the static
-    graph's attention has a float16 CUDA kernel only: a float32 export's static graph stays on the CPU; an int8
-    cache, see CPU_ONLY_CACHES, stays on the CPU), else the CPU. cache: the cache's element type, if not dtype."""
+    graph's attention has a float16 CUDA kernel only: a float32 export's static graph stays on the CPU), else the
+    CPU."""
     if provider != "auto":
         return provider
-    if (static and dtype != "float16" or cache in CPU_ONLY_CACHES
-            or "CUDAExecutionProvider" not in ort.get_available_providers()):
+    if static and dtype != "float16" or "CUDAExecutionProvider" not in ort.get_available_providers():
         return "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# Cache element types that ONNX Runtime's CUDA provider computes wrongly as the runtime runs them. An int8 cache on
-# 1.31.1: the static graph agrees with the reference where each present is a buffer of its own holding the past (as
-# validation binds it), not as the runtime runs it (past and present one buffer, to hold the cache once; prompts
-# padded to 32 tokens): from the second owner on, its codes part from the CPU's (samples/gpu_int8_cache.py).
-CPU_ONLY_CACHES = ("int8",)
-
-
-def check_cache_provider(cache: str, provider: str) -> None:
-    """A one-line error for a cache element type that `provider` computes wrongly."""
-    if provider == "cuda" and cache in CPU_ONLY_CACHES:
-        raise KvexportError(f"an {cache} KV cache runs on the CPU provider only (ONNX Runtime's CUDA provider "
-                            "computes it wrongly as the runtime runs it): use --provider cpu, or export "
-                            "without --kv-cache for a GPU")
 
 
 def check_provider(provider: str) -> None:
@@ -127,7 +111,6 @@ def default_environment(defaults: dict[str, str]) -> Iterator[None]:
 def open_graph(model: ExportedModel, name: str, provider: str = "cpu", device_id: int = 0) -> ort.InferenceSession:
     """A session on one of the export's graphs, whose inputs and outputs must be those of the export's strategy
     (a graph copied in from another export is refused before it runs)."""
-    check_cache_provider(model.layout.dtype, provider)
     check_provider(provider)
     path = model.directory / name
     try:

@@ -83,7 +83,16 @@ class StaticCacheDecoder(Decoder):
         # Batching first prompts pays on CUDA (one launch-bound run instead of several); on the CPU, compute-bound,
         # the padding would cost more than it saves, so they run one at a time there by default.
         prefill_batch = min(prefill_batch or (8 if provider == "cuda" else 1), max_batch)
-        self.prefill_chunk, self.prefill_batch = min(prefill_chunk, self.max_length), prefill_batch
+        # An int8 cache's first prompts run after an empty past (total_sequence_length the staging row's length,
+        # one slot more than any chunk), not as GroupQueryAttention's "first prompt" (total_sequence_length their
+        # width), for which ONNX Runtime's CUDA kernel attends over the new K/V unquantized, where its CPU kernel,
+        # the dynamic graph and the reference attend over the int8 codes. ONNX Runtime runs such a prompt for one
+        # row at a time.
+        self.prompts_after_past = model.layout.dtype == "int8"
+        if self.prompts_after_past:
+            prefill_batch = 1
+        self.prefill_chunk = min(prefill_chunk, self.max_length - self.prompts_after_past)
+        self.prefill_batch = prefill_batch
         self.device = torch.device("cuda", device_id) if provider == "cuda" else torch.device("cpu")
         self.stream = torch.cuda.Stream(self.device) if provider == "cuda" else None
         with self._on_stream():  # the session is made on the decoder's stream, which it keeps
@@ -93,8 +102,9 @@ class StaticCacheDecoder(Decoder):
         self.storage = torch.zeros((owners_kv, max_batch, layout.num_kv_heads, self.max_length, layout.head_dim),
                                    dtype=self.kv_dtype, device=self.device)
         # First prompts are prefilled here, prefill_batch at a time, then copied into their rows.
-        self.staging = torch.zeros((owners_kv, prefill_batch, layout.num_kv_heads, self.prefill_chunk,
-                                    layout.head_dim), dtype=self.kv_dtype, device=self.device)
+        self.staging = torch.zeros((owners_kv, prefill_batch, layout.num_kv_heads,
+                                    self.prefill_chunk + self.prompts_after_past, layout.head_dim),
+                                   dtype=self.kv_dtype, device=self.device)
         # Decode inputs and outputs at fixed addresses. total_sequence_length is read on the host when a step is
         # captured, so it is the constant buffer length; the rows' lengths come from seqlens_k.
         self.input_ids = torch.zeros((max_batch, 1), dtype=torch.int64, device=self.device)
@@ -166,7 +176,11 @@ class StaticCacheDecoder(Decoder):
 
     def random_cache(self, batch: int, length: int, generator: torch.Generator) -> StaticKVCache:
         cache = self.new_cache(batch)
-        cache.storage[:, :, :, :length].normal_(generator=generator)
+        written = cache.storage[:, :, :, :length]
+        if written.is_floating_point():
+            written.normal_(generator=generator)
+        else:  # int8 codes
+            written.random_(-127, 128, generator=generator)
         cache.length = length
         return cache
 
@@ -188,7 +202,8 @@ class StaticCacheDecoder(Decoder):
         if (batch, width) not in self._prefill_bindings:
             ids = torch.zeros((batch, width), dtype=torch.int64, device=self.device)
             rows = torch.zeros((2, batch), dtype=torch.int32, device=self.device)
-            total = torch.tensor([width], dtype=torch.int32)  # read on the host during the run: kept alive here
+            # read on the host during the run: kept alive here
+            total = torch.tensor([self.staging.shape[3] if self.prompts_after_past else width], dtype=torch.int32)
             binding = self._binding(ids, rows[0], rows[1], slice(0, batch), self.staging_logits[:batch],
                                     self.staging, total)
             self._prefill_bindings[batch, width] = binding, ids, rows, total
@@ -291,10 +306,14 @@ class StaticCacheDecoder(Decoder):
         for index, prompt in enumerate(prompts):
             ids[index, :lengths[index]] = torch.as_tensor(prompt, dtype=torch.int64)
         seqlens = [length - 1 for length in lengths] + [0] * (batch - len(rows))
+        # GroupQueryAttention writes and attends over slots 0..seqlens_k of a row: a first prompt's own length; a
+        # prompt after an empty past, its whole padded width (causal attention keeps the padding, which follows the
+        # prompt, out of its tokens, and the padding's slots are not copied)
+        written = [width - 1] * batch if self.prompts_after_past else seqlens
         binding, ids_buffer, rows_buffer = self._prefill_binding(batch, width)
         with self._on_stream():
             ids_buffer.copy_(ids, non_blocking=True)
-            rows_buffer.copy_(torch.tensor([seqlens, c.logits_index(seqlens, width)], dtype=torch.int32),
+            rows_buffer.copy_(torch.tensor([written, c.logits_index(seqlens, width)], dtype=torch.int32),
                               non_blocking=True)
             self._run((batch, width), binding)
             for index, (row, length) in enumerate(zip(rows, lengths)):

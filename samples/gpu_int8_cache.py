@@ -4,10 +4,12 @@ on both providers:
 - static, fresh presents (past and present different tensors, present allocated by ONNX Runtime);
 - static, presents bound to copies of the past (as validation runs it);
 - static, one buffer per owner bound as its past and as every present that updates it, prompts as they are;
-- static, through the runtime (one buffer too, and prompts padded to its prefill chunk, rows prefilled together).
+- static, through the runtime: one buffer too, each prompt run after an empty past (padded to 32 tokens on CUDA);
+- static, through the runtime with its prompts run as GroupQueryAttention's first prompts (total_sequence_length
+  their width, padded to 32 tokens on CUDA), as it ran them before int8 caches ran in their rows.
 On ONNX Runtime 1.31.1 (H100) the dynamic graph and the copies agree with the CPU, fresh presents do not (its CUDA
-kernel writes only the new slots into present), nor does the runtime's path: the one-buffer run tells whether the
-binding or the padded prefill is what ONNX Runtime mishandles.
+kernel writes only the new slots into present), nor do first prompts (its CUDA kernel attends over their K/V
+unquantized).
 Per step the logits' largest relative difference, and per owner and K/V how many written codes differ and by how much.
 
     python samples/gpu_int8_cache.py EXPORT_DIR [--steps 4]    # an export made with --kv-cache int8
@@ -106,10 +108,11 @@ def static_separate(model: ExportedModel, ids: np.ndarray, steps: int, length: i
         step(slice(None), t, t + 1)
 
 
-def static_in_place(model: ExportedModel, ids: np.ndarray, steps: int, length: int) -> None:
-    ort_session.CPU_ONLY_CACHES = ()  # this diagnostic runs what the runtime refuses
-    decoders = {p: StaticCacheDecoder(model, p, max_batch=BATCH, max_length=length, prefill_batch=BATCH)
-                for p in PROVIDERS}
+def static_in_place(model: ExportedModel, ids: np.ndarray, steps: int, length: int, first_prompts: bool) -> None:
+    decoders = {p: StaticCacheDecoder(model, p, max_batch=BATCH, max_length=length) for p in PROVIDERS}
+    label = "runtime, first prompts" if first_prompts else "runtime"
+    for decoder in decoders.values():
+        decoder.prompts_after_past = not first_prompts
 
     def each(run: Callable[[StaticCacheDecoder], torch.Tensor], label: str, written: int) -> None:
         logits = {p: run(d)[:BATCH, 0].float().cpu().numpy() for p, d in decoders.items()}
@@ -118,10 +121,10 @@ def static_in_place(model: ExportedModel, ids: np.ndarray, steps: int, length: i
         compare(label, logits, codes, written)
 
     each(lambda d: d.prefill_rows(list(range(BATCH)), [torch.from_numpy(row[:PROMPT]) for row in ids]),
-         f"static, runtime, tokens 0-{PROMPT}", PROMPT)
+         f"static, {label}, tokens 0-{PROMPT}", PROMPT)
     for t in range(PROMPT, PROMPT + steps):
         each(lambda d, t=t: d.decode_rows(torch.from_numpy(ids[:, t]), torch.full((BATCH,), t, dtype=torch.int32)),
-             f"static, runtime, tokens {t}-{t + 1}", t + 1)
+             f"static, {label}, tokens {t}-{t + 1}", t + 1)
 
 
 def main() -> None:
@@ -137,7 +140,8 @@ def main() -> None:
               "copies": lambda: static_separate(model, ids, args.steps, length, run_over_copies),
               "one buffer": lambda: static_separate(model, ids, args.steps, length,
                                                     one_buffer_binder(model.strategy.kv_source)),
-              "runtime": lambda: static_in_place(model, ids, args.steps, length)}
+              "runtime": lambda: static_in_place(model, ids, args.steps, length, first_prompts=False),
+              "first prompts": lambda: static_in_place(model, ids, args.steps, length, first_prompts=True)}
     for name, check in checks.items():
         try:
             check()

@@ -184,3 +184,14 @@ def test_bench_of_quantized_exports_refuses_float_baselines(tiny_llama, tmp_path
     assert points[("ort-static", "every2-int4")]["decode_ms_median"] > 0
     manifest = json.loads((out / "exports" / "every2-int4" / "kvexport.json").read_text())
     assert manifest["weights"]["format"] == "int4"
+
+
+def test_bench_times_an_int8_cache_on_both_graphs(tiny_llama, tmp_path):
+    """--kv-cache int8: the decode points start from random int8 codes, on the dynamic and the static graph."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(tiny_llama), "--share", "every:2", "--kv-cache", "int8", "--backends", "ort",
+                 "ort-static", "--batch", "2", "--context", "16", "--provider", "cpu", "--dtype", "float32",
+                 "--steps", "2", "--warmup", "1", "--output", str(out)]) == 0
+    points = json.loads((out / "bench.json").read_text())["points"]
+    assert {p["strategy"] for p in points} == {"every2-int8kv"} and len(points) == 2
+    assert all(p["decode_ms_median"] > 0 for p in points)

@@ -126,7 +126,6 @@ def test_provider_auto_takes_the_gpu_where_the_export_runs_there(monkeypatch):
     assert resolve_provider("auto", "float32", static=False) == "cuda"
     assert resolve_provider("auto", "float32", static=True) == "cpu"
     assert resolve_provider("cpu", "float16", static=True) == "cpu"
-    assert resolve_provider("auto", "float16", static=True, cache="int8") == "cpu"  # see CPU_ONLY_CACHES
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_provider("auto", "float16", static=True) == "cpu"
 
@@ -150,5 +149,4 @@ def test_dtype_auto_keeps_a_16_bit_checkpoint_in_float16_on_a_gpu(tiny_llama, mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert [export_dtype("auto", d) for d in (stored16, stored32)] == ["float16", "float32"]
     assert export_dtype("auto", stored16, provider="cpu") == "float32"  # --provider cpu: it will run on the CPU
-    assert export_dtype("auto", stored16, kv_cache="int8") == "float32"  # an int8 cache runs on the CPU
     assert export_dtype("float32", stored16) == "float32"

@@ -15,7 +15,6 @@ from kvexport.exporter.cli import main
 from kvexport.exporter.models import BlockQuantized
 from kvexport.exporter.quantize import dequantize, packed, quantize, round_trip
 from kvexport.runtime import Generator, SamplingConfig
-from kvexport.strategies import KvexportError
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -112,13 +111,30 @@ def test_an_int8_cache_validates_and_every_runtime_path_runs_it(model, dtype, re
     config = SamplingConfig(max_new_tokens=6, stop_token_ids=[])
     prompts = ["In Python, a list", "def f(x):"]
     dynamic = Generator(result.directory).generate(prompts, config).token_ids
-    assert Generator(result.directory, backend="ort-static", max_batch=2).generate(prompts, config).token_ids == dynamic
+    static = Generator(result.directory, backend="ort-static", max_batch=2, prefill_batch=2)
+    assert static.generate(prompts, config).token_ids == dynamic
+    # prompts run one at a time after an empty past, never as first prompts (which CUDA attends over unquantized)
+    assert static.decoder.prefill_batch == 1 and static.decoder.staging.shape[3] > static.decoder.prefill_chunk
     engine = Engine(result.directory, max_slots=2)
     handles = [engine.submit(prompt, config) for prompt in prompts]
     assert [[event.token_id for event in handle] for handle in handles] == dynamic
     engine.close()
-    with pytest.raises(KvexportError, match="runs on the CPU provider only"):  # wrong in place on CUDA
-        Generator(result.directory, provider="cuda")
+
+
+def test_an_int8_cache_prompt_padded_as_on_cuda_writes_the_same_codes(tiny_llama, tmp_path):
+    """An int8 cache's prompt runs after an empty past, padded as CUDA pads it (the padding counted in seqlens_k,
+    after the prompt): the same logits and codes as the prompt alone, on the CPU, whose kernel takes both."""
+    from kvexport.runtime import ExportedModel
+    from kvexport.runtime.static_cache import StaticCacheDecoder
+
+    model = ExportedModel.load(export(str(tiny_llama), "every:2", tmp_path / "kv8", dtype="float32",
+                                      kv_cache="int8", log=lambda _: None).directory)
+    alone, padded = (StaticCacheDecoder(model, max_batch=2, max_length=64) for _ in range(2))
+    padded.prompt_width = lambda tokens: -(-tokens // 32) * 32
+    prompt = torch.arange(3, 15)
+    logits = [decoder.prefill_rows([1], [prompt])[1].clone() for decoder in (alone, padded)]
+    np.testing.assert_allclose(*logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(alone.storage[:, 1, :, :12], padded.storage[:, 1, :, :12])
 
 
 def test_an_int8_cache_needs_calibration_text(tiny_llama, tmp_path, capsys):
@@ -163,5 +179,5 @@ def test_validation_runs_quantized_weights_on_the_cpu_where_cuda_is_there(monkey
     from kvexport.exporter import validate
 
     monkeypatch.setattr(validate, "resolve_provider", lambda *args: "cuda")  # as on a machine with a GPU
-    assert validate.validation_provider("float16", False, "float16", quantized_weights=False) == "cuda"
-    assert validate.validation_provider("float16", False, "float16", quantized_weights=True) == "cpu"
+    assert validate.validation_provider("float16", False, quantized_weights=False) == "cuda"
+    assert validate.validation_provider("float16", False, quantized_weights=True) == "cpu"
