@@ -6,10 +6,10 @@ on both providers:
 - static, one buffer per owner bound as its past and as every present that updates it, prompts as they are;
 - static, through the runtime: one buffer too, each prompt run after an empty past (padded to 32 tokens on CUDA);
 - static, through the runtime with its prompts run as GroupQueryAttention's first prompts (total_sequence_length
-  their width, padded to 32 tokens on CUDA), as it ran them before int8 caches ran in their rows.
-On ONNX Runtime 1.31.1 (H100) the dynamic graph and the copies agree with the CPU, fresh presents do not (its CUDA
-kernel writes only the new slots into present), nor do first prompts (its CUDA kernel attends over their K/V
-unquantized).
+  their width, padded to 32 tokens on CUDA), as it ran them before.
+On ONNX Runtime 1.31.1 (H100) the dynamic graph, the copies, the one buffer and the runtime agree with the CPU;
+fresh presents do not (its CUDA kernel writes only the new slots into present), nor do first prompts (its CUDA
+kernel attends over their K/V unquantized).
 Per step the logits' largest relative difference, and per owner and K/V how many written codes differ and by how much.
 
     python samples/gpu_int8_cache.py EXPORT_DIR [--steps 4]    # an export made with --kv-cache int8
