@@ -134,7 +134,7 @@ def quantization_error(case: ValidationCase, unquantized: DecoderDescription, st
 
 
 def validation_provider(dtype: str, static: bool, quantized_weights: bool) -> str:
-    """Where validation runs a graph: CUDA where it can run the graph and its cache (the weights then leave host
+    """Where validation runs a graph: CUDA where it can run the graph (the weights then leave host
     memory), else the CPU. Quantized weights stay on the CPU: CUDA's MatMulNBits computes a few rows at a time (every
     decode step) in float16, products summed in float16 (a 7B's logits 7e-2 from the reference against 7e-3 on the
     CPU, whose kernel sums in float32), which the tolerance could not tell from a wrong graph."""
