@@ -243,9 +243,8 @@ def validate_static(static_path: Path, case: ValidationCase, description: Decode
                  c.TOTAL_SEQUENCE_LENGTH: np.array([max_length], dtype=np.int32),
                  c.LOGITS_INDEX: np.array(c.logits_index(seqlens, ids.shape[1]), dtype=np.int32),
                  **{name: buffer[rows] for name, buffer in buffers.items()}}
-        presents = {c.present_name(layer, kind): buffers[c.past_name(owner, kind)][rows]
-                    for layer, owner in enumerate(strategy.kv_source) for kind in c.KV_KINDS}
-        outputs = run_over_copies(session, feeds, presents)
+        outputs = run_over_copies(session, feeds, {present: buffers[past][rows]
+                                                   for present, past in c.static_presents(strategy.kv_source)})
         diff, relative = _relative(outputs[c.LOGITS][:, 0], expected, np.ones(expected.shape, dtype=bool))
         report.steps.append({"kind": label, "provider": session_device(session), "max_abs_diff": diff,
                              "relative": relative})

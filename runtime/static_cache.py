@@ -242,9 +242,8 @@ class StaticCacheDecoder(Decoder):
         for past, tensor in buffer.items():
             bind(binding, past, tensor)
         # Every layer's present is its owner's buffer: the attention op writes the new K/V there in place.
-        for layer, owner in enumerate(self.model.strategy.kv_source):
-            for kind in c.KV_KINDS:
-                bind(binding, c.present_name(layer, kind), buffer[c.past_name(owner, kind)], output=True)
+        for present, past in c.static_presents(self.model.strategy.kv_source):
+            bind(binding, present, buffer[past], output=True)
         bind(binding, c.LOGITS, logits, output=True)
         return binding
 

@@ -70,10 +70,9 @@ def one_buffer_binder(kv_source: list[int]) -> Callable[[ort.InferenceSession, d
     session's device, as the runtime binds them."""
     def one_buffer(session: ort.InferenceSession, feeds: dict, presents: dict) -> dict[str, np.ndarray]:
         device = session_device(session)
-        shared = {name: ort.OrtValue.ortvalue_from_numpy(np.array(feeds[name]), device, 0)
-                  for name in {c.past_name(owner, kind) for owner in kv_source for kind in c.KV_KINDS}}
-        return run_into(session, {**feeds, **shared}, {c.present_name(layer, kind): shared[c.past_name(owner, kind)]
-                                                      for layer, owner in enumerate(kv_source) for kind in c.KV_KINDS})
+        pairs = c.static_presents(kv_source)
+        shared = {past: ort.OrtValue.ortvalue_from_numpy(np.array(feeds[past]), device, 0) for _, past in pairs}
+        return run_into(session, {**feeds, **shared}, {present: shared[past] for present, past in pairs})
     return one_buffer
 
 
@@ -93,8 +92,7 @@ def static_separate(model: ExportedModel, ids: np.ndarray, steps: int, length: i
                  c.TOTAL_SEQUENCE_LENGTH: np.array([length], dtype=np.int32),
                  c.LOGITS_INDEX: np.array(c.logits_index(seqlens, end - begin), dtype=np.int32),
                  **{name: buffer[rows] for name, buffer in buffers.items()}}
-        pasts = {c.present_name(i, kind): buffers[c.past_name(owner, kind)][rows]
-                 for i, owner in enumerate(model.strategy.kv_source) for kind in c.KV_KINDS}
+        pasts = {present: buffers[past][rows] for present, past in c.static_presents(model.strategy.kv_source)}
         outputs = {p: run(session, feeds, pasts) for p, session in sessions.items()}
         compare(f"static, {run.__name__.replace('_', ' ')}, rows {rows.start or 0}-{rows.stop or BATCH}, tokens {begin}-{end}",
                 {p: o[c.LOGITS][:, 0] for p, o in outputs.items()},

@@ -89,6 +89,13 @@ def present_name(layer: int, kind: str) -> str:
 KV_KINDS = ("key", "value")
 
 
+def static_presents(kv_source: tuple[int, ...] | list[int]) -> list[tuple[str, str]]:
+    """The static decode graph's (present output, past input it updates) pairs: every layer's present is its
+    owner's buffer, which the runtime binds to both."""
+    return [(present_name(layer, kind), past_name(owner, kind)) for layer, owner in enumerate(kv_source)
+            for kind in KV_KINDS]
+
+
 def graph_io_names(kv_source: tuple[int, ...], static: bool) -> tuple[list[str], list[str]]:
     """(input names, output names) that the dynamic graph, or the static decode graph, of a strategy has."""
     owners = [i for i, source in enumerate(kv_source) if source == i]
