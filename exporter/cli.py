@@ -50,9 +50,10 @@ def add_quantization_args(parser: argparse.ArgumentParser) -> None:
                         help="how the layers' projections are stored: in --dtype (default), or as 4- or 8-bit integers "
                              "with a scale per block of inputs (ONNX Runtime's MatMulNBits)")
     parser.add_argument("--weight-block", type=int, default=32, metavar="N", help="inputs per scale (default 32)")
-    parser.add_argument("--kv-cache", choices=["int8"],
-                        help="hold the cache as int8 codes with a scale per KV head and channel, set on calibration "
-                             "text (default: the cache in --dtype)")
+    parser.add_argument("--kv-cache", choices=list(c.KV_CACHE_ELEMENTS),
+                        help="hold the cache as int8 or float8 (E4M3) codes with a scale per KV head and channel, set "
+                             "on calibration text (default: the cache in --dtype); a float8 cache's static graph runs "
+                             "on CUDA only")
 
 
 def weight_format(args: argparse.Namespace):

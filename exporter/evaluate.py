@@ -22,13 +22,14 @@ import torch
 from kvexport.runtime import ExportedModel, OrtDecoder
 from kvexport.strategies import KvexportError, Strategy, no_sharing
 from kvexport.strategies.atomic import atomic_path, write_text_atomic
-from kvexport.strategies.contract import positions_from_mask
+from kvexport.strategies.contract import KV_CACHE_ELEMENTS, positions_from_mask
 
+from .cache_codes import QuantizedCache
 from .calibration import next_token_stats
 from .loading import LoadedModel, fitted_strategy, load_model, original_model
 from .models import BlockQuantized
 from .onnx_graph import cache_layout
-from .pipeline import export, int8_kv_scales
+from .pipeline import cache_quantization, export
 from .reference import ReferenceDecoder
 
 BATCH = 4  # windows per forward pass: bounds the logits held in memory
@@ -60,8 +61,8 @@ def onnx_logits(directory: Path, windows: torch.Tensor) -> torch.Tensor:
 
 
 def reference_logits(description, strategy: Strategy, windows: torch.Tensor, device: torch.device,
-                     kv_scales: dict | None = None) -> torch.Tensor:
-    reference = ReferenceDecoder(description, strategy, torch.float32, device, kv_scales)
+                     kv_quant: QuantizedCache | None = None) -> torch.Tensor:
+    reference = ReferenceDecoder(description, strategy, torch.float32, device, kv_quant)
     chunks = []
     with torch.no_grad():
         for chunk in windows.split(BATCH):
@@ -94,14 +95,14 @@ def evaluate(loaded: LoadedModel, strategies: dict[str, Strategy], windows: torc
         for index, (model, name, strategy, fmt, kv) in enumerate(runs):
             description = replace(model.description, weight_format=fmt)
             if device is None:
-                directory = export(model, strategy, Path(tmp) / f"s{index}", log=lambda _: None,
+                directory = export(model, strategy, Path(tmp) / f"s{index}", log=lambda _: None, static=False,
                                    weight_format=fmt, kv_cache=kv).directory
                 nll, accuracy = next_token_stats(onnx_logits(directory, windows), windows)
             else:
                 on_device = on_device if id(model) in on_device else {id(model): model.description_on(device)}
                 quantized_model = replace(on_device[id(model)], weight_format=fmt)
-                scales = None if kv is None else int8_kv_scales(model, quantized_model, strategy, kv)
-                logits = reference_logits(quantized_model, strategy, windows, device, scales)
+                quantized_cache = None if kv is None else cache_quantization(model, quantized_model, strategy, kv)
+                logits = reference_logits(quantized_model, strategy, windows, device, quantized_cache)
                 nll, accuracy = next_token_stats(logits, windows.to(device))
             torch_ppl = torch_accuracy = None
             if with_torch:
@@ -110,7 +111,7 @@ def evaluate(loaded: LoadedModel, strategies: dict[str, Strategy], windows: torc
                 torch_nll, torch_accuracy = next_token_stats(
                     reference.forward(windows, ones, positions_from_mask(ones)).logits, windows)
                 torch_ppl = math.exp(torch_nll)
-            layout = cache_layout(description, strategy, "int8" if kv else "float32")
+            layout = cache_layout(description, strategy, KV_CACHE_ELEMENTS[kv] if kv else "float32")
             full = rows[0] if rows else None
             ppl = math.exp(nll)
             rows.append(EvalRow(

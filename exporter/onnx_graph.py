@@ -19,24 +19,26 @@ from onnx import TensorProto, helper, numpy_helper
 from kvexport.strategies import Strategy
 from kvexport.strategies import contract as c
 
+from .cache_codes import QuantizedCache
 from .models import BlockQuantized, DecoderDescription, Layer, Linear, Norm, UnsupportedModelError
 from .onnx_weights import WeightFile, converted
 from .quantize import packed, quantize
 from .reference import MASKED
 
 OPSET = 17
+FLOAT8_OPSET = 19  # Cast to and from float8 types: the dynamic graph of a float8 cache
 IR_VERSION = 9
 ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+CACHE_ONNX_TYPES = ONNX_TYPES | {"int8": TensorProto.INT8, "float8_e4m3fn": TensorProto.FLOAT8E4M3FN}
 NUMPY_TYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
-KVScales = dict[int, tuple[torch.Tensor, torch.Tensor]]  # owner -> its K and V scales [kv_heads, 1, head_dim]
 
 
 class GraphBuilder:
     """Appends nodes and initializers with unique names; each op call returns its output name(s). Weights go to
     the export's external-data file as they are added; small constants stay in the graph."""
 
-    def __init__(self, dtype: str, weights: WeightFile):
-        self.dtype, self.weights = dtype, weights
+    def __init__(self, dtype: str, weights: WeightFile, opset: int = OPSET):
+        self.dtype, self.weights, self.opset = dtype, weights, opset
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._constants: dict[tuple, str] = {}
@@ -78,6 +80,12 @@ class GraphBuilder:
             self._constants[key] = name
         return self._constants[key]
 
+    def reduce_mean(self, x: str, axis: int) -> str:
+        """The mean over one axis, kept; its axes an input from opset 18 on, an attribute before."""
+        if self.opset >= 18:
+            return self.op("ReduceMean", x, self.const([axis]), keepdims=1)
+        return self.op("ReduceMean", x, axes=[axis], keepdims=1)
+
     def op(self, op_type: str, *inputs: str, outputs: int | list[str | None] = 1, **attrs) -> str | list[str]:
         """outputs: a count of new names, or the names (None: a new one; "": an optional output left out)."""
         wanted = [None] * outputs if isinstance(outputs, int) else outputs
@@ -94,10 +102,11 @@ class DecoderGraph:
     """
 
     def __init__(self, description: DecoderDescription, strategy: Strategy, dtype: str, weights: WeightFile,
-                 static: bool = False, kv_scales: KVScales | None = None):
+                 static: bool = False, kv_quant: QuantizedCache | None = None):
         self.d, self.strategy, self.dtype, self.static = description, strategy, dtype, static
-        self.kv_scales = kv_scales  # owner -> (K scales, V scales) [kv_heads, 1, head_dim]: an int8 cache
-        self.g = GraphBuilder(dtype, weights)
+        self.kv_quant = kv_quant  # a quantized cache: its element type and scales
+        casts_float8 = not static and self.layout().dtype.startswith("float8")  # (static: inside GroupQueryAttention)
+        self.g = GraphBuilder(dtype, weights, FLOAT8_OPSET if casts_float8 else OPSET)
         self.positions: str | None = None  # static graph: [batch, seq] int64 from seqlens_k, made when first used
         self._seqlens: str | None = None  # static graph: seqlens_k as int64, made when first used
         self._offsets: tuple[str, str] | None = None  # static graph: (0 .. seq - 1, seq - 1), made when first used
@@ -131,7 +140,7 @@ class DecoderGraph:
                         epsilon=eps)
         # RMSNorm in float32: squares of fp16 activations overflow.
         x32 = g.op("Cast", x, to=TensorProto.FLOAT)
-        mean_square = g.op("ReduceMean", g.op("Mul", x32, x32), axes=[-1], keepdims=1)
+        mean_square = g.reduce_mean(g.op("Mul", x32, x32), -1)
         rms = g.op("Sqrt", g.op("Add", mean_square, g.const(eps, np.float32)))
         normed = g.op("Cast", g.op("Div", x32, rms), to=ONNX_TYPES[self.dtype])
         return g.op("Mul", normed, g.weight(f"{name}.weight", norm.weight))
@@ -288,11 +297,12 @@ class DecoderGraph:
             if k is not None:
                 owner_kv[i] = (k, v)
             query, (key, value) = q, owner_kv[owner]
-        rotary = (cos, sin) if inside else ("", "") if self.kv_scales else ()
-        # an int8 cache: the op quantizes the new K/V with these scales and dequantizes what it reads (inputs 12, 13)
-        quantized = ("", "", "", *self.kv_scale_names(owner)) if self.kv_scales else ()
+        rotary = (cos, sin) if inside else ("", "") if self.kv_quant else ()
+        # a quantized cache: the op quantizes the new K/V with these scales to the cache's element type (that of
+        # its past and present) and dequantizes what it reads (inputs 12, 13)
+        quantized = ("", "", "", *self.kv_scale_names(owner)) if self.kv_quant else ()
         attributes = ({"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
-                      if self.kv_scales else {})
+                      if self.kv_quant else {})
         context, _, _ = g.op(
             "GroupQueryAttention", query, key, value, c.past_name(owner, "key"), c.past_name(owner, "value"),
             c.SEQLENS_K, c.TOTAL_SEQUENCE_LENGTH, *rotary, *quantized,
@@ -305,23 +315,24 @@ class DecoderGraph:
         """The initializers of an owner's K and V scales [kv_heads, 1, head_dim] (both graphs share them), in
         float32 whatever the graph's dtype: GroupQueryAttention takes its scales so."""
         return tuple(self.g.weight(f"layers.{owner}.attn.{kind}_scale", scale, "float32")
-                     for kind, scale in zip(c.KV_KINDS, self.kv_scales[owner], strict=True))
+                     for kind, scale in zip(c.KV_KINDS, self.kv_quant.scales[owner], strict=True))
 
     def cached(self, i: int, kind: str, new: str) -> str:
-        """Dynamic graph: an owner's present K or V, past then new. With an int8 cache the past is dequantized,
+        """Dynamic graph: an owner's present K or V, past then new. With a quantized cache the past is dequantized,
         the whole quantized again as present (the past's values are on the grid: unchanged), and the attention
         reads the present dequantized, as GroupQueryAttention does in the static graph: in float32, with the
         float32 scales, whatever the graph's dtype."""
         g, past, present = self.g, c.past_name(i, kind), c.present_name(i, kind)
-        if not self.kv_scales:
+        if not self.kv_quant:
             return g.op("Concat", past, new, axis=2, outputs=[present])
         scale = self.kv_scale_names(i)[c.KV_KINDS.index(kind)]
         fp32 = ONNX_TYPES["float32"]
         new = new if self.dtype == "float32" else g.op("Cast", new, to=fp32)
-        whole = g.op("Concat", g.op("Mul", g.op("Cast", past, to=fp32), scale), new, axis=2)
-        codes = g.op("Clip", g.op("Round", g.op("Div", whole, scale)), g.const(-128, np.float32),
-                     g.const(127, np.float32))
-        g.op("Cast", codes, to=TensorProto.INT8, outputs=[present])
+        whole = g.op("Div", g.op("Concat", g.op("Mul", g.op("Cast", past, to=fp32), scale), new, axis=2), scale)
+        element = self.kv_quant.element
+        low, high = (g.const(limit, np.float32) for limit in self.kv_quant.limits)
+        codes = g.op("Clip", g.op("Round", whole) if element == "int8" else whole, low, high)  # float8: Cast rounds
+        g.op("Cast", codes, to=CACHE_ONNX_TYPES[element], outputs=[present])
         values = g.op("Mul", g.op("Cast", present, to=fp32), scale)
         return values if self.dtype == "float32" else g.op("Cast", values, to=ONNX_TYPES[self.dtype])
 
@@ -465,7 +476,7 @@ class DecoderGraph:
 
     def _model(self) -> onnx.ModelProto:
         d, static = self.d, self.static
-        kv_type = TensorProto.INT8 if self.kv_scales else ONNX_TYPES[self.dtype]
+        kv_type = CACHE_ONNX_TYPES[self.layout().dtype]
         value_info = helper.make_tensor_value_info
         past_dims = [c.BATCH, d.num_kv_heads, c.CACHE if static else c.PAST, d.head_dim]
         present_dims = [c.BATCH, d.num_kv_heads, c.CACHE if static else c.TOTAL, d.head_dim]
@@ -485,7 +496,7 @@ class DecoderGraph:
                     for i in present_layers for kind in c.KV_KINDS]
         graph = helper.make_graph(self.g.nodes, "kvexport_decoder", inputs, outputs, self.g.initializers)
         contrib = static or d.weight_format is not None  # GroupQueryAttention and friends; MatMulNBits
-        opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if contrib else [])
+        opsets = [helper.make_opsetid("", self.g.opset)] + ([helper.make_opsetid("com.microsoft", 1)] if contrib else [])
         model = helper.make_model(graph, opset_imports=opsets, producer_name="kvexport", ir_version=IR_VERSION)
         helper.set_model_props(model, {"kvexport.strategy": json.dumps(self.strategy.to_dict()),
                                        "kvexport.dtype": self.dtype,
@@ -493,7 +504,7 @@ class DecoderGraph:
         return model
 
     def layout(self) -> c.CacheLayout:
-        return cache_layout(self.d, self.strategy, self.dtype)
+        return cache_layout(self.d, self.strategy, self.dtype, self.kv_quant)
 
 
 def concat_linears(parts: list[Linear], axis: int = 1) -> Linear:
@@ -545,21 +556,21 @@ def fold_parallel_norms(layer: Layer, owner: bool) -> Layer:
 
 
 def cache_layout(description: DecoderDescription, strategy: Strategy, dtype: str,
-                 kv_scales: KVScales | None = None) -> c.CacheLayout:
-    """The cache of an export in `dtype`: its elements in that dtype, or int8 where the export has K/V scales."""
+                 kv_quant: QuantizedCache | None = None) -> c.CacheLayout:
+    """The cache of an export in `dtype`: its elements in that dtype, or those of its quantized cache."""
     return c.CacheLayout(owners=strategy.owners, num_layers=description.num_layers,
                          num_kv_heads=description.num_kv_heads, head_dim=description.head_dim,
-                         dtype="int8" if kv_scales else dtype)
+                         dtype=kv_quant.element if kv_quant else dtype)
 
 
 def build_decoder(description: DecoderDescription, strategy: Strategy, dtype: str, weights: WeightFile,
-                  static: bool = False, kv_scales: KVScales | None = None) -> onnx.ModelProto:
+                  static: bool = False, kv_quant: QuantizedCache | None = None) -> onnx.ModelProto:
     """The dynamic graph, or with static=True the decode-only graph over preallocated cache buffers; their weights
-    are appended to `weights` (shared by both graphs of an export). kv_scales: an int8 cache with these scales."""
+    are appended to `weights` (shared by both graphs of an export). kv_quant: a quantized cache."""
     if dtype not in ONNX_TYPES:
         raise ValueError(f"dtype must be one of {sorted(ONNX_TYPES)}")
     if static and description.head_dim % 8:
         raise UnsupportedModelError(f"the static decode graph needs a head dim that is a multiple of 8 (ONNX "
                                     f"Runtime's GroupQueryAttention); this model's is {description.head_dim}: "
                                     "export without --static")
-    return DecoderGraph(description, strategy, dtype, weights, static, kv_scales).build()
+    return DecoderGraph(description, strategy, dtype, weights, static, kv_quant).build()

@@ -26,6 +26,7 @@ from kvexport.strategies import KvexportError, ModelFacts, Strategy, make_strate
 from kvexport.strategies import contract as c
 from kvexport.strategies.integrity import record_files, seal
 
+from .cache_codes import QuantizedCache
 from .loading import SIDE_FILES, LoadedModel, check_trained_strategy, load_config, load_model
 from .models import BlockQuantized, DecoderDescription
 from .onnx_graph import build_decoder, cache_layout
@@ -38,6 +39,7 @@ from .validate import (
     reference_case,
     validate_export,
     validate_static,
+    validation_provider,
 )
 
 
@@ -109,8 +111,9 @@ def export(
     which the server and the ort-static backend run; static=False writes the dynamic graph only.
     weight_format: the layers' projections stored quantized (MatMulNBits); validated against the reference computing
     with the same quantized weights, and the quantization's own effect on the logits reported beside.
-    kv_cache="int8": the cache holds int8 codes with per-channel scales set on calibration text (quantize.kv_scales),
-    which both graphs hold; validated likewise against the reference caching the same codes."""
+    kv_cache="int8" or "fp8": the cache holds int8 or float8 E4M3 codes with per-channel scales set on calibration
+    text (quantize.kv_scales), which both graphs hold; validated likewise against the reference caching the same
+    codes. A float8 cache's static graph runs, and so is validated, on CUDA only."""
     started = time.perf_counter()
     target = Path(output)
     if target.exists() and not (target / c.MANIFEST_FILE).is_file():
@@ -126,8 +129,14 @@ def export(
     fmt = check_weight_format(loaded.description, weight_format)
     dtype = export_dtype(dtype, loaded.description, provider)
     description = replace(loaded.description, weight_format=None if fmt is None else replace(fmt, scale_dtype=dtype))
-    kv = None if kv_cache is None else int8_kv_scales(loaded, description, strategy, kv_cache)
+    kv = None if kv_cache is None else cache_quantization(loaded, description, strategy, kv_cache)
     layout = cache_layout(description, strategy, dtype, kv)
+    if static and validate and layout.dtype == "float8_e4m3fn" and validation_provider(dtype, True, False,
+                                                                                     layout.dtype) != "cuda":
+        raise KvexportError("--kv-cache fp8: the static graph's float8 cache runs on CUDA only (ONNX Runtime's CPU "
+                            "GroupQueryAttention has no float8 kernel), where it is validated: export on a GPU "
+                            "with onnxruntime-gpu and --dtype float16, or with --no-static (the dynamic graph runs "
+                            "on the CPU)")
     log(f"exporting {loaded.reference} ({description.architecture}, {description.num_layers} layers) with "
         f"{len(strategy.owners)} cache owners, {dtype}")
 
@@ -139,7 +148,7 @@ def export(
         graphs = {}
         with WeightFile(staging / c.WEIGHTS_FILE) as weights:
             for name, is_static in ((c.MODEL_FILE, False), (c.STATIC_MODEL_FILE, True))[:2 if static else 1]:
-                graph = build_decoder(description, strategy, dtype, weights, static=is_static, kv_scales=kv)
+                graph = build_decoder(description, strategy, dtype, weights, static=is_static, kv_quant=kv)
                 (staging / name).write_bytes(graph.SerializeToString())  # references only: no weight bytes
                 graphs[name] = graph_io(graph)
         weight_bytes = description.parameter_bytes(layout.bytes_per_element)
@@ -150,11 +159,11 @@ def export(
         report = None
         if validate:
             validation_started = time.perf_counter()
-            case = reference_case(description, strategy, kv_scales=kv)
+            case = reference_case(description, strategy, kv_quant=kv)
             hf_check = (not strategy.shared and weight_format is None and kv is None
                         and description.parameter_bytes(4) <= HF_CHECK_BYTES)
             report = validate_export(staging / c.MODEL_FILE, case, description, strategy, dtype,
-                                     hf_model=loaded.hf_model if hf_check else None, kv_scales=kv)
+                                     hf_model=loaded.hf_model if hf_check else None, kv_quant=kv)
             if not strategy.shared and not hf_check:
                 report.hf_skipped = ("quantized weights or cache" if weight_format or kv else
                                      f"float32 weights above {HF_CHECK_BYTES >> 30} GiB")
@@ -162,7 +171,7 @@ def export(
                 report.quantization_relative = quantization_error(case, loaded.description, strategy)
             if static:
                 report.steps += validate_static(staging / c.STATIC_MODEL_FILE, case, description, strategy,
-                                                dtype, kv_scales=kv).steps
+                                                dtype, kv_quant=kv).steps
             report.seconds = round(time.perf_counter() - validation_started, 2)
             log(report.summary())
             if not report.passed:
@@ -194,19 +203,22 @@ def export(
     return ExportResult(target, manifest, report, time.perf_counter() - started, peak_host_bytes())
 
 
-def int8_kv_scales(loaded: LoadedModel, description: DecoderDescription, strategy: Strategy, kv_cache: str):
-    """The scales of an int8 cache, from the model as exported run on the default calibration text."""
-    if kv_cache != "int8":
-        raise KvexportError(f"--kv-cache {kv_cache}: the cache is the export's dtype or int8")
+def cache_quantization(loaded: LoadedModel, description: DecoderDescription, strategy: Strategy,
+                       kv_cache: str) -> QuantizedCache:
+    """The cache that --kv-cache names, its scales from the model as exported run on the default calibration
+    text."""
+    if kv_cache not in c.KV_CACHE_ELEMENTS:
+        raise KvexportError(f"--kv-cache {kv_cache}: the cache is the export's dtype, or one of "
+                            f"{', '.join(c.KV_CACHE_ELEMENTS)}")
     if not has_tokenizer_files(loaded.directory):
-        raise KvexportError(f"an int8 cache's scales are set on calibration text, and {loaded.reference} has no "
-                            "tokenizer files: add them to the model directory")
+        raise KvexportError(f"a {kv_cache} cache's scales are set on calibration text, and {loaded.reference} has "
+                            "no tokenizer files: add them to the model directory")
     from .calibration import read_text, token_windows
     from .quantize import KV_CALIBRATION, kv_scales
     from .reference import compute_device
 
     windows = token_windows(loaded.tokenizer(), read_text(None), *KV_CALIBRATION)
-    return kv_scales(description, strategy, windows, compute_device(None))
+    return kv_scales(description, strategy, windows, compute_device(None), c.KV_CACHE_ELEMENTS[kv_cache])
 
 
 def export_dtype(dtype: str, description: DecoderDescription, provider: str = "auto") -> str:

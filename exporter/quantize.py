@@ -1,4 +1,4 @@
-"""Block-wise weight quantization, as ONNX Runtime's MatMulNBits stores it; and the scales of an int8 KV cache.
+"""Block-wise weight quantization, as ONNX Runtime's MatMulNBits stores it; and the scales of a quantized KV cache.
 
 A weight [in, out] is cut, for each output, into blocks of `block` consecutive inputs; each block keeps one scale
 (its largest magnitude over 2^(bits-1) - 1: symmetric round-to-nearest) and `bits`-bit codes q, stored with the
@@ -12,7 +12,9 @@ import numpy as np
 import torch
 
 from kvexport.strategies import Strategy
+from kvexport.strategies import contract as c
 
+from .cache_codes import QuantizedCache
 from .models import BlockQuantized, DecoderDescription
 from .reference import ReferenceDecoder
 
@@ -59,24 +61,26 @@ def packed(codes: torch.Tensor, fmt: BlockQuantized) -> np.ndarray:
     return np.ascontiguousarray(values[..., 0::2] | (values[..., 1::2] << 4))
 
 
-KV_CALIBRATION = (8, 128)  # windows x tokens of calibration text that set an int8 cache's scales
+KV_CALIBRATION = (8, 128)  # windows x tokens of calibration text that set a quantized cache's scales
 
 
-def kv_scales(description: DecoderDescription, strategy: Strategy, windows: torch.Tensor,
-              device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Each owner's K and V scales [kv_heads, 1, head_dim] for an int8 cache: the largest magnitude that each
-    channel reaches on the calibration windows, over 127. A rotated key channel takes its rotary pair's largest
-    joint magnitude, which no position's rotation can exceed."""
+def kv_scales(description: DecoderDescription, strategy: Strategy, windows: torch.Tensor, device: torch.device,
+              element: str) -> QuantizedCache:
+    """A cache of `element` codes with each owner's K and V scales [kv_heads, 1, head_dim]: the largest magnitude
+    that each channel reaches on the calibration windows, over the largest code (127, or float8 E4M3's 448). A
+    rotated key channel takes its rotary pair's largest joint magnitude, which no position's rotation can
+    exceed."""
     ones = torch.ones_like(windows)
     reference = ReferenceDecoder(description, strategy, torch.float32, device)
     with torch.no_grad():
         layer_kv = reference.forward(windows, ones, torch.arange(windows.shape[1]).expand_as(windows),
                                      collect_layer_kv=True).layer_kv
-    half = description.rotary_dim // 2
+    half, largest = description.rotary_dim // 2, c.QUANTIZED_CACHE_LIMITS[element][1]
     scales = {}
     for owner in strategy.owners:
         keys, values = (t.float().abs() for t in layer_kv[owner])  # [windows, kv_heads, tokens, head_dim]
         pairs = torch.sqrt(keys[..., :half] ** 2 + keys[..., half:2 * half] ** 2)
         keys = torch.cat([pairs, pairs, keys[..., 2 * half:]], dim=-1)
-        scales[owner] = tuple((t.amax(dim=(0, 2)).unsqueeze(1) / 127).clamp_min(1e-8).cpu() for t in (keys, values))
-    return scales
+        scales[owner] = tuple((t.amax(dim=(0, 2)).unsqueeze(1) / largest).clamp_min(1e-8).cpu()
+                              for t in (keys, values))
+    return QuantizedCache(element, scales)

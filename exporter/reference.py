@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from kvexport.strategies import KvexportError, Strategy
 
+from .cache_codes import QuantizedCache
 from .models import DecoderDescription, Layer, Linear, Norm
 
 LINEAR_BLOCK_ELEMENTS = 1 << 25  # weights cast at a time by the reference: 256 MiB in float64
@@ -72,13 +73,6 @@ def compute_device(requested: str | None) -> torch.device:
     return torch.device(requested)
 
 
-def int8_round_trip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x as an int8 cache holds it: x / scale rounded (half to even) and clipped to int8, times scale; in float32,
-    as the graphs compute it."""
-    scale = scale.to(x.device, torch.float32)
-    return (torch.clamp(torch.round(x.float() / scale), -128, 127) * scale).to(x.dtype)
-
-
 @contextmanager
 def tensor_float32_on(device: torch.device) -> Iterator[None]:
     """TensorFloat-32 matrix products within, on a GPU (float32 ones run several times slower there): for passes
@@ -101,14 +95,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class ReferenceDecoder:
     def __init__(self, description: DecoderDescription, strategy: Strategy, dtype: torch.dtype = torch.float64,
-                 device: torch.device | str = "cpu", kv_scales: dict | None = None):
-        """kv_scales: owner -> (K scales, V scales) [kv_heads, 1, head_dim]: the cache holds each owner's K/V as
-        int8 codes of these scales, as an export with an int8 cache does."""
+                 device: torch.device | str = "cpu", kv_quant: QuantizedCache | None = None):
+        """kv_quant: the cache holds each owner's K/V as codes of these scales, as an export with a quantized cache
+        does."""
         self.d = description
         self.strategy = strategy
         self.dtype = dtype
         self.device = torch.device(device)
-        self.kv_scales = kv_scales
+        self.kv_quant = kv_quant
 
     def _t(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         """The tensor on the compute device in the compute dtype: moved in its stored dtype and cast there, and a
@@ -198,8 +192,9 @@ class ReferenceDecoder:
             if layer_kv is not None:
                 layer_kv[i] = (k, v)
             if self.strategy.is_owner(i):
-                if self.kv_scales:
-                    k, v = (int8_round_trip(t, scale) for t, scale in zip((k, v), self.kv_scales[i], strict=True))
+                if self.kv_quant:
+                    k, v = (self.kv_quant.round_trip(t, scale)
+                            for t, scale in zip((k, v), self.kv_quant.scales[i], strict=True))
                 if past and i in past:
                     k, v = torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
                 present[i] = (k, v)

@@ -19,27 +19,30 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from kvexport.runtime.ort_session import quiet_options, resolve_provider, run_named
+from kvexport.runtime.kv_cache import NUMPY_CACHE_TYPES, TORCH_DTYPES, host_elements
+from kvexport.runtime.ort_session import cache_value, quiet_options, resolve_provider, run_named
 from kvexport.strategies import KvexportError, Strategy
 from kvexport.strategies import contract as c
 
+from .cache_codes import QuantizedCache
 from .models import DecoderDescription
-from .onnx_graph import NUMPY_TYPES, KVScales, cache_layout
+from .onnx_graph import cache_layout
 from .reference import ReferenceDecoder
 
 # Max |onnx - reference| over max(1, max |reference|): float32 arithmetic lands near 1e-6 here, float16 near 1e-3.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
-# With an int8 cache, a key or value within rounding error of a step boundary can land one code apart in the graph
-# (float32 products) and the reference (float64): a difference of the quantization, not of the graph.
-INT8_CACHE_TOLERANCE = 1e-3
+# With a quantized cache, a key or value within rounding error of a step boundary can land one code apart in the
+# graph (float32 products) and the reference (float64): a difference of the quantization, not of the graph. A
+# float8 code's step is up to 1/16 of its value, an int8 code's 1/127 of its channel's largest.
+QUANTIZED_CACHE_TOLERANCE = {"int8": 1e-3, "float8_e4m3fn": 1e-2}
 
 HF_TOLERANCE = 1e-4  # the float64 reference against the float32 Hugging Face model
 HF_CHECK_BYTES = 1 << 30  # the check loads the Hugging Face model in float32: only up to this size
 
 
-def tolerance(dtype: str, kv_scales: KVScales | None) -> float:
-    """The relative logit error a graph in `dtype` may show, with or without an int8 cache."""
-    return TOLERANCE[dtype] if kv_scales is None else max(TOLERANCE[dtype], INT8_CACHE_TOLERANCE)
+def tolerance(dtype: str, kv_quant: QuantizedCache | None) -> float:
+    """The relative logit error a graph in `dtype` may show, with or without a quantized cache."""
+    return TOLERANCE[dtype] if kv_quant is None else max(TOLERANCE[dtype], QUANTIZED_CACHE_TOLERANCE[kv_quant.element])
 
 
 class ValidationError(KvexportError):
@@ -108,7 +111,7 @@ class ValidationCase:
 
 
 def reference_case(description: DecoderDescription, strategy: Strategy, decode_steps: int = 3,
-                   seed: int = 0, kv_scales: KVScales | None = None) -> ValidationCase:
+                   seed: int = 0, kv_quant: QuantizedCache | None = None) -> ValidationCase:
     rng = np.random.default_rng(seed)
     lengths = [min(9, description.max_positions - decode_steps), 5]
     batch, prompt = len(lengths), max(lengths)
@@ -118,7 +121,7 @@ def reference_case(description: DecoderDescription, strategy: Strategy, decode_s
         mask[row, :prompt - length] = 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
-    reference = ReferenceDecoder(description, strategy, torch.float64, device, kv_scales)
+    reference = ReferenceDecoder(description, strategy, torch.float64, device, kv_quant)
     out = reference.forward(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(c.positions_from_mask(mask)))
     return ValidationCase(ids, mask, lengths, prompt, out.logits.cpu().numpy(), device,
                           round(time.perf_counter() - started, 2))
@@ -133,15 +136,20 @@ def quantization_error(case: ValidationCase, unquantized: DecoderDescription, st
     return _relative(case.logits, logits, case.mask == 1)[1]
 
 
-def validation_provider(dtype: str, static: bool, quantized_weights: bool) -> str:
+def validation_provider(dtype: str, static: bool, quantized_weights: bool, cache: str | None = None) -> str:
     """Where validation runs a graph: CUDA where it can run the graph (the weights then leave host
     memory), else the CPU. Quantized weights stay on the CPU: CUDA's MatMulNBits computes a few rows at a time (every
     decode step) in float16, products summed in float16 (a 7B's logits 7e-2 from the reference against 7e-3 on the
-    CPU, whose kernel sums in float32), which the tolerance could not tell from a wrong graph."""
+    CPU, whose kernel sums in float32), which the tolerance could not tell from a wrong graph. A float8 cache's
+    static graph runs on CUDA only (ONNX Runtime's CPU GroupQueryAttention has no float8 kernel), whatever the
+    weights; `cache` is the cache's element type."""
+    if static and cache == "float8_e4m3fn":
+        return resolve_provider("auto", dtype, static)
     return "cpu" if quantized_weights else resolve_provider("auto", dtype, static)
 
 
-def session_for(path: Path, dtype: str, static: bool, quantized_weights: bool) -> ort.InferenceSession:
+def session_for(path: Path, dtype: str, static: bool, quantized_weights: bool,
+                cache: str | None = None) -> ort.InferenceSession:
     """A session on validation_provider's choice.
 
     On the CPU a float16 graph runs its MatMuls through Cast nodes, which full optimization would fold into a
@@ -149,7 +157,7 @@ def session_for(path: Path, dtype: str, static: bool, quantized_weights: bool) -
     their MatMuls; basic optimization, priority order and no memory arena cast one weight at a time, just before
     it is used. The kernels are the same: the graph's contrib ops are explicit."""
     options = quiet_options()
-    if validation_provider(dtype, static, quantized_weights) == "cuda":
+    if validation_provider(dtype, static, quantized_weights, cache) == "cuda":
         return ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", {"use_tf32": "0"}),
                                                                    "CPUExecutionProvider"])
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -160,19 +168,19 @@ def session_for(path: Path, dtype: str, static: bool, quantized_weights: bool) -
 
 def validate_export(onnx_path: Path, case: ValidationCase, description: DecoderDescription, strategy: Strategy,
                     dtype: str, hf_model: torch.nn.Module | None = None,
-                    kv_scales: KVScales | None = None) -> ValidationReport:
-    layout = cache_layout(description, strategy, dtype, kv_scales)
-    session = session_for(onnx_path, dtype, False, description.weight_format is not None)
+                    kv_quant: QuantizedCache | None = None) -> ValidationReport:
+    layout = cache_layout(description, strategy, dtype, kv_quant)
+    session = session_for(onnx_path, dtype, False, description.weight_format is not None, layout.dtype)
     batch, prompt = case.ids.shape[0], case.prompt
-    past = {name: np.zeros(layout.buffer_shape(batch, 0), dtype=NUMPY_TYPES[layout.dtype])
+    past = {name: np.zeros(layout.buffer_shape(batch, 0), dtype=NUMPY_CACHE_TYPES[layout.dtype])
             for name, _ in layout.names()}
-    report = ValidationReport(dtype, tolerance(dtype, kv_scales), device=case.device, reference_seconds=case.seconds)
+    report = ValidationReport(dtype, tolerance(dtype, kv_quant), device=case.device, reference_seconds=case.seconds)
     positions = case.positions
     spans = [(0, prompt)] + [(t, t + 1) for t in range(prompt, case.ids.shape[1])]  # the prefill, then decode steps
     for begin, end in spans:
         feeds = {c.INPUT_IDS: case.ids[:, begin:end], c.ATTENTION_MASK: case.mask[:, :end],
                  c.POSITION_IDS: positions[:, begin:end], c.LOGITS_TO_KEEP: np.array([0 if begin == 0 else 1]),
-                 **past}
+                 **{name: cache_value(array, layout.dtype) for name, array in past.items()}}
         outputs = run_named(session, feeds)
         diff, relative = _relative(outputs[c.LOGITS], case.logits[:, begin:end], case.mask[:, begin:end] == 1)
         report.steps.append({"kind": "dynamic prefill" if begin == 0 else "dynamic decode",
@@ -210,20 +218,19 @@ def run_into(session: ort.InferenceSession, feeds: dict[str, np.ndarray | ort.Or
             **{name: np.array(value.numpy()) for name, value in outputs.items()}}
 
 
-def run_over_copies(session: ort.InferenceSession, feeds: dict[str, np.ndarray],
-                    presents: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run_over_copies(session: ort.InferenceSession, feeds: dict[str, np.ndarray | ort.OrtValue],
+                    presents: dict[str, np.ndarray], cache: str) -> dict[str, np.ndarray]:
     """One run of the static graph with each present output bound to its own copy of the past it updates (on the
     session's device), which holds what the runtime's one in-place buffer holds before the step. GroupQueryAttention
     with an int8 cache writes only the new slots into present on CUDA, as in place, and never copies the past there;
     one copy per layer keeps a shared layer's writes apart from its owner's, to be compared. presents: each present
-    output's name and the past it updates."""
+    output's name and the past it updates (host copies, NUMPY_CACHE_TYPES), cache: their element type."""
     device = session_device(session)
-    return run_into(session, feeds, {name: ort.OrtValue.ortvalue_from_numpy(np.array(past), device, 0)
-                                     for name, past in presents.items()})
+    return run_into(session, feeds, {name: cache_value(past, cache, device) for name, past in presents.items()})
 
 
 def validate_static(static_path: Path, case: ValidationCase, description: DecoderDescription, strategy: Strategy,
-                    dtype: str, seed: int = 1, kv_scales: KVScales | None = None) -> ValidationReport:
+                    dtype: str, seed: int = 1, kv_quant: QuantizedCache | None = None) -> ValidationReport:
     """The static graph over buffers longer than needed, with noise in the unwritten slots as reused buffers have
     (it must read only each row's own slots): each row's prompt prefilled alone in two chunks, then the decoded
     tokens for both rows at once. Every shared layer's write into its owner's buffer must equal the owner's own
@@ -231,20 +238,27 @@ def validate_static(static_path: Path, case: ValidationCase, description: Decode
     rng = np.random.default_rng(seed)
     batch, prompt = case.ids.shape[0], case.prompt
     max_length = min(16, description.max_positions)
-    layout = cache_layout(description, strategy, dtype, kv_scales)
+    layout = cache_layout(description, strategy, dtype, kv_quant)
     shape = layout.buffer_shape(batch, max_length)
-    noise = (lambda: rng.integers(-128, 128, size=shape)) if kv_scales else (lambda: rng.normal(size=shape))
-    buffers = {name: noise().astype(NUMPY_TYPES[layout.dtype]) for name, _ in layout.names()}
-    session = session_for(static_path, dtype, True, description.weight_format is not None)
-    report = ValidationReport(dtype, tolerance(dtype, kv_scales), device=case.device)
+
+    def noise() -> np.ndarray:  # codes of the cache's type, or values of the export's
+        if layout.dtype == "int8":
+            return rng.integers(-128, 128, size=shape).astype(np.int8)
+        return host_elements(torch.from_numpy(rng.normal(size=shape)).to(TORCH_DTYPES[layout.dtype]))
+
+    buffers = {name: noise() for name, _ in layout.names()}
+    session = session_for(static_path, dtype, True, description.weight_format is not None, layout.dtype)
+    report = ValidationReport(dtype, tolerance(dtype, kv_quant), device=case.device)
+    device = session_device(session)
 
     def step(rows: slice, ids: np.ndarray, seqlens: np.ndarray, expected: np.ndarray, label: str) -> None:
         feeds = {c.INPUT_IDS: ids, c.SEQLENS_K: seqlens.astype(np.int32),
                  c.TOTAL_SEQUENCE_LENGTH: np.array([max_length], dtype=np.int32),
                  c.LOGITS_INDEX: np.array(c.logits_index(seqlens, ids.shape[1]), dtype=np.int32),
-                 **{name: buffer[rows] for name, buffer in buffers.items()}}
+                 **{name: cache_value(buffer[rows], layout.dtype, device) for name, buffer in buffers.items()}}
         outputs = run_over_copies(session, feeds, {present: buffers[past][rows]
-                                                   for present, past in c.static_presents(strategy.kv_source)})
+                                                   for present, past in c.static_presents(strategy.kv_source)},
+                                  layout.dtype)
         diff, relative = _relative(outputs[c.LOGITS][:, 0], expected, np.ones(expected.shape, dtype=bool))
         report.steps.append({"kind": label, "provider": session_device(session), "max_abs_diff": diff,
                              "relative": relative})

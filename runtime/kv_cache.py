@@ -4,11 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
+from onnx import TensorProto
 
 from kvexport.strategies import CacheLayout
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}  # cache element dtypes
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8,
+                "float8_e4m3fn": torch.float8_e4m3fn}  # cache element dtypes
+# The ONNX element type of a tensor, by which ONNX Runtime binds it (numpy, its other way, has no float8 type).
+ONNX_ELEMENT_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.int8: TensorProto.INT8,
+                      torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN, torch.int64: TensorProto.INT64,
+                      torch.int32: TensorProto.INT32}
+# A host copy of cache elements: float8 ones as their bytes, as ONNX Runtime returns them.
+NUMPY_CACHE_TYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "float8_e4m3fn": np.uint8}
+
+
+def host_elements(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's elements on the host, as NUMPY_CACHE_TYPES holds them."""
+    tensor = tensor.detach().cpu()
+    return (tensor.view(torch.uint8) if tensor.dtype == torch.float8_e4m3fn else tensor).numpy()
 
 
 class KVCache:

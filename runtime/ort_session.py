@@ -1,4 +1,4 @@
-"""One decoder step on ONNX Runtime, CPU or CUDA; on CUDA the cache stays on the device (I/O binding)."""
+"""One decoder step on ONNX Runtime, CPU or CUDA; the cache stays where it is, as OrtValues (I/O binding)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from kvexport.strategies import contract as c
 
 from .decoder import Decoder
 from .exported import ExportedModel
-from .kv_cache import KVCache
+from .kv_cache import NUMPY_CACHE_TYPES, ONNX_ELEMENT_TYPES, TORCH_DTYPES, KVCache, host_elements
 
 
 def resolve_provider(provider: str, dtype: str = "float16", static: bool = False) -> str:
@@ -129,6 +129,14 @@ def open_graph(model: ExportedModel, name: str, provider: str = "cpu", device_id
     return session
 
 
+def cache_value(array: np.ndarray, dtype: str, device: str = "cpu", device_id: int = 0) -> ort.OrtValue:
+    """A copy of cache elements of `dtype` held on the host (NUMPY_CACHE_TYPES) as an OrtValue on `device`."""
+    value = ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), ONNX_ELEMENT_TYPES[TORCH_DTYPES[dtype]],
+                                                      device, device_id)
+    value.update_inplace(np.ascontiguousarray(array, dtype=NUMPY_CACHE_TYPES[dtype]))
+    return value
+
+
 def run_named(session: ort.InferenceSession, feeds: dict) -> dict[str, np.ndarray]:
     """One run on host arrays: every output, by name."""
     return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
@@ -139,22 +147,13 @@ class OrtDecoder(Decoder):
         self.model, self.provider, self.device_id = model, provider, device_id
         self.session = open_graph(model, model.manifest["files"]["onnx"], provider, device_id)
 
-    def wrap_past(self, tensor):
-        array = tensor.cpu().numpy()
-        return array if self.provider == "cpu" else ort.OrtValue.ortvalue_from_numpy(array, "cuda", self.device_id)
+    def wrap_past(self, tensor) -> ort.OrtValue:
+        return cache_value(host_elements(tensor), self.model.layout.dtype, self.provider, self.device_id)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 cache: KVCache, logits_to_keep: int = 0) -> np.ndarray:
         inputs = {c.INPUT_IDS: input_ids, c.ATTENTION_MASK: attention_mask, c.POSITION_IDS: position_ids,
                   c.LOGITS_TO_KEEP: np.array([logits_to_keep], dtype=np.int64)}
-        if self.provider == "cpu":
-            outputs = run_named(self.session, {**inputs, **cache.values})
-        else:
-            outputs = self._step_bound(inputs, cache)
-        cache.update(outputs, input_ids.shape[1])
-        return outputs[c.LOGITS]
-
-    def _step_bound(self, inputs: dict[str, np.ndarray], cache: KVCache) -> dict:
         binding = self.session.io_binding()
         for name, array in inputs.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
@@ -162,8 +161,9 @@ class OrtDecoder(Decoder):
             binding.bind_ortvalue_input(past, value)
         binding.bind_output(c.LOGITS, "cpu")
         presents = [present for _, present in self.model.layout.names()]
-        for present in presents:  # ORT allocates them on the device; they become the next pasts as they are
-            binding.bind_output(present, "cuda", self.device_id)
+        for present in presents:  # ORT allocates them where it runs; they become the next pasts as they are
+            binding.bind_output(present, self.provider, self.device_id)
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()
-        return {c.LOGITS: values[0].numpy(), **dict(zip(presents, values[1:]))}
+        cache.update(dict(zip(presents, values[1:])), input_ids.shape[1])
+        return np.array(values[0].numpy())  # a copy: on the CPU numpy() views memory that goes with the binding

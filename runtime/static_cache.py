@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import onnxruntime as ort
 import torch
 
@@ -33,7 +32,7 @@ from kvexport.strategies import contract as c
 
 from .decoder import Decoder
 from .exported import ExportedModel
-from .kv_cache import TORCH_DTYPES, KVCache
+from .kv_cache import ONNX_ELEMENT_TYPES, TORCH_DTYPES, KVCache
 from .ort_session import open_graph
 
 
@@ -42,12 +41,8 @@ def bind(binding: ort.IOBinding, name: str, tensor: torch.Tensor, output: bool =
     assert tensor.is_contiguous(), name
     device = "cuda" if tensor.is_cuda else "cpu"
     method = binding.bind_output if output else binding.bind_input
-    method(name, device, tensor.device.index or 0, _numpy_dtype(tensor.dtype), tuple(tensor.shape), tensor.data_ptr())
-
-
-def _numpy_dtype(dtype: torch.dtype):
-    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
-            torch.int8: np.int8}[dtype]
+    method(name, device, tensor.device.index or 0, ONNX_ELEMENT_TYPES[tensor.dtype], tuple(tensor.shape),
+           tensor.data_ptr())
 
 
 class StaticKVCache(KVCache):
@@ -83,12 +78,16 @@ class StaticCacheDecoder(Decoder):
         # Batching first prompts pays on CUDA (one launch-bound run instead of several); on the CPU, compute-bound,
         # the padding would cost more than it saves, so they run one at a time there by default.
         prefill_batch = min(prefill_batch or (8 if provider == "cuda" else 1), max_batch)
-        # An int8 cache's first prompts run after an empty past (total_sequence_length the staging row's length,
+        if model.layout.dtype == "float8_e4m3fn" and provider != "cuda":
+            raise KvexportError("a float8 cache's static graph runs on CUDA only (ONNX Runtime's CPU "
+                                "GroupQueryAttention has no float8 kernel): use --provider cuda on a GPU, the ort "
+                                "backend, or an export with --kv-cache int8")
+        # A quantized cache's first prompts run after an empty past (total_sequence_length the staging row's length,
         # one slot more than any chunk), not as GroupQueryAttention's "first prompt" (total_sequence_length their
         # width), for which ONNX Runtime's CUDA kernel attends over the new K/V unquantized, where its CPU kernel,
-        # the dynamic graph and the reference attend over the int8 codes. ONNX Runtime runs such a prompt for one
-        # row at a time.
-        self.prompts_after_past = model.layout.dtype == "int8"
+        # the dynamic graph and the reference attend over the codes. ONNX Runtime runs such a prompt for one row at
+        # a time.
+        self.prompts_after_past = model.layout.quantized
         if self.prompts_after_past:
             prefill_batch = 1
         self.prefill_chunk = min(prefill_chunk, self.max_length - self.prompts_after_past)
@@ -177,10 +176,13 @@ class StaticCacheDecoder(Decoder):
     def random_cache(self, batch: int, length: int, generator: torch.Generator) -> StaticKVCache:
         cache = self.new_cache(batch)
         written = cache.storage[:, :, :, :length]
-        if written.is_floating_point():
-            written.normal_(generator=generator)
-        else:  # int8 codes
+        if written.dtype == torch.int8:
             written.random_(-127, 128, generator=generator)
+        elif written.dtype == torch.float8_e4m3fn:  # torch draws no float8: float16 draws, one buffer at a time
+            for buffer in written:
+                buffer.copy_(torch.randn(buffer.shape, generator=generator, device=buffer.device, dtype=torch.float16))
+        else:
+            written.normal_(generator=generator)
         cache.length = length
         return cache
 

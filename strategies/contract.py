@@ -106,23 +106,31 @@ def graph_io_names(kv_source: tuple[int, ...], static: bool) -> tuple[list[str],
     return [INPUT_IDS, *step_inputs, *pasts], [LOGITS, *presents]
 
 
-CACHE_ELEMENT_BYTES = {"float32": 4, "float16": 2, "int8": 1}
+CACHE_ELEMENT_BYTES = {"float32": 4, "float16": 2, "int8": 1, "float8_e4m3fn": 1}
+# A quantized cache's element types and the range its codes are clipped to: an element is x / scale rounded to the
+# type (int8: half to even; float8 E4M3: to nearest), as ONNX Runtime's GroupQueryAttention quantizes.
+QUANTIZED_CACHE_LIMITS = {"int8": (-128.0, 127.0), "float8_e4m3fn": (-448.0, 448.0)}
+KV_CACHE_ELEMENTS = {"int8": "int8", "fp8": "float8_e4m3fn"}  # --kv-cache's choices and the type each names
 
 
 @dataclass(frozen=True)
 class CacheLayout:
     """Shape and size of the cache that one export needs: one K and one V buffer per owner layer.
 
-    Each buffer is [batch, num_kv_heads, sequence, head_dim] in the export's dtype, as in Optimum, or in int8 (an
-    export made with --kv-cache int8: each element k / scale rounded, with one scale per owner, K or V, KV head and
-    channel, which the graphs hold; see docs/design.md).
+    Each buffer is [batch, num_kv_heads, sequence, head_dim] in the export's dtype, as in Optimum, or quantized (an
+    export made with --kv-cache int8 or fp8: int8 or float8_e4m3fn codes of k / scale, with one scale per owner, K
+    or V, KV head and channel, which the graphs hold; see docs/design.md).
     """
 
     owners: tuple[int, ...]
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    dtype: str  # "float32" | "float16" | "int8"
+    dtype: str  # "float32" | "float16" | "int8" | "float8_e4m3fn"
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in QUANTIZED_CACHE_LIMITS
 
     @property
     def bytes_per_element(self) -> int:

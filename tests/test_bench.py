@@ -195,3 +195,13 @@ def test_bench_times_an_int8_cache_on_both_graphs(tiny_llama, tmp_path):
     points = json.loads((out / "bench.json").read_text())["points"]
     assert {p["strategy"] for p in points} == {"every2-int8kv"} and len(points) == 2
     assert all(p["decode_ms_median"] > 0 for p in points)
+
+
+def test_bench_times_a_float8_cache_on_the_dynamic_graph(tiny_llama, tmp_path):
+    """--kv-cache fp8 on the CPU: the dynamic graph's decode points start from random float8 codes."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(tiny_llama), "--share", "every:2", "--kv-cache", "fp8", "--backends", "ort",
+                 "--batch", "2", "--context", "16", "--provider", "cpu", "--dtype", "float32", "--steps", "2",
+                 "--warmup", "1", "--output", str(out)]) == 0
+    points = json.loads((out / "bench.json").read_text())["points"]
+    assert [p["strategy"] for p in points] == ["every2-fp8kv"] and points[0]["decode_ms_median"] > 0

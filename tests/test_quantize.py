@@ -15,6 +15,7 @@ from kvexport.exporter.cli import main
 from kvexport.exporter.models import BlockQuantized
 from kvexport.exporter.quantize import dequantize, packed, quantize, round_trip
 from kvexport.runtime import Generator, SamplingConfig
+from kvexport.strategies import KvexportError
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -137,6 +138,45 @@ def test_an_int8_cache_prompt_padded_as_on_cuda_writes_the_same_codes(tiny_llama
     assert torch.equal(alone.storage[:, 1, :, :12], padded.storage[:, 1, :, :12])
 
 
+def test_a_float8_cache_rounds_as_float8_e4m3_does():
+    """The reference's float8 round trip against ml_dtypes' cast (round to nearest even), values past 448 scales
+    clipped there, as ONNX Runtime saturates."""
+    import ml_dtypes
+
+    from kvexport.exporter.cache_codes import QuantizedCache
+
+    x = torch.randn(4, 2, 64, 8, dtype=torch.float64) * torch.logspace(-3, 3, 8, dtype=torch.float64)
+    scale = torch.full((2, 1, 8), 0.5)
+    scaled = np.clip(x.numpy() / 0.5, -448, 448)
+    expected = scaled.astype(np.float32).astype(ml_dtypes.float8_e4m3fn).astype(np.float64) * 0.5
+    np.testing.assert_array_equal(QuantizedCache("float8_e4m3fn", {}).round_trip(x, scale).numpy(), expected)
+
+
+def test_a_float8_cache_validates_and_runs_on_the_cpu_in_the_dynamic_graph(tiny_llama, tmp_path):
+    """--kv-cache fp8: the dynamic graph holds float8 E4M3 codes, validated against the reference caching the same
+    codes, and generates on the CPU; the static graph, which only CUDA runs, is refused without a GPU in one line,
+    and an export made without validation still refuses to run it on the CPU."""
+    from kvexport.runtime import ExportedModel
+    from kvexport.runtime.static_cache import StaticCacheDecoder
+
+    result = export(str(tiny_llama), "every:2", tmp_path / "fp8", kv_cache="fp8", static=False, log=lambda _: None)
+    validation, cache = result.manifest["validation"], result.manifest["cache"]
+    assert validation["passed"] and validation["worst"] < 1e-4 and 0 < validation["quantization_relative"] < 0.1
+    assert cache["dtype"] == "float8_e4m3fn"
+    graph = onnx.load(result.directory / "model.onnx", load_external_data=False).graph
+    pasts = {i.type.tensor_type.elem_type for i in graph.input if i.name.startswith("past")}
+    assert pasts == {TensorProto.FLOAT8E4M3FN}
+    tokens = Generator(result.directory).generate(["def f(x):"], SamplingConfig(max_new_tokens=4)).token_ids
+    assert len(tokens[0]) == 4
+    with pytest.raises(KvexportError, match="runs on CUDA only"):
+        export(str(tiny_llama), "every:2", tmp_path / "static", kv_cache="fp8", log=lambda _: None)
+    assert not (tmp_path / "static").exists()
+    unvalidated = export(str(tiny_llama), "every:2", tmp_path / "unvalidated", kv_cache="fp8", validate=False,
+                         log=lambda _: None).directory
+    with pytest.raises(KvexportError, match="--provider cuda"):
+        StaticCacheDecoder(ExportedModel.load(unvalidated))
+
+
 def test_an_int8_cache_needs_calibration_text(tiny_llama, tmp_path, capsys):
     import shutil
 
@@ -181,3 +221,5 @@ def test_validation_runs_quantized_weights_on_the_cpu_where_cuda_is_there(monkey
     monkeypatch.setattr(validate, "resolve_provider", lambda *args: "cuda")  # as on a machine with a GPU
     assert validate.validation_provider("float16", False, quantized_weights=False) == "cuda"
     assert validate.validation_provider("float16", False, quantized_weights=True) == "cpu"
+    # a float8 cache's static graph has no CPU kernel, quantized weights or not
+    assert validate.validation_provider("float16", True, quantized_weights=True, cache="float8_e4m3fn") == "cuda"
