@@ -65,6 +65,10 @@ def fresh_presents(session: ort.InferenceSession, feeds: dict, presents: dict) -
     return ort_session.run_named(session, feeds)
 
 
+def over_copies(session: ort.InferenceSession, feeds: dict, presents: dict) -> dict[str, np.ndarray]:
+    return run_over_copies(session, feeds, presents, "int8")
+
+
 def one_buffer_binder(kv_source: list[int]) -> Callable[[ort.InferenceSession, dict, dict], dict[str, np.ndarray]]:
     """A run of the static graph with each owner's past and every present that updates it bound to one buffer on the
     session's device, as the runtime binds them."""
@@ -135,7 +139,7 @@ def main() -> None:
     length = 64  # buffer slots: at least the CUDA decoder's 32-token prefill padding
     checks = {"dynamic": lambda: dynamic(model, ids, args.steps),
               "fresh presents": lambda: static_separate(model, ids, args.steps, length, fresh_presents),
-              "copies": lambda: static_separate(model, ids, args.steps, length, run_over_copies),
+              "copies": lambda: static_separate(model, ids, args.steps, length, over_copies),
               "one buffer": lambda: static_separate(model, ids, args.steps, length,
                                                     one_buffer_binder(model.strategy.kv_source)),
               "runtime": lambda: static_in_place(model, ids, args.steps, length, first_prompts=False),
