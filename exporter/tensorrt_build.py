@@ -35,8 +35,8 @@ class BuildOptions:
     workspace_gib: float = 4.0
 
     def check(self, model: ExportedModel) -> None:
-        if model.layout.dtype == "int8" or model.quantized_weights:
-            raise KvexportError(f"{model.directory} holds quantized weights or an int8 cache, which the TensorRT path "
+        if model.layout.quantized or model.quantized_weights:
+            raise KvexportError(f"{model.directory} holds quantized weights or a quantized cache, which the TensorRT path "
                                 "does not build: export it without --weights and --kv-cache for build-engine")
         if self.precision not in PRECISION_DTYPES:
             raise KvexportError(f"precision must be one of {', '.join(PRECISION_DTYPES)}")

@@ -190,7 +190,7 @@ def test_tensorrt_refuses_quantized_exports_in_one_line(tiny_llama, tmp_path, ca
     directory = export(str(tiny_llama), "none", tmp_path / "q", weight_format=BlockQuantized(4, 32),
                        log=lambda _: None).directory
     assert main(["build-engine", str(directory)]) == 2
-    assert "quantized weights or an int8 cache" in capsys.readouterr().err
+    assert "quantized weights or a quantized cache" in capsys.readouterr().err
 
 
 def test_a_float16_export_and_its_reference_dequantize_to_the_same_weights(tiny_llama, tmp_path):
