@@ -11,8 +11,12 @@ from kvexport.strategies import contract as c
 
 @dataclass(frozen=True)
 class QuantizedCache:
+    """per_tensor: one scale an owner, shared by K and V (both entries one 0-d tensor), as ONNX Runtime's XQA
+    kernel reads a quantized cache; else one scale per KV head and channel, [kv_heads, 1, head_dim]."""
+
     element: str  # a key of contract.QUANTIZED_CACHE_LIMITS
-    scales: dict[int, tuple[torch.Tensor, torch.Tensor]]  # owner -> its K and V scales [kv_heads, 1, head_dim]
+    scales: dict[int, tuple[torch.Tensor, torch.Tensor]]  # owner -> its K and V scales
+    per_tensor: bool = False
 
     @property
     def limits(self) -> tuple[float, float]:

@@ -301,7 +301,8 @@ class DecoderGraph:
         # a quantized cache: the op quantizes the new K/V with these scales to the cache's element type (that of
         # its past and present) and dequantizes what it reads (inputs 12, 13)
         quantized = ("", "", "", *self.kv_scale_names(owner)) if self.kv_quant else ()
-        attributes = ({"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
+        granularity = "PER_TENSOR" if self.kv_quant and self.kv_quant.per_tensor else "PER_CHANNEL"
+        attributes = ({"k_quant_type": granularity, "v_quant_type": granularity, "kv_cache_bit_width": 8}
                       if self.kv_quant else {})
         context, _, _ = g.op(
             "GroupQueryAttention", query, key, value, c.past_name(owner, "key"), c.past_name(owner, "value"),
@@ -312,8 +313,11 @@ class DecoderGraph:
         return context, extra
 
     def kv_scale_names(self, owner: int) -> tuple[str, str]:
-        """The initializers of an owner's K and V scales [kv_heads, 1, head_dim] (both graphs share them), in
-        float32 whatever the graph's dtype: GroupQueryAttention takes its scales so."""
+        """The initializers of an owner's K and V scales (both graphs share them), in float32 whatever the graph's
+        dtype: GroupQueryAttention takes its scales so. Per-tensor scales are one initializer, named for K and V
+        alike: XQA takes a quantized cache only where both inputs are the same tensor."""
+        if self.kv_quant.per_tensor:
+            return (self.g.weight(f"layers.{owner}.attn.kv_scale", self.kv_quant.scales[owner][0], "float32"),) * 2
         return tuple(self.g.weight(f"layers.{owner}.attn.{kind}_scale", scale, "float32")
                      for kind, scale in zip(c.KV_KINDS, self.kv_quant.scales[owner], strict=True))
 

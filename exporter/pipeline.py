@@ -218,7 +218,11 @@ def cache_quantization(loaded: LoadedModel, description: DecoderDescription, str
     from .reference import compute_device
 
     windows = token_windows(loaded.tokenizer(), read_text(None), *KV_CALIBRATION)
-    return kv_scales(description, strategy, windows, compute_device(None), c.KV_CACHE_ELEMENTS[kv_cache])
+    # A float8 cache keeps one scale an owner for K and V (its exponent spans the channels' magnitudes), which XQA
+    # reads in place; int8 keeps one a KV head and channel (one code step over a channel's range).
+    element = c.KV_CACHE_ELEMENTS[kv_cache]
+    return kv_scales(description, strategy, windows, compute_device(None), element,
+                     per_tensor=element == "float8_e4m3fn")
 
 
 def export_dtype(dtype: str, description: DecoderDescription, provider: str = "auto") -> str:

@@ -65,11 +65,11 @@ KV_CALIBRATION = (8, 128)  # windows x tokens of calibration text that set a qua
 
 
 def kv_scales(description: DecoderDescription, strategy: Strategy, windows: torch.Tensor, device: torch.device,
-              element: str) -> QuantizedCache:
-    """A cache of `element` codes with each owner's K and V scales [kv_heads, 1, head_dim]: the largest magnitude
-    that each channel reaches on the calibration windows, over the largest code (127, or float8 E4M3's 448). A
-    rotated key channel takes its rotary pair's largest joint magnitude, which no position's rotation can
-    exceed."""
+              element: str, per_tensor: bool = False) -> QuantizedCache:
+    """A cache of `element` codes with each owner's K and V scales: the largest magnitude that each channel
+    reaches on the calibration windows (per_tensor: that K and V reach anywhere), over the largest code (127, or
+    float8 E4M3's 448). A rotated key channel takes its rotary pair's largest joint magnitude, which no position's
+    rotation can exceed."""
     ones = torch.ones_like(windows)
     reference = ReferenceDecoder(description, strategy, torch.float32, device)
     with torch.no_grad():
@@ -81,6 +81,10 @@ def kv_scales(description: DecoderDescription, strategy: Strategy, windows: torc
         keys, values = (t.float().abs() for t in layer_kv[owner])  # [windows, kv_heads, tokens, head_dim]
         pairs = torch.sqrt(keys[..., :half] ** 2 + keys[..., half:2 * half] ** 2)
         keys = torch.cat([pairs, pairs, keys[..., 2 * half:]], dim=-1)
-        scales[owner] = tuple((t.amax(dim=(0, 2)).unsqueeze(1) / largest).clamp_min(1e-8).cpu()
-                              for t in (keys, values))
-    return QuantizedCache(element, scales)
+        if per_tensor:
+            shared = (torch.maximum(keys.amax(), values.amax()) / largest).clamp_min(1e-8).cpu()
+            scales[owner] = (shared, shared)
+        else:
+            scales[owner] = tuple((t.amax(dim=(0, 2)).unsqueeze(1) / largest).clamp_min(1e-8).cpu()
+                                  for t in (keys, values))
+    return QuantizedCache(element, scales, per_tensor)

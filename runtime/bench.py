@@ -256,8 +256,10 @@ def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchS
     budget = settings.memory_budget_gib * 2**30
     points: list[BenchPoint] = []
     capacity, allocated = {}, {}
+    quantized_cache = False
     for strategy, directory in exports.items():
         model = ExportedModel.load(directory)
+        quantized_cache |= model.layout.quantized
         weight_bytes = model.manifest["weight_bytes"]
         capacity[strategy] = {ctx: int((budget - weight_bytes) // (model.layout.bytes_per_token() * ctx))
                               for ctx in settings.contexts}
@@ -270,12 +272,12 @@ def run_bench(exports: dict[str, Path], model_dir: Path | None, settings: BenchS
             points += bench_backend(backend, strategy, model, model_dir, settings, device, bandwidth, progress)
             release(device)
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "software": software(device), "memory_rate": rates,
+            "software": software(device, quantized_cache), "memory_rate": rates,
             "settings": asdict(settings), "points": [asdict(p) for p in points],
             "max_batch_in_budget": capacity, "allocated_mib_at_max_batch": allocated or None}
 
 
-def software(device: torch.device) -> dict:
+def software(device: torch.device, quantized_cache: bool = False) -> dict:
     """What produced the numbers: library versions and, on CUDA, the ONNX Runtime kernel choices and provider
     options of kvexport's sessions (baselines keep ONNX Runtime's own)."""
     import onnxruntime
@@ -283,7 +285,8 @@ def software(device: torch.device) -> dict:
 
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
                 "onnxruntime": onnxruntime.__version__}
-    return versions | ({"ort_cuda_sessions": cuda_session_settings()} if device.type == "cuda" else {})
+    sessions = cuda_session_settings(quantized_cache)
+    return versions | ({"ort_cuda_sessions": sessions} if device.type == "cuda" else {})
 
 
 def allocated_mib(model: ExportedModel, batch: int, context: int, settings: BenchSettings,

@@ -57,7 +57,8 @@ def quiet_options() -> ort.SessionOptions:
     return options
 
 
-def make_session(path, provider: str = "cpu", device_id: int = 0) -> ort.InferenceSession:
+def make_session(path, provider: str = "cpu", device_id: int = 0,
+                 quantized_cache: bool = False) -> ort.InferenceSession:
     """An ONNX Runtime session on the CPU or on CUDA. On CUDA it runs on torch's current stream, so that work
     queued by torch (cache writes, sampling) and by ORT is ordered without host synchronisation."""
     check_provider(provider)
@@ -69,7 +70,7 @@ def make_session(path, provider: str = "cpu", device_id: int = 0) -> ort.Inferen
 
     cuda_options = {"device_id": str(device_id), **CUDA_PROVIDER_OPTIONS,
                     "user_compute_stream": str(torch.cuda.current_stream(device_id).cuda_stream)}
-    with default_environment(CUDA_KERNEL_DEFAULTS):
+    with default_environment(cuda_kernel_defaults(quantized_cache)):
         return ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", cuda_options)])
 
 
@@ -81,6 +82,13 @@ def make_session(path, provider: str = "cpu", device_id: int = 0) -> ort.Inferen
 #   less time on the H100, and batch 64 kept cuBLAS. The first runs happen before a CUDA graph is captured.
 CUDA_KERNEL_DEFAULTS = {"ORT_ENABLE_XQA": "0", "ORT_CUDA_GEMM_AUTO_TUNE": "1"}
 
+
+def cuda_kernel_defaults(quantized_cache: bool = False) -> dict[str, str]:
+    """CUDA_KERNEL_DEFAULTS, with XQA on for a quantized cache: its only kernel that reads the codes in place (a
+    per-tensor scale shared by K and V, 4 to 32 query heads a KV head); otherwise each step dequantizes every
+    layer's whole cache first."""
+    return CUDA_KERNEL_DEFAULTS | ({"ORT_ENABLE_XQA": "1"} if quantized_cache else {})
+
 # The CUDA provider's options, besides the device and the stream:
 # - use_tf32 0: a float32 export runs float32 MatMuls, as on the CPU (ONNX Runtime's TF32 default rounds them to
 #   10 mantissa bits, which flipped greedy near-ties on the H100); float16 exports are the fast path.
@@ -89,10 +97,11 @@ CUDA_KERNEL_DEFAULTS = {"ORT_ENABLE_XQA": "0", "ORT_CUDA_GEMM_AUTO_TUNE": "1"}
 CUDA_PROVIDER_OPTIONS = {"use_tf32": "0", "arena_extend_strategy": "kSameAsRequested"}
 
 
-def cuda_session_settings() -> dict[str, str]:
+def cuda_session_settings(quantized_cache: bool = False) -> dict[str, str]:
     """What kvexport's CUDA sessions are made with: the kernel choices (the user's environment, else kvexport's
     defaults) and the provider options."""
-    return {name: os.environ.get(name, value) for name, value in CUDA_KERNEL_DEFAULTS.items()} | CUDA_PROVIDER_OPTIONS
+    defaults = cuda_kernel_defaults(quantized_cache)
+    return {name: os.environ.get(name, value) for name, value in defaults.items()} | CUDA_PROVIDER_OPTIONS
 
 
 @contextmanager
@@ -114,7 +123,7 @@ def open_graph(model: ExportedModel, name: str, provider: str = "cpu", device_id
     check_provider(provider)
     path = model.directory / name
     try:
-        session = make_session(path, provider, device_id)
+        session = make_session(path, provider, device_id, model.layout.quantized)
     except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own pybind types for an unreadable graph
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ExportDirectoryError(f"ONNX Runtime cannot load {path} ({first[:300]}): 'kvexport verify "

@@ -153,9 +153,9 @@ def test_a_float8_cache_rounds_as_float8_e4m3_does():
 
 
 def test_a_float8_cache_validates_and_runs_on_the_cpu_in_the_dynamic_graph(tiny_llama, tmp_path):
-    """--kv-cache fp8: the dynamic graph holds float8 E4M3 codes, validated against the reference caching the same
-    codes, and generates on the CPU; the static graph, which only CUDA runs, is refused without a GPU in one line,
-    and an export made without validation still refuses to run it on the CPU."""
+    """--kv-cache fp8: the dynamic graph holds float8 E4M3 codes with one scale an owner, validated against the
+    reference caching the same codes, and generates on the CPU; the static graph, which only CUDA runs, is refused
+    without a GPU in one line, and an export made without validation still refuses to run it on the CPU."""
     from kvexport.runtime import ExportedModel
     from kvexport.runtime.static_cache import StaticCacheDecoder
 
@@ -175,6 +175,12 @@ def test_a_float8_cache_validates_and_runs_on_the_cpu_in_the_dynamic_graph(tiny_
                          log=lambda _: None).directory
     with pytest.raises(KvexportError, match="--provider cuda"):
         StaticCacheDecoder(ExportedModel.load(unvalidated))
+    # one scale an owner, the same initializer for K and V, as ONNX Runtime's XQA kernel takes a quantized cache
+    static = onnx.load(unvalidated / "model_static.onnx", load_external_data=False).graph
+    for node in (n for n in static.node if n.op_type == "GroupQueryAttention"):
+        attributes = {a.name: a.s for a in node.attribute if a.name.endswith("quant_type")}
+        assert attributes == {"k_quant_type": b"PER_TENSOR", "v_quant_type": b"PER_TENSOR"}
+        assert node.input[12] == node.input[13] and node.input[12].endswith(".kv_scale")
 
 
 def test_an_int8_cache_needs_calibration_text(tiny_llama, tmp_path, capsys):

@@ -165,9 +165,10 @@ def test_kernel_defaults_apply_around_session_creation_only(monkeypatch):
     assert os.environ["ORT_ENABLE_XQA"] == "1" and "ORT_CUDA_GEMM_AUTO_TUNE" not in os.environ
 
 
-def test_cuda_sessions_get_the_reported_settings(monkeypatch):
+@pytest.mark.parametrize("quantized_cache", [False, True])
+def test_cuda_sessions_get_the_reported_settings(monkeypatch, quantized_cache):
     # what bench reports as kvexport's CUDA session settings is what a CUDA session is made with (this machine has
-    # no GPU: the session is recorded instead of made)
+    # no GPU: the session is recorded instead of made); XQA, off for a float cache, is on for a quantized one
     made = {}
 
     def record(path, options, providers):
@@ -177,5 +178,7 @@ def test_cuda_sessions_get_the_reported_settings(monkeypatch):
     monkeypatch.setattr(ort_session.ort, "InferenceSession", record)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: type("Stream", (), {"cuda_stream": 7})())
     monkeypatch.delenv("ORT_CUDA_GEMM_AUTO_TUNE", raising=False)
-    ort_session.make_session("model.onnx", "cuda", device_id=1)
-    assert made == {"device_id": "1", "user_compute_stream": "7", **cuda_session_settings()}
+    monkeypatch.delenv("ORT_ENABLE_XQA", raising=False)
+    ort_session.make_session("model.onnx", "cuda", device_id=1, quantized_cache=quantized_cache)
+    assert made == {"device_id": "1", "user_compute_stream": "7", **cuda_session_settings(quantized_cache)}
+    assert made["ORT_ENABLE_XQA"] == ("1" if quantized_cache else "0")
