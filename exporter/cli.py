@@ -51,9 +51,9 @@ def add_quantization_args(parser: argparse.ArgumentParser) -> None:
                              "with a scale per block of inputs (ONNX Runtime's MatMulNBits)")
     parser.add_argument("--weight-block", type=int, default=32, metavar="N", help="inputs per scale (default 32)")
     parser.add_argument("--kv-cache", choices=list(c.KV_CACHE_ELEMENTS),
-                        help="hold the cache as int8 or float8 (E4M3) codes with a scale per KV head and channel, set "
-                             "on calibration text (default: the cache in --dtype); a float8 cache's static graph runs "
-                             "on CUDA only")
+                        help="hold the cache as int8 codes with a scale per KV head and channel, or float8 (E4M3) "
+                             "codes with one scale a layer, set on calibration text (default: the cache in --dtype); "
+                             "a float8 cache's static graph runs on CUDA only")
 
 
 def weight_format(args: argparse.Namespace):

@@ -111,9 +111,9 @@ def export(
     which the server and the ort-static backend run; static=False writes the dynamic graph only.
     weight_format: the layers' projections stored quantized (MatMulNBits); validated against the reference computing
     with the same quantized weights, and the quantization's own effect on the logits reported beside.
-    kv_cache="int8" or "fp8": the cache holds int8 or float8 E4M3 codes with per-channel scales set on calibration
-    text (quantize.kv_scales), which both graphs hold; validated likewise against the reference caching the same
-    codes. A float8 cache's static graph runs, and so is validated, on CUDA only."""
+    kv_cache="int8" or "fp8": the cache holds int8 codes with per-channel scales, or float8 E4M3 codes with one
+    scale a layer, set on calibration text (quantize.kv_scales), which both graphs hold; validated likewise against
+    the reference caching the same codes. A float8 cache's static graph runs, and so is validated, on CUDA only."""
     started = time.perf_counter()
     target = Path(output)
     if target.exists() and not (target / c.MANIFEST_FILE).is_file():
@@ -129,14 +129,15 @@ def export(
     fmt = check_weight_format(loaded.description, weight_format)
     dtype = export_dtype(dtype, loaded.description, provider)
     description = replace(loaded.description, weight_format=None if fmt is None else replace(fmt, scale_dtype=dtype))
-    kv = None if kv_cache is None else cache_quantization(loaded, description, strategy, kv_cache)
-    layout = cache_layout(description, strategy, dtype, kv)
-    if static and validate and layout.dtype == "float8_e4m3fn" and validation_provider(dtype, True, False,
-                                                                                     layout.dtype) != "cuda":
+    element = c.KV_CACHE_ELEMENTS.get(kv_cache or "")
+    if static and validate and element in c.CUDA_ONLY_STATIC_CACHES and validation_provider(
+            dtype, True, False, element) != "cuda":  # before the calibration
         raise KvexportError("--kv-cache fp8: the static graph's float8 cache runs on CUDA only (ONNX Runtime's CPU "
                             "GroupQueryAttention has no float8 kernel), where it is validated: export on a GPU "
                             "with onnxruntime-gpu and --dtype float16, or with --no-static (the dynamic graph runs "
                             "on the CPU)")
+    kv = None if kv_cache is None else cache_quantization(loaded, description, strategy, kv_cache)
+    layout = cache_layout(description, strategy, dtype, kv)
     log(f"exporting {loaded.reference} ({description.architecture}, {description.num_layers} layers) with "
         f"{len(strategy.owners)} cache owners, {dtype}")
 

@@ -143,7 +143,7 @@ def validation_provider(dtype: str, static: bool, quantized_weights: bool, cache
     CPU, whose kernel sums in float32), which the tolerance could not tell from a wrong graph. A float8 cache's
     static graph runs on CUDA only (ONNX Runtime's CPU GroupQueryAttention has no float8 kernel), whatever the
     weights; `cache` is the cache's element type."""
-    if static and cache == "float8_e4m3fn":
+    if static and cache in c.CUDA_ONLY_STATIC_CACHES:
         return resolve_provider("auto", dtype, static)
     return "cpu" if quantized_weights else resolve_provider("auto", dtype, static)
 

@@ -78,7 +78,7 @@ class StaticCacheDecoder(Decoder):
         # Batching first prompts pays on CUDA (one launch-bound run instead of several); on the CPU, compute-bound,
         # the padding would cost more than it saves, so they run one at a time there by default.
         prefill_batch = min(prefill_batch or (8 if provider == "cuda" else 1), max_batch)
-        if model.layout.dtype == "float8_e4m3fn" and provider != "cuda":
+        if model.layout.dtype in c.CUDA_ONLY_STATIC_CACHES and provider != "cuda":
             raise KvexportError("a float8 cache's static graph runs on CUDA only (ONNX Runtime's CPU "
                                 "GroupQueryAttention has no float8 kernel): use --provider cuda on a GPU, the ort "
                                 "backend, or an export with --kv-cache int8")

@@ -111,6 +111,8 @@ CACHE_ELEMENT_BYTES = {"float32": 4, "float16": 2, "int8": 1, "float8_e4m3fn": 1
 # type (int8: half to even; float8 E4M3: to nearest), as ONNX Runtime's GroupQueryAttention quantizes.
 QUANTIZED_CACHE_LIMITS = {"int8": (-128.0, 127.0), "float8_e4m3fn": (-448.0, 448.0)}
 KV_CACHE_ELEMENTS = {"int8": "int8", "fp8": "float8_e4m3fn"}  # --kv-cache's choices and the type each names
+# Cache element types whose static graph runs on CUDA only: ONNX Runtime's CPU GroupQueryAttention has no kernel.
+CUDA_ONLY_STATIC_CACHES = frozenset({"float8_e4m3fn"})
 
 
 @dataclass(frozen=True)
