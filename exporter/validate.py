@@ -222,7 +222,7 @@ def run_over_copies(session: ort.InferenceSession, feeds: dict[str, np.ndarray |
                     presents: dict[str, np.ndarray], cache: str) -> dict[str, np.ndarray]:
     """One run of the static graph with each present output bound to its own copy of the past it updates (on the
     session's device), which holds what the runtime's one in-place buffer holds before the step. GroupQueryAttention
-    with an int8 cache writes only the new slots into present on CUDA, as in place, and never copies the past there;
+    with a quantized cache writes only the new slots into present on CUDA, as in place, and never copies the past there;
     one copy per layer keeps a shared layer's writes apart from its owner's, to be compared. presents: each present
     output's name and the past it updates (host copies, NUMPY_CACHE_TYPES), cache: their element type."""
     device = session_device(session)
