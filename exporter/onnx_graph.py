@@ -500,7 +500,8 @@ class DecoderGraph:
                     for i in present_layers for kind in c.KV_KINDS]
         graph = helper.make_graph(self.g.nodes, "kvexport_decoder", inputs, outputs, self.g.initializers)
         contrib = static or d.weight_format is not None  # GroupQueryAttention and friends; MatMulNBits
-        opsets = [helper.make_opsetid("", self.g.opset)] + ([helper.make_opsetid("com.microsoft", 1)] if contrib else [])
+        opsets = [helper.make_opsetid("", self.g.opset)]
+        opsets += [helper.make_opsetid("com.microsoft", 1)] if contrib else []
         model = helper.make_model(graph, opset_imports=opsets, producer_name="kvexport", ir_version=IR_VERSION)
         helper.set_model_props(model, {"kvexport.strategy": json.dumps(self.strategy.to_dict()),
                                        "kvexport.dtype": self.dtype,

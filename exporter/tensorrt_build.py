@@ -36,8 +36,8 @@ class BuildOptions:
 
     def check(self, model: ExportedModel) -> None:
         if model.layout.quantized or model.quantized_weights:
-            raise KvexportError(f"{model.directory} holds quantized weights or a quantized cache, which the TensorRT path "
-                                "does not build: export it without --weights and --kv-cache for build-engine")
+            raise KvexportError(f"{model.directory} holds quantized weights or a quantized cache, which the TensorRT "
+                                "path does not build: export it without --weights and --kv-cache for build-engine")
         if self.precision not in PRECISION_DTYPES:
             raise KvexportError(f"precision must be one of {', '.join(PRECISION_DTYPES)}")
         if PRECISION_DTYPES[self.precision] != model.dtype:
