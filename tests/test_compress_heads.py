@@ -222,7 +222,8 @@ def test_search_and_eval_work_on_a_compressed_model(tiny_mha_llama, tmp_path, ca
 
 def test_sharing_fewer_heads_quantized_weights_and_an_int8_cache_compose(mha_model, tmp_path):
     """every:2 fitted with half the KV heads, exported with int4 projections and an int8 cache: validated, and the
-    serving engine gives the static graph's tokens."""
+    serving engine gives the static graph's tokens; with a float8 cache, its dynamic graph validated (the CPU runs
+    no float8 static graph)."""
     from kvexport.exporter.models import BlockQuantized
     from kvexport.runtime import Generator, SamplingConfig
     from kvexport.runtime.engine import Engine
@@ -241,6 +242,9 @@ def test_sharing_fewer_heads_quantized_weights_and_an_int8_cache_compose(mha_mod
     engine = Engine(result.directory, max_slots=1)
     assert [event.token_id for event in engine.submit("In Python", config)] == expected.token_ids[0]
     engine.close()
+    float8 = export(str(heads), str(heads / "strategy.json"), tmp_path / "fp8", weight_format=BlockQuantized(4, 32),
+                    kv_cache="fp8", static=False, log=lambda _: None).manifest
+    assert float8["validation"]["passed"] and float8["cache"]["dtype"] == "float8_e4m3fn"
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
