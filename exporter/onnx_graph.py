@@ -16,7 +16,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from kvexport.runtime.kv_cache import ONNX_ELEMENT_TYPES, TORCH_DTYPES
+from kvexport.runtime.kv_cache import cache_element_type
 from kvexport.strategies import Strategy
 from kvexport.strategies import contract as c
 
@@ -30,7 +30,7 @@ OPSET = 17
 FLOAT8_OPSET = 19  # Cast to and from float8 types: the dynamic graph of a float8 cache
 IR_VERSION = 9
 ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
-NUMPY_TYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
+NUMPY_TYPES = {"float32": np.float32, "float16": np.float16}
 
 
 class GraphBuilder:
@@ -336,7 +336,7 @@ class DecoderGraph:
         element = self.kv_quant.element
         low, high = (g.const(limit, np.float32) for limit in self.kv_quant.limits)
         codes = g.op("Clip", g.op("Round", whole) if element == "int8" else whole, low, high)  # float8: Cast rounds
-        g.op("Cast", codes, to=cache_onnx_type(element), outputs=[present])
+        g.op("Cast", codes, to=cache_element_type(element), outputs=[present])
         values = g.op("Mul", g.op("Cast", present, to=fp32), scale)
         return values if self.dtype == "float32" else g.op("Cast", values, to=ONNX_TYPES[self.dtype])
 
@@ -480,7 +480,7 @@ class DecoderGraph:
 
     def _model(self) -> onnx.ModelProto:
         d, static = self.d, self.static
-        kv_type = cache_onnx_type(self.layout().dtype)
+        kv_type = cache_element_type(self.layout().dtype)
         value_info = helper.make_tensor_value_info
         past_dims = [c.BATCH, d.num_kv_heads, c.CACHE if static else c.PAST, d.head_dim]
         present_dims = [c.BATCH, d.num_kv_heads, c.CACHE if static else c.TOTAL, d.head_dim]
@@ -558,11 +558,6 @@ def fold_parallel_norms(layer: Layer, owner: bool) -> Layer:
     attention, mlp = layer.input_norm, layer.post_attention_norm
     key_value = {"k": fold(layer.k, attention), "v": fold(layer.v, attention)} if owner else {}
     return replace(layer, q=fold(layer.q, attention), up=fold(layer.up, mlp), **key_value)
-
-
-def cache_onnx_type(dtype: str) -> int:
-    """The ONNX element type of a cache of `dtype` (a CacheLayout.dtype)."""
-    return ONNX_ELEMENT_TYPES[TORCH_DTYPES[dtype]]
 
 
 def cache_layout(description: DecoderDescription, strategy: Strategy, dtype: str,

@@ -20,6 +20,11 @@ ONNX_ELEMENT_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorPro
 NUMPY_CACHE_TYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "float8_e4m3fn": np.uint8}
 
 
+def cache_element_type(dtype: str) -> int:
+    """The ONNX element type of a cache of `dtype` (a CacheLayout.dtype)."""
+    return ONNX_ELEMENT_TYPES[TORCH_DTYPES[dtype]]
+
+
 def host_elements(tensor: torch.Tensor) -> np.ndarray:
     """A tensor's elements on the host, as NUMPY_CACHE_TYPES holds them."""
     tensor = tensor.detach().cpu()

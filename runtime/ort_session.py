@@ -14,7 +14,7 @@ from kvexport.strategies import contract as c
 
 from .decoder import Decoder
 from .exported import ExportedModel
-from .kv_cache import NUMPY_CACHE_TYPES, ONNX_ELEMENT_TYPES, TORCH_DTYPES, KVCache, host_elements
+from .kv_cache import NUMPY_CACHE_TYPES, KVCache, cache_element_type, host_elements
 
 
 def resolve_provider(provider: str, dtype: str = "float16", static: bool = False) -> str:
@@ -89,6 +89,7 @@ def cuda_kernel_defaults(quantized_cache: bool = False) -> dict[str, str]:
     layer's whole cache first."""
     return CUDA_KERNEL_DEFAULTS | ({"ORT_ENABLE_XQA": "1"} if quantized_cache else {})
 
+
 # The CUDA provider's options, besides the device and the stream:
 # - use_tf32 0: a float32 export runs float32 MatMuls, as on the CPU (ONNX Runtime's TF32 default rounds them to
 #   10 mantissa bits, which flipped greedy near-ties on the H100); float16 exports are the fast path.
@@ -140,8 +141,8 @@ def open_graph(model: ExportedModel, name: str, provider: str = "cpu", device_id
 
 def cache_value(array: np.ndarray, dtype: str, device: str = "cpu", device_id: int = 0) -> ort.OrtValue:
     """A copy of cache elements of `dtype` held on the host (NUMPY_CACHE_TYPES) as an OrtValue on `device`."""
-    value = ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), ONNX_ELEMENT_TYPES[TORCH_DTYPES[dtype]],
-                                                      device, device_id)
+    value = ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), cache_element_type(dtype), device,
+                                                      device_id)
     value.update_inplace(np.ascontiguousarray(array, dtype=NUMPY_CACHE_TYPES[dtype]))
     return value
 

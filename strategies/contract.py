@@ -120,8 +120,9 @@ class CacheLayout:
     """Shape and size of the cache that one export needs: one K and one V buffer per owner layer.
 
     Each buffer is [batch, num_kv_heads, sequence, head_dim] in the export's dtype, as in Optimum, or quantized (an
-    export made with --kv-cache int8 or fp8: int8 or float8_e4m3fn codes of k / scale, with one scale per owner, K
-    or V, KV head and channel, which the graphs hold; see docs/design.md).
+    export made with --kv-cache int8 or fp8: int8 codes of k / scale with one scale per owner, K or V, KV head and
+    channel, or float8_e4m3fn codes with one scale per owner for K and V, which the graphs hold; see
+    docs/design.md).
     """
 
     owners: tuple[int, ...]
